@@ -1,0 +1,103 @@
+//! Journalled metadata: paged B+trees, the space map, transactions, commit,
+//! recovery and the checker.
+//!
+//! CONTRACT (the store is written against exactly this API):
+//! - `Meta` is used under one `Mutex` by the store. Every method that does
+//!   I/O under that lock must be bounded (cache misses only); the long I/O
+//!   of a commit happens in `CommitBatch::write` / `CheckpointBatch::write`,
+//!   which the store calls with the lock released.
+//! - Mutations (insert/remove/alloc/free/set_app_state) join the open
+//!   transaction. `begin_commit` closes it and captures its page images;
+//!   mutations made after that join the next transaction.
+//! - A chunk freed in transaction N is not handed out by `alloc_chunk` until
+//!   N's commit has been written (`end_commit`): otherwise a crash could
+//!   leave a durable mapping pointing at another version's data.
+//! - `CommitBatch::write` first flushes the device (data chunks written for
+//!   new mappings become durable before the mappings do), then writes the
+//!   journal records and flushes again.
+
+mod imp;
+
+pub use imp::{check, CheckReport, CheckpointBatch, CommitBatch, Meta};
+
+/// The trees the store keeps. Keys are u128; values have a fixed size per tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tree {
+    /// (origin, chunk, node) -> data chunk number (u64 LE). The value
+    /// [`ZERO_CHUNK`] means "reads as zeros, no data chunk".
+    Exceptions,
+    /// node id -> the store's node record.
+    Nodes,
+    /// origin number -> the store's origin record.
+    Origins,
+}
+
+impl Tree {
+    pub const ALL: [Tree; 3] = [Tree::Exceptions, Tree::Nodes, Tree::Origins];
+
+    pub fn value_size(self) -> usize {
+        match self {
+            Tree::Exceptions => 8,
+            Tree::Nodes => NODE_REC_SIZE,
+            Tree::Origins => ORIGIN_REC_SIZE,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Exceptions => "exceptions",
+            Tree::Nodes => "nodes",
+            Tree::Origins => "origins",
+        }
+    }
+}
+
+pub const NODE_REC_SIZE: usize = 256;
+pub const ORIGIN_REC_SIZE: usize = 512;
+/// Exception value meaning "all zeros; no data chunk behind it".
+pub const ZERO_CHUNK: u64 = u64::MAX;
+/// Bytes of opaque store state kept in the state page and journalled.
+pub const APP_STATE_MAX: usize = 2048;
+/// Metadata page size.
+pub const PAGE_SIZE: usize = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Bytes per chunk: a power of two in [4 KiB, 1 MiB].
+    pub chunk_size: u32,
+    /// Chunks in the whole device (chunk n lives at byte n * chunk_size).
+    pub device_chunks: u64,
+    /// Chunks available for data and metadata after the fixed areas.
+    pub chunks_total: u64,
+}
+
+impl Geometry {
+    pub fn chunk_offset(&self, chunk: u64) -> u64 {
+        chunk * self.chunk_size as u64
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Chunks holding exception data.
+    pub data_chunks: u64,
+    /// 4 KiB blocks holding B+tree pages.
+    pub meta_blocks: u64,
+    /// Chunks that are neither (whole chunks free for data).
+    pub free_chunks: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct FormatOptions {
+    pub chunk_size: u32,
+    pub force: bool,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        FormatOptions {
+            chunk_size: 64 * 1024,
+            force: false,
+        }
+    }
+}

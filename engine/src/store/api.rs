@@ -1,0 +1,89 @@
+//! PUBLIC API CONTRACT of the engine. Frontend and sim code against this.
+#![allow(unused)]
+use crate::dev::BlockDev;
+use crate::error::{Error, Result};
+pub use crate::meta::FormatOptions;
+use std::sync::Arc;
+
+/// Devices are shared trait objects so one `Store` can mix file, memory and
+/// simulated devices.
+pub type Dev = Arc<dyn BlockDev>;
+
+/// Identifies one version: an origin (`tag == None`) or one of its snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct VersionId {
+    pub origin: String,
+    pub tag: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotStatus {
+    pub tag: u64,
+    /// None for a snapshot of the origin; the source tag for a snapshot of a snapshot.
+    pub parent: Option<u64>,
+    /// Seconds since the Unix epoch, as passed by the caller.
+    pub created: i64,
+    pub memo: String,
+    /// Chunks this snapshot holds on its own (not shared with any other version).
+    pub own_chunks: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OriginStatus {
+    pub id: String,
+    pub path: String,
+    pub size: u64,
+    pub created: i64,
+    pub snapshots: Vec<SnapshotStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RollbackStatus {
+    pub origin: String,
+    pub tag: u64,
+    pub done_chunks: u64,
+    pub total_chunks: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub chunk_size: u32,
+    pub chunks_total: u64,
+    pub chunks_used: u64,
+    /// "valid", or "failed: <reason>" after a fatal I/O error.
+    pub status: String,
+    pub cleaning: bool,
+    pub rollback: Option<RollbackStatus>,
+    pub origins: Vec<OriginStatus>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Data this version holds on its own: a copied or written chunk
+    /// (for the origin: everything, since it is in place).
+    Own,
+    /// Shared with another version (inherited); a write here needs space.
+    Shared,
+    /// Reads as zeros with no data behind it.
+    Zero,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub kind: ExtentKind,
+}
+
+/// What one call of `Store::step_background` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct StepReport {
+    /// Units of work done (chunks cleaned or copied).
+    pub work: usize,
+    /// Whether background work remains.
+    pub more: bool,
+}
+
+/// Origin devices are supplied by the caller at open, looked up by the id
+/// and the path recorded at bind time.
+pub type OriginResolver<'a> = &'a mut dyn FnMut(&str, &str) -> Result<Dev>;

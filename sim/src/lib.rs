@@ -1,0 +1,1 @@
+//! snapmv-sim: crash-injecting disk simulator (in progress).
