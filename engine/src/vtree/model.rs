@@ -1,0 +1,451 @@
+//! An executor of the algebra over in-memory exceptions (`Algebra`) and a
+//! naive model that keeps every version as a full array (`Naive`). The
+//! exhaustive and property tests run the same operations through both and
+//! compare every version after every step. Chunk contents are two halves so
+//! a half-chunk write exercises the merge with inherited data.
+
+use super::*;
+use crate::meta::ZERO_CHUNK;
+use std::collections::{BTreeMap, BTreeSet};
+
+pub type Content = [u64; 2];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Write half `h` of chunk `c` of the origin.
+    WriteOrigin {
+        c: u64,
+        h: usize,
+    },
+    /// Write half `h` of chunk `c` of the k-th live snapshot (by tag order).
+    WriteSnap {
+        k: usize,
+        c: u64,
+        h: usize,
+    },
+    /// Trim a whole chunk of the k-th snapshot to zeros.
+    ZeroSnap {
+        k: usize,
+        c: u64,
+    },
+    SnapOrigin,
+    SnapOf {
+        k: usize,
+    },
+    Delete {
+        k: usize,
+    },
+    /// Advance the cleaner by one chunk (or finish its pass).
+    CleanStep,
+    Rollback {
+        k: usize,
+    },
+}
+
+/// In-memory exception index at one origin.
+#[derive(Clone, Debug, Default)]
+pub struct MemExc {
+    pub map: BTreeMap<(u64, NodeId), u64>,
+}
+
+impl ExcView for MemExc {
+    fn get(&mut self, chunk: u64, node: NodeId) -> Result<Option<u64>> {
+        Ok(self.map.get(&(chunk, node)).copied())
+    }
+    fn seek_spine(&mut self, chunk: u64, from: NodeId) -> Result<Option<(NodeId, u64)>> {
+        Ok(self
+            .map
+            .range((chunk, from)..=(chunk, MAX_NODE))
+            .find(|((_, n), _)| is_spine_id(*n))
+            .map(|((_, n), v)| (*n, *v)))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Algebra {
+    pub chunks: u64,
+    pub tree: VTree,
+    pub exc: MemExc,
+    pub data: BTreeMap<u64, Content>,
+    pub origin: Vec<Content>,
+    next_id: u64,
+    next_tag: u64,
+    next_data: u64,
+    next_val: u64,
+    gen: u64,
+    pass: Option<(u64, u64)>,
+    /// Copies made by the last origin write (the O(1) target).
+    pub last_copies: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Naive {
+    pub versions: BTreeMap<u64, Vec<Content>>,
+    pub origin: Vec<Content>,
+    next_tag: u64,
+    next_val: u64,
+}
+
+impl Naive {
+    pub fn new(chunks: u64) -> Naive {
+        Naive {
+            versions: BTreeMap::new(),
+            origin: vec![[0, 0]; chunks as usize],
+            next_tag: 1,
+            next_val: 1,
+        }
+    }
+
+    fn tag(&self, k: usize) -> Option<u64> {
+        self.versions.keys().nth(k).copied()
+    }
+
+    /// Apply; returns false if the op does not apply (no such snapshot).
+    pub fn apply(&mut self, op: Op) -> bool {
+        match op {
+            Op::WriteOrigin { c, h } => {
+                self.origin[c as usize][h] = self.next_val;
+                self.next_val += 1;
+            }
+            Op::WriteSnap { k, c, h } => {
+                let Some(t) = self.tag(k) else { return false };
+                let v = self.next_val;
+                self.next_val += 1;
+                if let Some(arr) = self.versions.get_mut(&t) {
+                    arr[c as usize][h] = v;
+                }
+            }
+            Op::ZeroSnap { k, c } => {
+                let Some(t) = self.tag(k) else { return false };
+                if let Some(arr) = self.versions.get_mut(&t) {
+                    arr[c as usize] = [0, 0];
+                }
+            }
+            Op::SnapOrigin => {
+                self.versions.insert(self.next_tag, self.origin.clone());
+                self.next_tag += 1;
+            }
+            Op::SnapOf { k } => {
+                let Some(t) = self.tag(k) else { return false };
+                let copy = self.versions[&t].clone();
+                self.versions.insert(self.next_tag, copy);
+                self.next_tag += 1;
+            }
+            Op::Delete { k } => {
+                let Some(t) = self.tag(k) else { return false };
+                self.versions.remove(&t);
+            }
+            Op::CleanStep => {}
+            Op::Rollback { k } => {
+                let Some(t) = self.tag(k) else { return false };
+                self.origin = self.versions[&t].clone();
+            }
+        }
+        true
+    }
+}
+
+impl Algebra {
+    pub fn new(chunks: u64) -> Algebra {
+        Algebra {
+            chunks,
+            tree: VTree::default(),
+            exc: MemExc::default(),
+            data: BTreeMap::new(),
+            origin: vec![[0, 0]; chunks as usize],
+            next_id: 1,
+            next_tag: 1,
+            next_data: 1,
+            next_val: 1,
+            gen: 0,
+            pass: None,
+            last_copies: 0,
+        }
+    }
+
+    fn tag(&self, k: usize) -> Option<u64> {
+        let tags: BTreeSet<u64> = self.tree.tags.keys().copied().collect();
+        tags.into_iter().nth(k)
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn new_data(&mut self, c: Content) -> u64 {
+        let d = self.next_data;
+        self.next_data += 1;
+        self.data.insert(d, c);
+        d
+    }
+
+    fn content(&self, val: u64) -> Content {
+        if val == ZERO_CHUNK {
+            [0, 0]
+        } else {
+            self.data[&val]
+        }
+    }
+
+    fn source_content(&self, s: Source, c: u64) -> Content {
+        match s {
+            Source::Exc(_, val) => self.content(val),
+            Source::Origin => self.origin[c as usize],
+        }
+    }
+
+    pub fn read(&mut self, tag: Option<u64>, c: u64) -> Result<Content> {
+        let Some(tag) = tag else {
+            return Ok(self.origin[c as usize]);
+        };
+        let leaf = self
+            .tree
+            .leaf_of(tag)
+            .ok_or_else(|| Error::Invalid("no tag".into()))?;
+        let s = self.tree.resolve(leaf, c, &mut self.exc)?;
+        Ok(self.source_content(s, c))
+    }
+
+    fn origin_write(&mut self, c: u64, content: Content) -> Result<()> {
+        self.last_copies = 0;
+        if let Some(t) = self.tree.origin_write_target(c, &mut self.exc)? {
+            let d = self.new_data(self.origin[c as usize]);
+            self.exc.map.insert((c, t), d);
+            self.tree.nodes.get_mut(&t).map(|n| n.own_chunks += 1);
+            self.last_copies = 1;
+        }
+        self.origin[c as usize] = content;
+        Ok(())
+    }
+
+    fn leaf_write(
+        &mut self,
+        leaf: NodeId,
+        c: u64,
+        f: impl FnOnce(Content) -> Content,
+    ) -> Result<()> {
+        match self.tree.leaf_write_plan(leaf, c, &mut self.exc)? {
+            LeafPlan::InPlace(d) => {
+                let old = self.data[&d];
+                self.data.insert(d, f(old));
+            }
+            LeafPlan::Fresh { base, replaces } => {
+                let old = match base {
+                    Base::Zero => [0, 0],
+                    Base::From(s) => self.source_content(s, c),
+                };
+                let d = self.new_data(f(old));
+                self.exc.map.insert((c, leaf), d);
+                if !replaces {
+                    self.tree.nodes.get_mut(&leaf).map(|n| n.own_chunks += 1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn apply(&mut self, op: Op) -> Result<bool> {
+        match op {
+            Op::WriteOrigin { c, h } => {
+                let mut content = self.origin[c as usize];
+                content[h] = self.next_val;
+                self.next_val += 1;
+                self.origin_write(c, content)?;
+            }
+            Op::WriteSnap { k, c, h } => {
+                let Some(t) = self.tag(k) else {
+                    return Ok(false);
+                };
+                let leaf = self.tree.tags[&t];
+                let v = self.next_val;
+                self.next_val += 1;
+                self.leaf_write(leaf, c, |mut old| {
+                    old[h] = v;
+                    old
+                })?;
+            }
+            Op::ZeroSnap { k, c } => {
+                let Some(t) = self.tag(k) else {
+                    return Ok(false);
+                };
+                let leaf = self.tree.tags[&t];
+                match self.exc.map.insert((c, leaf), ZERO_CHUNK) {
+                    Some(ZERO_CHUNK) => {}
+                    Some(d) => {
+                        self.data.remove(&d);
+                    }
+                    None => {
+                        self.tree.nodes.get_mut(&leaf).map(|n| n.own_chunks += 1);
+                    }
+                }
+            }
+            Op::SnapOrigin => {
+                let (s, l) = (SPINE_BIT | self.id(), self.id());
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                self.tree.snapshot_origin(s, l, tag)?;
+            }
+            Op::SnapOf { k } => {
+                let Some(t) = self.tag(k) else {
+                    return Ok(false);
+                };
+                let (a, b) = (self.id(), self.id());
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                self.tree.snapshot_of(t, a, b, tag)?;
+            }
+            Op::Delete { k } => {
+                let Some(t) = self.tag(k) else {
+                    return Ok(false);
+                };
+                self.tree.delete(t, self.gen)?;
+            }
+            Op::CleanStep => self.clean_step()?,
+            Op::Rollback { k } => {
+                let Some(t) = self.tag(k) else {
+                    return Ok(false);
+                };
+                let leaf = self.tree.tags[&t];
+                for c in 0..self.chunks {
+                    let s = self.tree.resolve(leaf, c, &mut self.exc)?;
+                    if s != Source::Origin {
+                        let content = self.source_content(s, c);
+                        self.origin_write(c, content)?;
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    pub fn clean_step(&mut self) -> Result<()> {
+        let Some((pass_gen, cursor)) = self.pass else {
+            if self.tree.has_flagged() {
+                self.gen += 1;
+                self.pass = Some((self.gen, 0));
+            }
+            return Ok(());
+        };
+        if cursor >= self.chunks {
+            self.tree.finish_pass(pass_gen);
+            self.pass = None;
+            return Ok(());
+        }
+        let c = cursor;
+        let exc: Vec<(NodeId, u64)> = self
+            .exc
+            .map
+            .range((c, 0)..=(c, MAX_NODE))
+            .map(|((_, n), v)| (*n, *v))
+            .collect();
+        for a in self.tree.clean_chunk(&exc, pass_gen) {
+            match a {
+                CleanAction::Free { node, val } => {
+                    self.exc.map.remove(&(c, node));
+                    if val != ZERO_CHUNK {
+                        self.data.remove(&val);
+                    }
+                }
+                CleanAction::Move { from, to, val } => {
+                    self.exc.map.remove(&(c, from));
+                    let prev = self.exc.map.insert((c, to), val);
+                    if prev.is_some() {
+                        return Err(Error::Invalid(format!(
+                            "move onto an existing exception at {c}"
+                        )));
+                    }
+                }
+            }
+        }
+        self.pass = Some((pass_gen, cursor + 1));
+        Ok(())
+    }
+
+    /// Run the cleaner until it has nothing left to do.
+    pub fn clean_all(&mut self) -> Result<()> {
+        for _ in 0..(self.chunks + 2) * 8 {
+            self.clean_step()?;
+            if self.pass.is_none() && !self.tree.has_flagged() {
+                return Ok(());
+            }
+        }
+        Err(Error::Invalid("cleaner did not finish".into()))
+    }
+
+    /// Compare with the naive model and check the structural invariants.
+    pub fn check(&mut self, naive: &Naive) -> std::result::Result<(), String> {
+        let live: BTreeSet<u64> = self.tree.tags.keys().copied().collect();
+        let want: BTreeSet<u64> = naive.versions.keys().copied().collect();
+        if live != want {
+            return Err(format!("live tags {live:?}, model {want:?}"));
+        }
+        for c in 0..self.chunks {
+            let got = self.read(None, c).map_err(|e| e.to_string())?;
+            if got != naive.origin[c as usize] {
+                return Err(format!(
+                    "origin chunk {c}: {got:?} want {:?}",
+                    naive.origin[c as usize]
+                ));
+            }
+            for (t, arr) in &naive.versions {
+                let got = self.read(Some(*t), c).map_err(|e| e.to_string())?;
+                if got != arr[c as usize] {
+                    return Err(format!(
+                        "tag {t} chunk {c}: {got:?} want {:?}",
+                        arr[c as usize]
+                    ));
+                }
+            }
+        }
+        self.check_structure()
+    }
+
+    fn check_structure(&self) -> std::result::Result<(), String> {
+        let mut seen = BTreeSet::new();
+        for (&(c, node), &val) in &self.exc.map {
+            if node == ORIGIN || !self.tree.nodes.contains_key(&node) {
+                return Err(format!(
+                    "exception at chunk {c} keyed by missing node {node:#x}"
+                ));
+            }
+            if val != ZERO_CHUNK && !seen.insert(val) {
+                return Err(format!("data chunk {val} mapped twice"));
+            }
+        }
+        if seen.len() != self.data.len() {
+            return Err(format!(
+                "{} data chunks allocated, {} referenced",
+                self.data.len(),
+                seen.len()
+            ));
+        }
+        if self.last_copies > 1 {
+            return Err("an origin write made more than one copy".into());
+        }
+        if self.pass.is_none() && !self.tree.has_flagged() {
+            for &(c, node) in self.exc.map.keys() {
+                if !self.tree.is_live(node) || self.tree.merge_target(node).is_some() {
+                    return Err(format!(
+                        "cleaned tree keeps an exception of {node:#x} at {c}"
+                    ));
+                }
+            }
+        }
+        let rebuilt = VTree::from_records(self.tree.nodes.values().cloned().collect())
+            .map_err(|e| format!("records do not rebuild: {e}"))?;
+        for (id, n) in &self.tree.nodes {
+            let r = &rebuilt.nodes[id];
+            if r.live_children != n.live_children {
+                return Err(format!(
+                    "node {id:#x}: live count {} rebuilt as {}",
+                    n.live_children, r.live_children
+                ));
+            }
+        }
+        if rebuilt.spine_top != self.tree.spine_top {
+            return Err("spine top differs after rebuild".into());
+        }
+        Ok(())
+    }
+}

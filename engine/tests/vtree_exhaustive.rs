@@ -1,0 +1,128 @@
+//! The versioned-pointer algebra against the naive full-copy model:
+//! every operation sequence up to a bound, exhaustively, plus a proptest
+//! over long random sequences.
+
+use proptest::prelude::*;
+use snapmv_engine::vtree::model::{Algebra, Naive, Op};
+
+const CHUNKS: u64 = 2;
+
+fn alphabet(live: usize) -> Vec<Op> {
+    let mut ops = vec![Op::SnapOrigin, Op::CleanStep];
+    for c in 0..CHUNKS {
+        for h in 0..2 {
+            ops.push(Op::WriteOrigin { c, h });
+            for k in 0..live {
+                ops.push(Op::WriteSnap { k, c, h });
+            }
+        }
+        for k in 0..live {
+            ops.push(Op::ZeroSnap { k, c });
+        }
+    }
+    for k in 0..live {
+        ops.extend([Op::SnapOf { k }, Op::Delete { k }, Op::Rollback { k }]);
+    }
+    ops
+}
+
+/// Depth-first over every sequence; clones state at each branch so every
+/// prefix is checked once. Returns the number of sequences checked.
+fn dfs(alg: &Algebra, naive: &Naive, depth: usize, trail: &mut Vec<Op>) -> u64 {
+    if depth == 0 {
+        return 1;
+    }
+    let mut count = 0;
+    for op in alphabet(naive.versions.len()) {
+        let (mut a, mut n) = (alg.clone(), naive.clone());
+        assert!(n.apply(op), "alphabet offered an inapplicable op");
+        trail.push(op);
+        match a.apply(op) {
+            Ok(true) => {}
+            other => panic!("algebra refused {op:?} after {trail:?}: {other:?}"),
+        }
+        if let Err(e) = a.check(&n) {
+            panic!("mismatch after {trail:?}: {e}");
+        }
+        // After the sequence, draining the cleaner must change nothing visible.
+        if depth == 1 {
+            let mut drained = a.clone();
+            drained
+                .clean_all()
+                .unwrap_or_else(|e| panic!("clean_all after {trail:?}: {e}"));
+            if let Err(e) = drained.check(&n) {
+                panic!("mismatch after draining the cleaner, {trail:?}: {e}");
+            }
+        }
+        count += dfs(&a, &n, depth - 1, trail);
+        trail.pop();
+    }
+    count
+}
+
+#[test]
+fn every_sequence_up_to_bound_matches_the_naive_model() {
+    let depth: usize = std::env::var("SNAPMV_VTREE_DEPTH")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    let t = std::time::Instant::now();
+    let n = dfs(
+        &Algebra::new(CHUNKS),
+        &Naive::new(CHUNKS),
+        depth,
+        &mut Vec::new(),
+    );
+    println!(
+        "vtree exhaustive: {n} sequences of {depth} ops over {CHUNKS} chunks checked in {:?}",
+        t.elapsed()
+    );
+    assert!(
+        n > 1_000_000 || depth < 6,
+        "the enumeration is smaller than expected: {n}"
+    );
+}
+
+fn op_strategy() -> impl Strategy<Value = (u8, usize, u64, usize)> {
+    (0u8..8, 0usize..6, 0u64..4, 0usize..2)
+}
+
+fn to_op((kind, k, c, h): (u8, usize, u64, usize), live: usize) -> Option<Op> {
+    let need = |op: Op| if live > 0 { Some(op) } else { None };
+    let k = if live > 0 { k % live } else { 0 };
+    match kind {
+        0 | 1 => Some(Op::WriteOrigin { c, h }),
+        2 => need(Op::WriteSnap { k, c, h }),
+        3 => Some(Op::SnapOrigin),
+        4 => need(Op::SnapOf { k }),
+        5 => need(Op::Delete { k }),
+        6 => Some(Op::CleanStep),
+        _ => need(if c == 0 {
+            Op::Rollback { k }
+        } else {
+            Op::ZeroSnap { k, c }
+        }),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #[test]
+    fn long_random_sequences_match_the_naive_model(raw in prop::collection::vec(op_strategy(), 1..300)) {
+        let mut a = Algebra::new(4);
+        let mut n = Naive::new(4);
+        for (i, r) in raw.into_iter().enumerate() {
+            let Some(op) = to_op(r, n.versions.len()) else { continue };
+            prop_assert!(n.apply(op));
+            prop_assert_eq!(a.apply(op).map_err(|e| e.to_string()), Ok(true));
+            if let Err(e) = a.check(&n) {
+                return Err(TestCaseError::fail(format!("step {i} {op:?}: {e}")));
+            }
+        }
+        a.clean_all().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        if let Err(e) = a.check(&n) {
+            return Err(TestCaseError::fail(format!("after cleaning: {e}")));
+        }
+        prop_assert!(!a.tree.has_flagged());
+    }
+}
