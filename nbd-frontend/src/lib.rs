@@ -1,1 +1,2 @@
+pub mod exports;
 pub mod nbd;

@@ -1,1 +1,74 @@
-fn main() {}
+//! The `snapmv` binary: the admin CLI and `snapmv serve`. This is the edge
+//! where errors become messages and exit codes (anyhow lives here only).
+
+mod admin;
+mod cli;
+mod control;
+mod lock;
+mod serve;
+mod status;
+
+use clap::Parser;
+use cli::{Cli, Cmd};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.cmd, Cmd::Serve { .. }));
+    match dispatch(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            // `{:#}` prints the whole context chain on one line:
+            // "cannot delete snapshot 9 of origin orig: no snapshot with tag 9 ...".
+            eprintln!("snapmv: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr, filtered by RUST_LOG; the server logs at info by
+/// default, the one-shot admin commands only warnings.
+fn init_tracing(serving: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if serving { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Format {
+            cow,
+            chunk_size,
+            force,
+        } => admin::format(&cow, chunk_size, force),
+        Cmd::Bind {
+            cow,
+            origin_path,
+            id,
+        } => admin::bind(&cow, &origin_path, id),
+        Cmd::Unbind { cow, id } => admin::unbind(&cow, &id),
+        Cmd::Snapshot { cow, id, of, memo } => admin::snapshot(&cow, &id, of, &memo),
+        Cmd::Delete { cow, id, tag } => admin::delete(&cow, &id, tag),
+        Cmd::Rollback { cow, id, tag, wait } => admin::rollback(&cow, &id, tag, wait),
+        Cmd::List { cow, json } => admin::list(&cow, json),
+        Cmd::Check { cow, json } => admin::check(&cow, json),
+        Cmd::Serve {
+            cow,
+            cows,
+            origins,
+            listen,
+            unix,
+            read_only,
+        } => serve::serve(serve::ServeArgs {
+            cows: cow.into_iter().chain(cows).collect(),
+            origins,
+            listen,
+            unix,
+            read_only,
+        }),
+    }
+}

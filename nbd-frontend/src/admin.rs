@@ -1,0 +1,534 @@
+//! The admin subcommands. Each one first decides where the COW device is:
+//! free (take the lock, open it here, close it), or held by a running
+//! `serve` (talk to it over its control socket), and produces the same
+//! output either way.
+
+use crate::control::{Client, Reply, Request};
+use crate::lock::{self, CowLock, LockMode};
+use crate::status::StatusWire;
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use snapmv_engine::dev::OpenOptions;
+use snapmv_engine::store::{Dev, Store};
+use snapmv_engine::FileDev;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Chunks the offline rollback copier advances per step.
+const STEP_BUDGET: usize = 256;
+/// How long an admin command waits for a lock held by a short-lived
+/// command (not a server) before giving up.
+const LOCK_RETRY: Duration = Duration::from_secs(3);
+
+/// Wall clock in Unix seconds; the engine reads no clock, so creation
+/// times come from here.
+pub fn now() -> i64 {
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+/// Origin ids become export names (`ID`, `ID@TAG`) and appear in
+/// `--origin ID=PATH`, so they may not contain `@`, `=`, `/`, whitespace or
+/// control characters.
+pub fn validate_id(id: &str) -> Result<()> {
+    if id.is_empty() {
+        bail!("origin id must not be empty");
+    }
+    if id.len() > 128 {
+        bail!("origin id {id:?} is longer than 128 bytes");
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| matches!(c, '@' | '=' | '/') || c.is_whitespace() || c.is_control())
+    {
+        bail!("origin id {id:?} contains {c:?}; ids may not contain '@', '=', '/', spaces or control characters");
+    }
+    Ok(())
+}
+
+/// Where a command runs.
+enum Route {
+    /// The COW device was free; we hold its lock.
+    Offline(CowLock),
+    /// A server holds it; this is a client of its control socket.
+    Live(Client),
+}
+
+/// Decide where to run. `live_ok` is false for commands a running server
+/// cannot do for us (format, bind, unbind, check).
+fn route(cow: &Path, mode: LockMode, live_ok: bool) -> Result<Route> {
+    let canon = lock::canonical(cow)?;
+    let sock = lock::socket_path(cow)?;
+    let start = Instant::now();
+    loop {
+        if let Some(l) = lock::try_lock(cow, mode)? {
+            return Ok(Route::Offline(l));
+        }
+        match server_hello(&sock) {
+            Ok((client, pid, served)) => {
+                if Path::new(&served) != canon {
+                    bail!(
+                        "control socket {} belongs to a server of {served}, not {}",
+                        sock.display(),
+                        canon.display()
+                    );
+                }
+                if !live_ok {
+                    bail!(
+                        "COW device {} is in use by a running server (pid {pid}); stop it first",
+                        cow.display()
+                    );
+                }
+                tracing::debug!(pid, socket = %sock.display(), "using the running server");
+                return Ok(Route::Live(client));
+            }
+            Err(e) if start.elapsed() >= LOCK_RETRY => {
+                bail!(
+                    "COW device {} is locked by another process, and no snapmv server answers on {} ({e:#})",
+                    cow.display(),
+                    sock.display()
+                );
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn server_hello(sock: &Path) -> Result<(Client, u32, String)> {
+    let mut c = Client::connect(sock)?;
+    match c.call(&Request::Hello)? {
+        Reply::Hello { pid, cow, .. } => Ok((c, pid, cow)),
+        other => bail!(
+            "unexpected reply to hello from {}: {other:?}",
+            sock.display()
+        ),
+    }
+}
+
+fn file_dev(path: &Path, read_only: bool) -> snapmv_engine::Result<Dev> {
+    let opts = OpenOptions {
+        read_only,
+        ..OpenOptions::default()
+    };
+    Ok(Arc::new(FileDev::open(path, &opts)?))
+}
+
+/// Open origin `id` from `path`, naming both in any error.
+pub fn open_origin(id: &str, path: &Path, read_only: bool) -> snapmv_engine::Result<Dev> {
+    file_dev(path, read_only).map_err(|e| match e {
+        snapmv_engine::Error::Io {
+            what,
+            offset,
+            source,
+        } => snapmv_engine::Error::Io {
+            what,
+            offset,
+            source: std::io::Error::new(
+                source.kind(),
+                format!("origin {id} at {}: {source}", path.display()),
+            ),
+        },
+        e => e,
+    })
+}
+
+/// Open the store on `cow`, its origins from the paths recorded at bind.
+fn open_store(cow: &Path, read_only: bool) -> Result<Store> {
+    let dev = file_dev(cow, read_only)
+        .with_context(|| format!("cannot open COW device {}", cow.display()))?;
+    let mut resolver = |id: &str, path: &str| -> snapmv_engine::Result<Dev> {
+        open_origin(id, Path::new(path), read_only)
+    };
+    let r = if read_only {
+        Store::open_read_only(dev, &mut resolver)
+    } else {
+        Store::open(dev, &mut resolver)
+    };
+    r.with_context(|| format!("cannot open COW device {}", cow.display()))
+}
+
+fn close(store: Store, cow: &Path) -> Result<()> {
+    store
+        .close()
+        .with_context(|| format!("cannot close COW device {} cleanly", cow.display()))
+}
+
+pub fn do_snapshot(store: &Store, id: &str, of: Option<u64>, memo: &str, now: i64) -> Result<u64> {
+    store.snapshot(id, of, memo, now).with_context(|| match of {
+        None => format!("cannot snapshot origin {id}"),
+        Some(t) => format!("cannot snapshot snapshot {t} of origin {id}"),
+    })
+}
+
+pub fn do_delete(store: &Store, id: &str, tag: u64) -> Result<()> {
+    store
+        .delete(id, tag)
+        .with_context(|| format!("cannot delete snapshot {tag} of origin {id}"))
+}
+
+pub fn do_rollback(store: &Store, id: &str, tag: u64) -> Result<()> {
+    store
+        .rollback(id, tag)
+        .with_context(|| format!("cannot roll snapshot {tag} back onto origin {id}"))
+}
+
+pub fn format(cow: &Path, chunk_size: u32, force: bool) -> Result<ExitCode> {
+    let _lock = match route(cow, LockMode::Exclusive, false)? {
+        Route::Offline(l) => l,
+        Route::Live(_) => unreachable_live(cow)?,
+    };
+    let dev = file_dev(cow, false)
+        .with_context(|| format!("cannot open COW device {}", cow.display()))?;
+    let opts = snapmv_engine::store::FormatOptions { chunk_size, force };
+    let store =
+        Store::format(dev, &opts).with_context(|| format!("cannot format {}", cow.display()))?;
+    close(store, cow)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unreachable_live<T>(cow: &Path) -> Result<T> {
+    // route() never returns Live when live_ok is false; keep a real error
+    // rather than a panic in case that ever changes.
+    Err(anyhow!(
+        "COW device {} is in use by a running server",
+        cow.display()
+    ))
+}
+
+pub fn bind(cow: &Path, origin: &Path, id: Option<String>) -> Result<ExitCode> {
+    let id = match id {
+        Some(id) => id,
+        None => origin
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                anyhow!(
+                    "cannot derive an origin id from {}; give one with --id",
+                    origin.display()
+                )
+            })?,
+    };
+    validate_id(&id)?;
+    // Record an absolute path (without resolving symlinks, so stable names
+    // like /dev/disk/by-id/... stay stable) so later opens work from any
+    // working directory.
+    let abs = std::path::absolute(origin)
+        .with_context(|| format!("cannot resolve origin path {}", origin.display()))?;
+    let abs_str = abs
+        .to_str()
+        .ok_or_else(|| anyhow!("origin path {} is not valid UTF-8", abs.display()))?
+        .to_string();
+    if !abs.exists() {
+        bail!("origin device {} does not exist", origin.display());
+    }
+    if lock::canonical(cow)? == lock::canonical(&abs)? {
+        bail!(
+            "{} cannot be both the COW device and an origin",
+            cow.display()
+        );
+    }
+    let _lock = match route(cow, LockMode::Exclusive, false)? {
+        Route::Offline(l) => l,
+        Route::Live(_) => unreachable_live(cow)?,
+    };
+    let store = open_store(cow, false)?;
+    let dev = open_origin(&id, &abs, false)?;
+    let r = store.bind(&id, &abs_str, dev, now()).with_context(|| {
+        format!(
+            "cannot bind {} as origin {id} to {}",
+            abs.display(),
+            cow.display()
+        )
+    });
+    close(store, cow)?;
+    r?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn unbind(cow: &Path, id: &str) -> Result<ExitCode> {
+    let _lock = match route(cow, LockMode::Exclusive, false)? {
+        Route::Offline(l) => l,
+        Route::Live(_) => unreachable_live(cow)?,
+    };
+    let store = open_store(cow, false)?;
+    let r = store
+        .unbind(id)
+        .with_context(|| format!("cannot unbind origin {id} from {}", cow.display()));
+    close(store, cow)?;
+    r?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn snapshot(cow: &Path, id: &str, of: Option<u64>, memo: &str) -> Result<ExitCode> {
+    let tag = match route(cow, LockMode::Exclusive, true)? {
+        Route::Offline(_lock) => {
+            let store = open_store(cow, false)?;
+            let r = do_snapshot(&store, id, of, memo, now());
+            close(store, cow)?;
+            r?
+        }
+        Route::Live(mut c) => match c.call(&Request::Snapshot {
+            origin: id.to_string(),
+            of,
+            memo: memo.to_string(),
+        })? {
+            Reply::Tag { tag } => tag,
+            other => bail!("unexpected reply to snapshot: {other:?}"),
+        },
+    };
+    // The tag alone, so scripts can capture it.
+    println!("{tag}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn delete(cow: &Path, id: &str, tag: u64) -> Result<ExitCode> {
+    match route(cow, LockMode::Exclusive, true)? {
+        Route::Offline(_lock) => {
+            let store = open_store(cow, false)?;
+            let r = do_delete(&store, id, tag);
+            close(store, cow)?;
+            r?;
+        }
+        Route::Live(mut c) => match c.call(&Request::Delete {
+            origin: id.to_string(),
+            tag,
+        })? {
+            Reply::Ok => {}
+            other => bail!("unexpected reply to delete: {other:?}"),
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn progress_bar(id: &str, tag: u64) -> ProgressBar {
+    let pb = ProgressBar::new(0);
+    let style = ProgressStyle::with_template(
+        "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} chunks ({eta})",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    pb.set_style(style);
+    pb.set_message(format!("rollback {id}@{tag}"));
+    pb
+}
+
+pub fn rollback(cow: &Path, id: &str, tag: u64, wait: bool) -> Result<ExitCode> {
+    match route(cow, LockMode::Exclusive, true)? {
+        Route::Offline(_lock) => {
+            let store = open_store(cow, false)?;
+            let r = do_rollback(&store, id, tag).and_then(|()| {
+                if wait {
+                    drive_rollback(&store, id, tag)
+                } else {
+                    eprintln!(
+                        "rollback of snapshot {tag} onto origin {id} started; the copy to the origin \
+                         device finishes while `snapmv serve` runs (or use --wait); until then only \
+                         snapmv shows the rolled-back content"
+                    );
+                    Ok(())
+                }
+            });
+            close(store, cow)?;
+            r?;
+        }
+        Route::Live(mut c) => {
+            match c.call(&Request::Rollback {
+                origin: id.to_string(),
+                tag,
+            })? {
+                Reply::Ok => {}
+                other => bail!("unexpected reply to rollback: {other:?}"),
+            }
+            if wait {
+                // The server's background driver does the copying; follow
+                // its progress through the status.
+                let pb = progress_bar(id, tag);
+                loop {
+                    let st = match c.call(&Request::List)? {
+                        Reply::Status(s) => s,
+                        other => bail!("unexpected reply to list: {other:?}"),
+                    };
+                    match st.rollback {
+                        Some(r) if r.origin == id && r.tag == tag => {
+                            pb.set_length(r.total_chunks);
+                            pb.set_position(r.done_chunks);
+                        }
+                        _ => break,
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                pb.finish();
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Run the copier here until the rollback is done, with a progress bar.
+fn drive_rollback(store: &Store, id: &str, tag: u64) -> Result<()> {
+    let pb = progress_bar(id, tag);
+    let mut last = Instant::now() - Duration::from_secs(1);
+    loop {
+        // status() walks every snapshot, so refresh the bar at most 10x/s.
+        if last.elapsed() >= Duration::from_millis(100) {
+            last = Instant::now();
+            match store.status().rollback {
+                Some(r) if r.origin == id && r.tag == tag => {
+                    pb.set_length(r.total_chunks);
+                    pb.set_position(r.done_chunks);
+                }
+                _ => break,
+            }
+        }
+        let rep = store
+            .step_background(STEP_BUDGET)
+            .with_context(|| format!("rollback of snapshot {tag} onto origin {id} failed"))?;
+        if !rep.more {
+            if let Some(r) = store.status().rollback {
+                bail!(
+                    "rollback of snapshot {} onto origin {} stopped at {}/{} chunks",
+                    r.tag,
+                    r.origin,
+                    r.done_chunks,
+                    r.total_chunks
+                );
+            }
+            break;
+        }
+    }
+    pb.finish();
+    Ok(())
+}
+
+pub fn list(cow: &Path, json: bool) -> Result<ExitCode> {
+    let canon = lock::canonical(cow)?;
+    let st = match route(cow, LockMode::Shared, true)? {
+        Route::Offline(_lock) => {
+            let store = open_store(cow, true)?;
+            let st = StatusWire::from_status(canon.display().to_string(), store.status());
+            close(store, cow)?;
+            st
+        }
+        Route::Live(mut c) => match c.call(&Request::List)? {
+            Reply::Status(s) => s,
+            other => bail!("unexpected reply to list: {other:?}"),
+        },
+    };
+    if json {
+        println!("{}", st.to_json());
+    } else {
+        print!("{}", st.to_table());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `check` exit codes.
+const CHECK_DAMAGE: u8 = 1;
+const CHECK_UNREADABLE: u8 = 2;
+
+pub fn check(cow: &Path, json: bool) -> Result<ExitCode> {
+    let canon: PathBuf = lock::canonical(cow)?;
+    let _lock = match route(cow, LockMode::Shared, false)? {
+        Route::Offline(l) => l,
+        Route::Live(_) => unreachable_live(cow)?,
+    };
+    let dev = match FileDev::open(
+        cow,
+        &OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    ) {
+        Ok(d) => d,
+        Err(e) => return Ok(report_unreadable(&canon, &e.to_string(), json)),
+    };
+    use snapmv_engine::Error as E;
+    match snapmv_engine::meta::check(dev) {
+        Ok(rep) => {
+            let clean = rep.errors.is_empty();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "cow": canon.display().to_string(),
+                        "clean": clean,
+                        "errors": rep.errors,
+                        "pages_checked": rep.pages_checked,
+                        "exceptions": rep.exceptions,
+                        "data_chunks_referenced": rep.data_chunks_referenced,
+                    })
+                );
+            } else {
+                println!(
+                    "{}: {} ({} metadata pages checked, {} exceptions, {} data chunks referenced)",
+                    canon.display(),
+                    if clean {
+                        "clean".to_string()
+                    } else {
+                        format!("{} problem(s) found", rep.errors.len())
+                    },
+                    rep.pages_checked,
+                    rep.exceptions,
+                    rep.data_chunks_referenced
+                );
+                for e in &rep.errors {
+                    println!("  {e}");
+                }
+            }
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(CHECK_DAMAGE)
+            })
+        }
+        // A checksum or structure failure the checker could not get past is
+        // still damage found, not an unreadable device.
+        Err(e @ (E::Corrupt { .. } | E::CorruptTree { .. })) => {
+            let msg = e.to_string();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "cow": canon.display().to_string(),
+                        "clean": false,
+                        "errors": [msg],
+                    })
+                );
+            } else {
+                println!("{}: 1 problem(s) found\n  {msg}", canon.display());
+            }
+            Ok(ExitCode::from(CHECK_DAMAGE))
+        }
+        Err(e) => Ok(report_unreadable(&canon, &e.to_string(), json)),
+    }
+}
+
+fn report_unreadable(cow: &Path, msg: &str, json: bool) -> ExitCode {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"cow": cow.display().to_string(), "clean": false, "fatal": msg})
+        );
+    }
+    eprintln!("snapmv: cannot check {}: {msg}", cow.display());
+    ExitCode::from(CHECK_UNREADABLE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(validate_id("orig").is_ok());
+        assert!(validate_id("sdb1.img-2").is_ok());
+        for bad in ["", "a@1", "a=b", "a/b", "a b", "a\nb"] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_id(&"x".repeat(129)).is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! Command-line syntax. The subcommands and their arguments are a contract
+//! with scripts and the benchmark peers: change them only additively.
+
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "snapmv",
+    version,
+    about = "Multi-version snapshots of block devices, served over NBD",
+    long_about = "Multi-version snapshots of block devices, served over NBD.\n\n\
+        Every origin device keeps its data in place; snapshots live on a separate \
+        COW device. While `snapmv serve` holds a COW device, `snapshot`, `delete`, \
+        `rollback` and `list` reach it through its control socket \
+        (<COW>.snapmv.sock next to a COW file, /run/snapmv/<escaped path>.sock for \
+        a block device)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Write an empty store onto a COW device (a file or a block device).
+    Format {
+        cow: PathBuf,
+        /// Chunk size: a power of two from 4096 to 1048576 bytes (suffixes
+        /// K/KiB/M/MiB accepted).
+        #[arg(long, value_parser = parse_chunk_size, default_value = "65536")]
+        chunk_size: u32,
+        /// Format even if the device already holds a snapmv store.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Bind an origin device to the COW device.
+    Bind {
+        cow: PathBuf,
+        origin_path: PathBuf,
+        /// Origin id (default: the file name of ORIGIN_PATH).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Unbind an origin (refused while it has snapshots).
+    Unbind { cow: PathBuf, id: String },
+    /// Take a snapshot of an origin, or of a snapshot with --of; prints the new tag.
+    Snapshot {
+        cow: PathBuf,
+        id: String,
+        /// Snapshot this snapshot instead of the origin.
+        #[arg(long, value_parser = parse_tag)]
+        of: Option<u64>,
+        /// Memo stored with the snapshot.
+        #[arg(short = 'm', long = "memo", default_value = "")]
+        memo: String,
+    },
+    /// Delete a snapshot (instant; its space is freed in the background).
+    Delete {
+        cow: PathBuf,
+        id: String,
+        #[arg(value_parser = parse_tag)]
+        tag: u64,
+    },
+    /// Roll a snapshot back onto its origin.
+    Rollback {
+        cow: PathBuf,
+        id: String,
+        #[arg(value_parser = parse_tag)]
+        tag: u64,
+        /// Wait until the background copy is done, showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show the COW device, its origins and their snapshots.
+    List {
+        cow: PathBuf,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify all metadata (exit 0 clean, 1 damage found, 2 could not read).
+    Check {
+        cow: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve every version over NBD: origin ID as `ID`, snapshot TAG as `ID@TAG`.
+    ///
+    /// With no COW device given, uses ./snapmv-data/cow.img (4 GiB sparse)
+    /// and ./snapmv-data/origin.img (1 GiB sparse, id `origin`), created,
+    /// formatted and bound on first run.
+    Serve {
+        /// COW device to serve.
+        cow: Option<PathBuf>,
+        /// Another COW device to serve (repeatable; origin ids must be
+        /// unique across all served devices).
+        #[arg(long = "cow", value_name = "PATH")]
+        cows: Vec<PathBuf>,
+        /// Open origin ID from PATH instead of the path recorded at bind time.
+        #[arg(long = "origin", value_name = "ID=PATH", value_parser = parse_origin_override)]
+        origins: Vec<(String, PathBuf)>,
+        /// TCP address to listen on [default: 127.0.0.1:10809, unless only
+        /// --unix is given].
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<SocketAddr>,
+        /// Also (or, without --listen, only) serve on this Unix socket.
+        #[arg(long, value_name = "PATH")]
+        unix: Option<PathBuf>,
+        /// Export every version read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+}
+
+/// Tags are positive integers (0 would be the origin itself).
+fn parse_tag(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("tags start at 1 (tag 0 is the origin itself)".into()),
+        Ok(t) => Ok(t),
+        Err(_) => Err(format!("'{s}' is not a snapshot tag (a positive integer)")),
+    }
+}
+
+pub fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mul) = [
+        ("KiB", 1024u64),
+        ("MiB", 1 << 20),
+        ("K", 1024),
+        ("k", 1024),
+        ("M", 1 << 20),
+    ]
+    .iter()
+    .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n, *m)))
+    .unwrap_or((t, 1));
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size in bytes"))?;
+    let bytes = n
+        .checked_mul(mul)
+        .ok_or_else(|| format!("'{s}' is too large"))?;
+    if !(4096..=1 << 20).contains(&bytes) || !bytes.is_power_of_two() {
+        return Err(format!(
+            "chunk size {bytes} must be a power of two from 4096 to 1048576 bytes"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+fn parse_origin_override(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((id, path)) if !id.is_empty() && !path.is_empty() => {
+            crate::admin::validate_id(id).map_err(|e| e.to_string())?;
+            Ok((id.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!("'{s}' is not of the form ID=PATH")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(parse_chunk_size("65536"), Ok(65536));
+        assert_eq!(parse_chunk_size("4K"), Ok(4096));
+        assert_eq!(parse_chunk_size("1MiB"), Ok(1 << 20));
+        assert!(parse_chunk_size("3000").is_err());
+        assert!(parse_chunk_size("2M").is_err());
+        assert!(parse_chunk_size("x").is_err());
+        assert!(parse_chunk_size("99999999999999999999K").is_err());
+    }
+
+    #[test]
+    fn tags() {
+        assert_eq!(parse_tag("7"), Ok(7));
+        assert!(parse_tag("0").is_err());
+        assert!(parse_tag("-1").is_err());
+        assert!(parse_tag("x").is_err());
+    }
+
+    #[test]
+    fn origin_override() {
+        assert_eq!(
+            parse_origin_override("a=/dev/sdb"),
+            Ok(("a".into(), PathBuf::from("/dev/sdb")))
+        );
+        assert!(parse_origin_override("a").is_err());
+        assert!(parse_origin_override("=x").is_err());
+        assert!(parse_origin_override("a@1=x").is_err());
+    }
+}

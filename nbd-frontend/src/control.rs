@@ -1,0 +1,513 @@
+//! The control socket: how `snapmv snapshot|delete|rollback|list` reach a
+//! running `serve` that holds the COW device (see `lock` for the path rule).
+//!
+//! Protocol: line-delimited JSON over a Unix stream socket. The client
+//! writes one [`Request`] object per line; the server answers each with one
+//! [`Reply`] object per line, in order, and keeps the connection open for
+//! more (so `rollback --wait` can poll on one connection). A request line is
+//! at most [`MAX_LINE`] bytes; a longer or malformed line gets an `error`
+//! reply (and, if too long, the connection is closed, since the rest of the
+//! line cannot be skipped reliably). Only root and the server's own user may
+//! connect (socket mode 0600 plus an SO_PEERCRED check).
+//!
+//! ```text
+//! -> {"op":"hello"}
+//! <- {"reply":"hello","pid":1234,"cow":"/srv/cow.img","version":"0.1.0"}
+//! -> {"op":"snapshot","origin":"orig","of":null,"memo":"snap1"}
+//! <- {"reply":"tag","tag":1}
+//! -> {"op":"delete","origin":"orig","tag":9}
+//! <- {"reply":"error","message":"delete snapshot 9 of origin orig: no snapshot with tag 9 on origin orig"}
+//! ```
+
+use crate::status::StatusWire;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use snapmv_engine::store::Store;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Largest request or reply line. Requests are tiny; replies carry a whole
+/// status, which grows with the snapshot count, hence the larger bound on
+/// the client side.
+pub const MAX_LINE: usize = 64 * 1024;
+const MAX_REPLY_LINE: usize = 256 << 20;
+/// Concurrent control connections a server accepts; more are refused so a
+/// misbehaving client cannot exhaust threads.
+const MAX_CONNS: usize = 32;
+/// An idle control connection is dropped after this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a client waits for a reply (a snapshot flushes the device,
+/// which can take a while under heavy write load).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Hello,
+    List,
+    Snapshot {
+        origin: String,
+        of: Option<u64>,
+        memo: String,
+    },
+    Delete {
+        origin: String,
+        tag: u64,
+    },
+    Rollback {
+        origin: String,
+        tag: u64,
+    },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Hello {
+        pid: u32,
+        cow: String,
+        version: String,
+    },
+    Status(StatusWire),
+    Tag {
+        tag: u64,
+    },
+    Ok,
+    Error {
+        message: String,
+    },
+}
+
+/// Unix socket addresses hold at most 107 bytes of path. A longer path is
+/// reached through `/proc/self/fd/<dir fd>/<name>`, which the kernel
+/// resolves like the real directory; the returned descriptor must outlive
+/// the bind/connect call.
+fn short_addr(path: &Path) -> Result<(PathBuf, Option<OwnedFd>)> {
+    if path.as_os_str().len() < 100 {
+        return Ok((path.to_path_buf(), None));
+    }
+    let (dir, name) = match (path.parent(), path.file_name()) {
+        (Some(d), Some(n)) => (d, n),
+        _ => bail!("bad control socket path {}", path.display()),
+    };
+    let dirf = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags_dir()
+        .open(dir)
+        .with_context(|| format!("cannot open directory {}", dir.display()))?;
+    let fd: OwnedFd = dirf.into();
+    let p = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())).join(name);
+    Ok((p, Some(fd)))
+}
+
+trait DirFlags {
+    fn custom_flags_dir(&mut self) -> &mut Self;
+}
+impl DirFlags for std::fs::OpenOptions {
+    fn custom_flags_dir(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_DIRECTORY | libc::O_PATH)
+    }
+}
+
+/// A connected client.
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    path: PathBuf,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Client> {
+        let (addr, _dirfd) = short_addr(path)?;
+        let s = UnixStream::connect(&addr)
+            .with_context(|| format!("cannot connect to control socket {}", path.display()))?;
+        s.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        s.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+        Ok(Client {
+            reader: BufReader::new(s),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Send one request and wait for its reply. An `error` reply becomes an
+    /// `Err` carrying the server's message.
+    pub fn call(&mut self, req: &Request) -> Result<Reply> {
+        let mut line = serde_json::to_vec(req)?;
+        line.push(b'\n');
+        let p = self.path.display().to_string();
+        self.reader
+            .get_mut()
+            .write_all(&line)
+            .with_context(|| format!("cannot send to server at {p}"))?;
+        let buf = read_line(&mut self.reader, MAX_REPLY_LINE)
+            .with_context(|| format!("cannot read reply from server at {p}"))?;
+        let buf = match buf {
+            Line::Text(b) => b,
+            Line::Eof => bail!("server at {p} closed the connection without replying"),
+            Line::TooLong => bail!("server at {p} sent an oversized reply"),
+        };
+        let reply: Reply = serde_json::from_slice(&buf)
+            .with_context(|| format!("malformed reply from server at {p}"))?;
+        match reply {
+            Reply::Error { message } => Err(anyhow!(message)),
+            r => Ok(r),
+        }
+    }
+}
+
+enum Line {
+    Text(Vec<u8>),
+    Eof,
+    TooLong,
+}
+
+/// Read one '\n'-terminated line of at most `max` bytes without ever
+/// buffering more than `max + 1`.
+fn read_line<R: BufRead>(r: &mut R, max: usize) -> std::io::Result<Line> {
+    let mut buf = Vec::new();
+    let n = r
+        .by_ref()
+        .take(max as u64 + 1)
+        .read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(Line::Eof);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        return Ok(Line::Text(buf));
+    }
+    if buf.len() > max {
+        return Ok(Line::TooLong);
+    }
+    // EOF in the middle of a line: treat the fragment as a line.
+    Ok(Line::Text(buf))
+}
+
+/// One served COW device's control socket.
+pub struct ControlServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Bind `path` (replacing a stale socket: the caller holds the COW lock,
+    /// so no live server can own it) and serve `store` on it.
+    pub fn start(path: PathBuf, cow: String, store: Store) -> Result<ControlServer> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create directory {}", dir.display()))?;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(path = %path.display(), "removed stale control socket"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot remove stale control socket {}", path.display())
+                })
+            }
+        }
+        let (addr, _dirfd) = short_addr(&path)?;
+        let listener = UnixListener::bind(&addr)
+            .with_context(|| format!("cannot bind control socket {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict control socket {}", path.display()))?;
+        // Non-blocking accept polled against the stop flag keeps shutdown
+        // simple: no self-connect trick, no signal-interrupted syscalls.
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let p = path.clone();
+        let thread = std::thread::Builder::new()
+            .name("snapmv-control".into())
+            .spawn(move || accept_loop(listener, p, cow, store, st))
+            .context("cannot start the control thread")?;
+        Ok(ControlServer {
+            stop,
+            thread: Some(thread),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stop accepting, wait for open connections to finish their current
+    /// request, and remove the socket file.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("control thread panicked");
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    path: PathBuf,
+    cow: String,
+    store: Store,
+    stop: Arc<AtomicBool>,
+) {
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    let me = unsafe { libc::geteuid() };
+    while !stop.load(Ordering::SeqCst) {
+        conns.retain(|h| !h.is_finished());
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                match peer_uid(&stream) {
+                    Some(uid) if uid == 0 || uid == me => {}
+                    other => {
+                        tracing::warn!(?other, "control connection from a foreign user refused");
+                        continue;
+                    }
+                }
+                if active.load(Ordering::SeqCst) >= MAX_CONNS {
+                    let mut s = stream;
+                    let _ = send(
+                        &mut s,
+                        &Reply::Error {
+                            message: "too many control connections; try again".into(),
+                        },
+                    );
+                    continue;
+                }
+                active.fetch_add(1, Ordering::SeqCst);
+                let (store, cow, stop, active) =
+                    (store.clone(), cow.clone(), stop.clone(), active.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("snapmv-control-conn".into())
+                    .spawn(move || {
+                        serve_conn(stream, &store, &cow, &stop);
+                        active.fetch_sub(1, Ordering::SeqCst);
+                    });
+                match spawned {
+                    Ok(h) => conns.push(h),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot spawn control connection thread");
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, socket = %path.display(), "control accept failed");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    // Connection threads hold store clones; join them so the caller can
+    // close the store as its sole owner.
+    for h in conns {
+        let _ = h.join();
+    }
+}
+
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a live local
+    // of exactly that size.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
+}
+
+fn send(s: &mut UnixStream, r: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    s.write_all(&line)
+}
+
+fn serve_conn(stream: UnixStream, store: &Store, cow: &str, stop: &AtomicBool) {
+    // A short read timeout lets the thread notice shutdown; idle time is
+    // counted across timeouts.
+    let tick = Duration::from_millis(250);
+    let _ = stream.set_read_timeout(Some(tick));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    let mut idle = Duration::ZERO;
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        if stop.load(Ordering::SeqCst) || idle >= IDLE_TIMEOUT {
+            return;
+        }
+        // Accumulate across read timeouts so a slowly typed line still works.
+        let room = (MAX_LINE + 1).saturating_sub(pending.len());
+        match reader
+            .by_ref()
+            .take(room as u64)
+            .read_until(b'\n', &mut pending)
+        {
+            Ok(0) => return,
+            Ok(_) => idle = Duration::ZERO,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                idle += tick;
+                continue;
+            }
+            Err(_) => return,
+        }
+        if pending.last() != Some(&b'\n') {
+            if pending.len() > MAX_LINE {
+                let _ = send(
+                    &mut writer,
+                    &Reply::Error {
+                        message: format!("request longer than {MAX_LINE} bytes"),
+                    },
+                );
+                return;
+            }
+            continue;
+        }
+        let line = std::mem::take(&mut pending);
+        let reply = match serde_json::from_slice::<Request>(&line) {
+            Ok(req) => handle(req, store, cow),
+            Err(e) => Reply::Error {
+                message: format!("malformed request: {e}"),
+            },
+        };
+        if send(&mut writer, &reply).is_err() {
+            return;
+        }
+    }
+}
+
+fn now() -> i64 {
+    crate::admin::now()
+}
+
+/// Execute one request against the live store. Error messages match the
+/// offline commands' so scripts see the same text either way.
+pub fn handle(req: Request, store: &Store, cow: &str) -> Reply {
+    let r: Result<Reply> = match req {
+        Request::Hello => Ok(Reply::Hello {
+            pid: std::process::id(),
+            cow: cow.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }),
+        Request::List => Ok(Reply::Status(StatusWire::from_status(
+            cow.to_string(),
+            store.status(),
+        ))),
+        Request::Snapshot { origin, of, memo } => {
+            tracing::info!(%origin, ?of, %memo, "snapshot (control socket)");
+            crate::admin::do_snapshot(store, &origin, of, &memo, now()).map(|tag| {
+                tracing::info!(%origin, tag, "snapshot taken");
+                Reply::Tag { tag }
+            })
+        }
+        Request::Delete { origin, tag } => {
+            tracing::info!(%origin, tag, "delete (control socket)");
+            crate::admin::do_delete(store, &origin, tag).map(|()| Reply::Ok)
+        }
+        Request::Rollback { origin, tag } => {
+            tracing::info!(%origin, tag, "rollback (control socket)");
+            crate::admin::do_rollback(store, &origin, tag).map(|()| Reply::Ok)
+        }
+    };
+    r.unwrap_or_else(|e| Reply::Error {
+        message: format!("{e:#}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format() {
+        let r: Request =
+            serde_json::from_str(r#"{"op":"snapshot","origin":"o","of":3,"memo":"m"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Snapshot {
+                origin: "o".into(),
+                of: Some(3),
+                memo: "m".into()
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format"}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"op":"delete","origin":"o","tag":-1}"#).is_err()
+        );
+        assert_eq!(
+            serde_json::to_string(&Reply::Ok).unwrap(),
+            r#"{"reply":"ok"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Reply::Tag { tag: 7 }).unwrap(),
+            r#"{"reply":"tag","tag":7}"#
+        );
+    }
+
+    #[test]
+    fn bounded_line_reader() {
+        let mut r = std::io::Cursor::new(b"abc\ndef".to_vec());
+        assert!(matches!(read_line(&mut r, 10).unwrap(), Line::Text(b) if b == b"abc"));
+        assert!(matches!(read_line(&mut r, 10).unwrap(), Line::Text(b) if b == b"def"));
+        assert!(matches!(read_line(&mut r, 10).unwrap(), Line::Eof));
+        let mut r = std::io::Cursor::new(vec![b'x'; 100]);
+        assert!(matches!(read_line(&mut r, 10).unwrap(), Line::TooLong));
+    }
+
+    #[test]
+    fn long_socket_paths_go_through_proc() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&deep).unwrap();
+        let path = deep.join("cow.img.snapmv.sock");
+        let (addr, fd) = short_addr(&path).unwrap();
+        assert!(fd.is_some());
+        assert!(addr.as_os_str().len() < 100);
+        let l = UnixListener::bind(&addr).unwrap();
+        drop(fd);
+        assert!(path.exists());
+        let (addr2, _fd2) = short_addr(&path).unwrap();
+        let _c = UnixStream::connect(&addr2).unwrap();
+        let _ = l.accept().unwrap();
+    }
+}

@@ -1,0 +1,408 @@
+//! `snapmv serve`: open the COW devices, export every version over NBD,
+//! drive the engine's background work, answer the control sockets, and
+//! shut down cleanly on SIGINT/SIGTERM.
+
+use crate::control::ControlServer;
+use crate::lock::{self, CowLock, LockMode};
+use anyhow::{anyhow, bail, Context, Result};
+use snapmv_engine::dev::OpenOptions;
+use snapmv_engine::store::{Dev, FormatOptions, Store};
+use snapmv_engine::FileDev;
+use snapmv_nbd::exports::StoreExports;
+use snapmv_nbd::nbd::{Server, ServerConfig, ShutdownHandle};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub const DEFAULT_DIR: &str = "snapmv-data";
+const DEFAULT_COW_SIZE: u64 = 4 << 30;
+const DEFAULT_ORIGIN_SIZE: u64 = 1 << 30;
+const DEFAULT_ORIGIN_ID: &str = "origin";
+const DEFAULT_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 10809);
+
+/// Chunks per background step: large enough to copy quickly, small enough
+/// that the stop flag and the periodic flush are checked often.
+const BG_BUDGET: usize = 64;
+const BG_IDLE: Duration = Duration::from_millis(50);
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+pub struct ServeArgs {
+    pub cows: Vec<PathBuf>,
+    pub origins: Vec<(String, PathBuf)>,
+    pub listen: Option<SocketAddr>,
+    pub unix: Option<PathBuf>,
+    pub read_only: bool,
+}
+
+/// One served COW device.
+struct Served {
+    cow: PathBuf,
+    canon: String,
+    store: Store,
+    _lock: CowLock,
+}
+
+pub fn serve(args: ServeArgs) -> Result<ExitCode> {
+    // Block the termination signals before any thread exists so every
+    // thread inherits the mask and only the signal thread receives them.
+    let sigs = block_term_signals()?;
+
+    let served = if args.cows.is_empty() {
+        vec![open_default(&args.origins)?]
+    } else {
+        open_all(&args.cows, &args.origins)?
+    };
+    let result = run(&served, &args, sigs);
+    // Close every store whatever happened: flush, checkpoint, release locks.
+    let mut ok = result.is_ok();
+    for s in served {
+        tracing::info!(cow = %s.cow.display(), "closing");
+        if let Err(e) = s.store.flush() {
+            tracing::error!(cow = %s.cow.display(), error = %e, "flush at shutdown failed");
+            ok = false;
+        }
+        if let Err(e) = s.store.close() {
+            tracing::error!(cow = %s.cow.display(), error = %e, "close failed");
+            ok = false;
+        }
+    }
+    result?;
+    if !ok {
+        bail!("shut down with errors (see the log above)");
+    }
+    tracing::info!("stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(served: &[Served], args: &ServeArgs, sigs: libc::sigset_t) -> Result<()> {
+    let tcp = match (args.listen, &args.unix) {
+        (Some(a), _) => Some(a),
+        (None, Some(_)) => None,
+        (None, None) => Some(SocketAddr::from(DEFAULT_LISTEN)),
+    };
+    let cfg = ServerConfig {
+        tcp,
+        unix: args.unix.clone(),
+        read_only: args.read_only,
+        ..ServerConfig::default()
+    };
+    let exports = Arc::new(StoreExports::new(
+        served.iter().map(|s| s.store.clone()).collect(),
+        args.read_only,
+    ));
+    let server = Server::bind(cfg, exports).context("cannot start the NBD server")?;
+    if let Some(a) = server.local_addr() {
+        tracing::info!(addr = %a, "NBD listening on TCP");
+    }
+    if let Some(u) = &args.unix {
+        tracing::info!(path = %u.display(), "NBD listening on Unix socket");
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut drivers: Vec<JoinHandle<()>> = Vec::new();
+    let mut controls: Vec<ControlServer> = Vec::new();
+    let started = (|| -> Result<()> {
+        for s in served {
+            let (store, stop, name) = (s.store.clone(), stop.clone(), s.canon.clone());
+            drivers.push(
+                std::thread::Builder::new()
+                    .name("snapmv-background".into())
+                    .spawn(move || background_driver(store, stop, name))
+                    .context("cannot start a background thread")?,
+            );
+        }
+        // Control sockets last: a connectable socket tells scripts (and the
+        // tests) that the server is fully up.
+        for s in served {
+            let path = lock::socket_path(&s.cow)?;
+            let c = ControlServer::start(path, s.canon.clone(), s.store.clone())?;
+            tracing::info!(cow = %s.canon, socket = %c.path().display(), "control socket ready");
+            controls.push(c);
+        }
+        Ok(())
+    })();
+
+    let run_result = match started {
+        Ok(()) => {
+            spawn_signal_thread(sigs, server.shutdown_handle())?;
+            let names: Vec<String> = served
+                .iter()
+                .flat_map(|s| s.store.versions())
+                .map(|v| snapmv_nbd::exports::export_name(&v))
+                .collect();
+            tracing::info!(exports = ?names, "serving");
+            server.run().context("NBD server failed")
+        }
+        Err(e) => Err(e),
+    };
+
+    // Orderly stop: no new admin requests, then no background work, then
+    // the server (and its store clones) go away before the stores close.
+    for c in controls {
+        c.stop();
+    }
+    stop.store(true, Ordering::SeqCst);
+    for d in drivers {
+        if d.join().is_err() {
+            tracing::error!("background thread panicked");
+        }
+    }
+    drop(server);
+    run_result
+}
+
+/// Advance the cleaner and rollback copier, and flush periodically; the
+/// engine starts no threads of its own.
+fn background_driver(store: Store, stop: Arc<AtomicBool>, cow: String) {
+    let mut last_flush = Instant::now();
+    let mut last_err: Option<String> = None;
+    let mut was_busy = false;
+    while !stop.load(Ordering::SeqCst) {
+        let more = match store.step_background(BG_BUDGET) {
+            Ok(r) => {
+                last_err = None;
+                r.more
+            }
+            Err(e) => {
+                // Log each distinct error once rather than 20 times a second.
+                let msg = e.to_string();
+                if last_err.as_deref() != Some(&msg) {
+                    tracing::error!(%cow, error = %msg, "background work failed");
+                    last_err = Some(msg);
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                false
+            }
+        };
+        if was_busy && !more {
+            tracing::info!(%cow, "background work (cleaning/rollback) caught up");
+        }
+        was_busy = more;
+        if last_flush.elapsed() >= FLUSH_EVERY {
+            if let Err(e) = store.flush() {
+                tracing::error!(%cow, error = %e, "periodic flush failed");
+            }
+            last_flush = Instant::now();
+        }
+        if more {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(BG_IDLE);
+        }
+    }
+}
+
+fn block_term_signals() -> Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset before use;
+    // pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            bail!(
+                "cannot block SIGINT/SIGTERM: {}",
+                std::io::Error::from_raw_os_error(rc)
+            );
+        }
+        Ok(set)
+    }
+}
+
+fn spawn_signal_thread(set: libc::sigset_t, h: ShutdownHandle) -> Result<()> {
+    std::thread::Builder::new()
+        .name("snapmv-signals".into())
+        .spawn(move || {
+            let mut first = true;
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` is a valid, initialised sigset owned by this
+                // closure; sigwait writes one int through `sig`.
+                let rc = unsafe { libc::sigwait(&set, &mut sig) };
+                if rc != 0 {
+                    continue;
+                }
+                if first {
+                    tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
+                    h.shutdown();
+                    first = false;
+                } else {
+                    // The journal keeps the store consistent even now; the
+                    // user asked twice.
+                    tracing::warn!(signal = sig, "second signal: exiting without a clean close");
+                    std::process::exit(130);
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+fn rw() -> OpenOptions {
+    OpenOptions::default()
+}
+
+/// Lock one COW device for serving, naming the current holder if busy.
+fn lock_for_serve(cow: &Path) -> Result<CowLock> {
+    if let Some(l) = lock::try_lock(cow, LockMode::Exclusive)? {
+        return Ok(l);
+    }
+    let who = lock::socket_path(cow)
+        .ok()
+        .and_then(|s| {
+            let mut c = crate::control::Client::connect(&s).ok()?;
+            match c.call(&crate::control::Request::Hello).ok()? {
+                crate::control::Reply::Hello { pid, .. } => {
+                    Some(format!("a running server (pid {pid})"))
+                }
+                _ => None,
+            }
+        })
+        .unwrap_or_else(|| "another snapmv process".to_string());
+    bail!("COW device {} is in use by {who}", cow.display())
+}
+
+/// Open every `--cow`, applying `--origin` overrides, and refuse origin id
+/// clashes across devices.
+fn open_all(cows: &[PathBuf], overrides: &[(String, PathBuf)]) -> Result<Vec<Served>> {
+    let mut seen_cow: BTreeMap<PathBuf, &Path> = BTreeMap::new();
+    for c in cows {
+        let canon = lock::canonical(c)?;
+        if let Some(prev) = seen_cow.insert(canon.clone(), c) {
+            bail!(
+                "COW device {} is given twice ({} and {})",
+                canon.display(),
+                prev.display(),
+                c.display()
+            );
+        }
+    }
+    let ov: BTreeMap<String, PathBuf> = overrides.iter().cloned().collect();
+    let used = Mutex::new(BTreeSet::new());
+    let mut served: Vec<Served> = Vec::new();
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    for c in cows {
+        let s = open_one(c, &ov, &used)?;
+        for o in s.store.status().origins {
+            if let Some(other) = owner.insert(o.id.clone(), s.canon.clone()) {
+                let err = anyhow!(
+                    "origin id {} is bound in both {other} and {}; export names must be unique",
+                    o.id,
+                    s.canon
+                );
+                served.push(s);
+                close_all(served);
+                return Err(err);
+            }
+        }
+        served.push(s);
+    }
+    let used = used.into_inner().unwrap_or_default();
+    if let Some(id) = ov.keys().find(|id| !used.contains(*id)) {
+        close_all(served);
+        bail!("--origin {id}=...: no served COW device has an origin {id} (bind it first with `snapmv bind`)");
+    }
+    Ok(served)
+}
+
+fn close_all(served: Vec<Served>) {
+    for s in served {
+        if let Err(e) = s.store.close() {
+            tracing::error!(cow = %s.cow.display(), error = %e, "close failed");
+        }
+    }
+}
+
+fn open_one(
+    cow: &Path,
+    ov: &BTreeMap<String, PathBuf>,
+    used: &Mutex<BTreeSet<String>>,
+) -> Result<Served> {
+    let canon = lock::canonical(cow)?.display().to_string();
+    let l = lock_for_serve(cow)?;
+    let dev: Dev = Arc::new(
+        FileDev::open(cow, &rw())
+            .with_context(|| format!("cannot open COW device {}", cow.display()))?,
+    );
+    let mut resolver = |id: &str, recorded: &str| -> snapmv_engine::Result<Dev> {
+        let path = match ov.get(id) {
+            Some(p) => {
+                if let Ok(mut u) = used.lock() {
+                    u.insert(id.to_string());
+                }
+                p.clone()
+            }
+            None => PathBuf::from(recorded),
+        };
+        tracing::info!(origin = id, path = %path.display(), "opening origin");
+        crate::admin::open_origin(id, &path, false)
+    };
+    let store = Store::open(dev, &mut resolver)
+        .with_context(|| format!("cannot open COW device {}", cow.display()))?;
+    Ok(Served {
+        cow: cow.to_path_buf(),
+        canon,
+        store,
+        _lock: l,
+    })
+}
+
+/// No COW given: `./snapmv-data/{cow,origin}.img`, created sparse and set up
+/// on first run, so `snapmv serve` alone gives a working export.
+fn open_default(overrides: &[(String, PathBuf)]) -> Result<Served> {
+    let dir = Path::new(DEFAULT_DIR);
+    let cow = dir.join("cow.img");
+    let origin = dir.join("origin.img");
+    let fresh = !cow.exists();
+    let create = |p: &Path, size: u64| -> Result<()> {
+        let o = OpenOptions {
+            create_size: Some(size),
+            ..OpenOptions::default()
+        };
+        FileDev::open(p, &o).with_context(|| format!("cannot create {}", p.display()))?;
+        Ok(())
+    };
+    create(&cow, DEFAULT_COW_SIZE)?;
+    create(&origin, DEFAULT_ORIGIN_SIZE)?;
+    if fresh {
+        let _l = lock_for_serve(&cow)?;
+        tracing::info!(cow = %cow.display(), "first run: formatting the default COW device");
+        let dev: Dev = Arc::new(FileDev::open(&cow, &rw())?);
+        let store = Store::format(dev, &FormatOptions::default())
+            .with_context(|| format!("cannot format {}", cow.display()))?;
+        store
+            .close()
+            .with_context(|| format!("cannot close {}", cow.display()))?;
+    }
+    let s = open_all(std::slice::from_ref(&cow), overrides)?;
+    let s = s
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("no store opened for {}", cow.display()))?;
+    // Bind on first run, and also if an earlier first run stopped between
+    // format and bind.
+    if s.store.status().origins.is_empty() {
+        let abs = std::path::absolute(&origin)
+            .with_context(|| format!("cannot resolve {}", origin.display()))?;
+        let abs_str = abs
+            .to_str()
+            .ok_or_else(|| anyhow!("path {} is not valid UTF-8", abs.display()))?;
+        tracing::info!(origin = %abs.display(), id = DEFAULT_ORIGIN_ID, "binding the default origin");
+        let dev = crate::admin::open_origin(DEFAULT_ORIGIN_ID, &abs, false)?;
+        if let Err(e) = s
+            .store
+            .bind(DEFAULT_ORIGIN_ID, abs_str, dev, crate::admin::now())
+        {
+            close_all(vec![s]);
+            return Err(e).context(format!("cannot bind {}", abs.display()));
+        }
+    }
+    Ok(s)
+}
