@@ -16,6 +16,21 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use snapmv_engine::store::Volume;
+
+mod backend;
+mod budget;
+mod io;
+mod negotiate;
+pub mod proto;
+mod server;
+mod transmit;
+
+#[cfg(test)]
+mod tests;
+
+pub use server::MAX_CONNECTIONS;
+
 /// One export as the server sees it at negotiation time.
 pub struct Export {
     pub volume: snapmv_engine::store::Volume,
@@ -74,31 +89,54 @@ impl Default for ServerConfig {
 
 /// A bound server. `run` serves until shutdown.
 pub struct Server {
-    _cfg: ServerConfig,
-    _exports: Arc<dyn Exports>,
+    core: server::Core<Volume>,
 }
 
 /// Cloneable, `Send` handle that stops a running [`Server`].
 #[derive(Clone)]
-pub struct ShutdownHandle {}
+pub struct ShutdownHandle {
+    stopper: server::Stopper,
+}
+
+/// Adapts the public catalogue to the generic one the server runs on.
+struct VolumeCatalog(Arc<dyn Exports>);
+
+impl backend::Catalog<Volume> for VolumeCatalog {
+    fn list(&self) -> Vec<String> {
+        self.0.list()
+    }
+    fn open(&self, name: &str) -> Option<backend::ExportOf<Volume>> {
+        self.0.open(name).map(|e| backend::ExportOf {
+            backend: e.volume,
+            read_only: e.read_only,
+            description: e.description,
+        })
+    }
+    fn default_name(&self) -> Option<String> {
+        self.0.default_name()
+    }
+}
 
 impl Server {
-    /// Bind the listeners named in `cfg`. Fails if none is given or a bind fails.
+    /// Bind the listeners named in `cfg`. Fails if none is given or a bind
+    /// fails. A stale Unix socket file is replaced; a live one is refused.
     pub fn bind(cfg: ServerConfig, exports: Arc<dyn Exports>) -> anyhow::Result<Server> {
-        let _ = (&cfg, &exports);
-        todo!("in progress")
+        let core = server::Core::bind(&cfg, Arc::new(VolumeCatalog(exports)))?;
+        Ok(Server { core })
     }
     /// The bound TCP address (useful with port 0).
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        todo!("in progress")
+        self.core.local_addr()
     }
     /// Serve until [`ShutdownHandle::shutdown`]; returns once every
-    /// connection has finished its in-flight requests and closed.
+    /// connection has finished its in-flight requests and closed. Call once.
     pub fn run(&self) -> anyhow::Result<()> {
-        todo!("in progress")
+        Ok(self.core.run()?)
     }
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        todo!("in progress")
+        ShutdownHandle {
+            stopper: self.core.stopper(),
+        }
     }
 }
 
@@ -106,6 +144,6 @@ impl ShutdownHandle {
     /// Stop accepting, let in-flight requests finish, close connections,
     /// and make `run` return. Idempotent; callable from a signal thread.
     pub fn shutdown(&self) {
-        todo!("in progress")
+        self.stopper.stop();
     }
 }

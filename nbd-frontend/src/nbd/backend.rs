@@ -1,0 +1,232 @@
+//! What the server needs from a version: the engine's `Volume` data path,
+//! behind a small trait so the protocol code can also be driven by an
+//! in-memory stand-in in unit tests.
+
+use snapmv_engine::store::{Extent, ExtentKind, Volume};
+use snapmv_engine::Error;
+
+use super::proto::{STATE_HOLE, STATE_ZERO};
+
+pub type BResult<T> = Result<T, Error>;
+
+/// One exported version's data path. Blocking; called from worker threads.
+pub trait Backend: Clone + Send + Sync + 'static {
+    fn size(&self) -> u64;
+    /// False once the version was deleted: requests then get ESHUTDOWN.
+    fn is_live(&self) -> bool;
+    fn read(&self, offset: u64, buf: &mut [u8]) -> BResult<()>;
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> BResult<()>;
+    fn flush(&self) -> BResult<()>;
+    fn trim(&self, offset: u64, len: u64) -> BResult<()>;
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> BResult<()>;
+    fn block_status(&self, offset: u64, len: u64) -> BResult<Vec<Extent>>;
+}
+
+impl Backend for Volume {
+    fn size(&self) -> u64 {
+        Volume::size(self)
+    }
+    fn is_live(&self) -> bool {
+        Volume::is_live(self)
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> BResult<()> {
+        Volume::read(self, offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> BResult<()> {
+        Volume::write(self, offset, data, fua)
+    }
+    fn flush(&self) -> BResult<()> {
+        Volume::flush(self)
+    }
+    fn trim(&self, offset: u64, len: u64) -> BResult<()> {
+        Volume::trim(self, offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> BResult<()> {
+        Volume::write_zeroes(self, offset, len, fua)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> BResult<Vec<Extent>> {
+        Volume::block_status(self, offset, len)
+    }
+}
+
+/// `base:allocation` flags for an engine extent kind. A snapshot's shared
+/// chunks are reported as holes: writing there needs a fresh chunk, so it
+/// may fail with ENOSPC, which is exactly what NBD_STATE_HOLE warns of.
+pub fn allocation_flags(kind: ExtentKind) -> u32 {
+    match kind {
+        ExtentKind::Own => 0,
+        ExtentKind::Shared => STATE_HOLE,
+        ExtentKind::Zero => STATE_HOLE | STATE_ZERO,
+    }
+}
+
+/// An export resolved at negotiation time.
+#[derive(Clone)]
+pub struct ExportOf<B> {
+    pub backend: B,
+    pub read_only: bool,
+    pub description: String,
+}
+
+/// The catalogue, generic over the backend (the public `Exports` is the
+/// `Volume` instance of it).
+pub trait Catalog<B>: Send + Sync + 'static {
+    fn list(&self) -> Vec<String>;
+    fn open(&self, name: &str) -> Option<ExportOf<B>>;
+    fn default_name(&self) -> Option<String>;
+}
+
+#[cfg(test)]
+pub mod mem {
+    //! An in-memory backend and catalogue for unit tests of the protocol.
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, RwLock};
+    use std::time::Duration;
+
+    pub const ANY: u64 = u64::MAX;
+
+    #[derive(Clone)]
+    pub struct MemBackend {
+        pub data: Arc<RwLock<Vec<u8>>>,
+        pub live: Arc<AtomicBool>,
+        /// Reads and writes at `slow_offset` (or at any offset when it is
+        /// `ANY`) sleep this long, to force overlap and reordering.
+        pub delay_ms: Arc<AtomicUsize>,
+        pub slow_offset: Arc<AtomicU64>,
+        pub flushes: Arc<AtomicUsize>,
+    }
+
+    impl MemBackend {
+        pub fn new(size: usize) -> Self {
+            MemBackend {
+                data: Arc::new(RwLock::new(vec![0; size])),
+                live: Arc::new(AtomicBool::new(true)),
+                delay_ms: Arc::new(AtomicUsize::new(0)),
+                slow_offset: Arc::new(AtomicU64::new(ANY)),
+                flushes: Arc::new(AtomicUsize::new(0)),
+            }
+        }
+        fn pause(&self, offset: u64) {
+            let d = self.delay_ms.load(Ordering::Relaxed);
+            let slow = self.slow_offset.load(Ordering::Relaxed);
+            if d > 0 && (slow == ANY || slow == offset) {
+                std::thread::sleep(Duration::from_millis(d as u64));
+            }
+        }
+        fn check(&self, offset: u64, len: u64) -> BResult<()> {
+            if !self.is_live() {
+                return Err(Error::NoSuchSnapshot {
+                    origin: "mem".into(),
+                    tag: 0,
+                });
+            }
+            snapmv_engine::dev::check_range("mem", offset, len, self.size())
+        }
+    }
+
+    impl Backend for MemBackend {
+        fn size(&self) -> u64 {
+            self.data.read().map(|d| d.len() as u64).unwrap_or(0)
+        }
+        fn is_live(&self) -> bool {
+            self.live.load(Ordering::SeqCst)
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> BResult<()> {
+            self.pause(offset);
+            self.check(offset, buf.len() as u64)?;
+            let d = self
+                .data
+                .read()
+                .map_err(|_| Error::Invalid("poison".into()))?;
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write(&self, offset: u64, data: &[u8], _fua: bool) -> BResult<()> {
+            self.pause(offset);
+            self.check(offset, data.len() as u64)?;
+            if data.first() == Some(&0xEE) && data.iter().all(|&b| b == 0xEE) {
+                // Sentinel pattern: pretend the COW device is full.
+                return Err(Error::NoSpace);
+            }
+            let mut d = self
+                .data
+                .write()
+                .map_err(|_| Error::Invalid("poison".into()))?;
+            d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn flush(&self) -> BResult<()> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn trim(&self, offset: u64, len: u64) -> BResult<()> {
+            self.check(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> BResult<()> {
+            self.check(offset, len)?;
+            let mut d = self
+                .data
+                .write()
+                .map_err(|_| Error::Invalid("poison".into()))?;
+            d[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+        fn block_status(&self, offset: u64, len: u64) -> BResult<Vec<Extent>> {
+            self.check(offset, len)?;
+            // 4 KiB granularity: all-zero blocks are Zero, others Own.
+            let d = self
+                .data
+                .read()
+                .map_err(|_| Error::Invalid("poison".into()))?;
+            let mut out: Vec<Extent> = Vec::new();
+            let mut pos = offset - offset % 4096;
+            while pos < offset + len {
+                let end = (pos + 4096).min(d.len() as u64);
+                let kind = if d[pos as usize..end as usize].iter().all(|&b| b == 0) {
+                    ExtentKind::Zero
+                } else {
+                    ExtentKind::Own
+                };
+                out.push(Extent {
+                    offset: pos,
+                    len: end - pos,
+                    kind,
+                });
+                pos = end;
+            }
+            Ok(out)
+        }
+    }
+
+    #[derive(Default)]
+    pub struct MemCatalog {
+        pub exports: Mutex<BTreeMap<String, ExportOf<MemBackend>>>,
+    }
+
+    impl MemCatalog {
+        pub fn add(&self, name: &str, b: MemBackend, read_only: bool, desc: &str) {
+            self.exports.lock().unwrap().insert(
+                name.to_string(),
+                ExportOf {
+                    backend: b,
+                    read_only,
+                    description: desc.to_string(),
+                },
+            );
+        }
+    }
+
+    impl Catalog<MemBackend> for MemCatalog {
+        fn list(&self) -> Vec<String> {
+            self.exports.lock().unwrap().keys().cloned().collect()
+        }
+        fn open(&self, name: &str) -> Option<ExportOf<MemBackend>> {
+            self.exports.lock().unwrap().get(name).cloned()
+        }
+        fn default_name(&self) -> Option<String> {
+            None
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Fixed newstyle negotiation: the server's greeting, then option haggling
+//! until the client picks an export (OPT_GO / OPT_EXPORT_NAME) or leaves.
+
+use std::io::{self, Read, Write};
+
+use tracing::{debug, info};
+
+use super::backend::{Backend, Catalog, ExportOf};
+use super::io::{MsgReader, ReadError};
+use super::proto::*;
+
+/// What transmission needs from negotiation.
+pub struct Negotiated<B> {
+    pub name: String,
+    pub export: ExportOf<B>,
+    pub size: u64,
+    pub flags: u16,
+    pub structured: bool,
+    pub meta_context: bool,
+}
+
+pub enum Outcome<B> {
+    Transmission(Box<Negotiated<B>>),
+    /// The client aborted or hung up.
+    Ended,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NegError {
+    #[error("reading from client: {0}")]
+    Read(#[from] ReadError),
+    #[error("writing to client: {0}")]
+    Write(#[from] io::Error),
+    #[error("client sent unknown client flags {0:#x}")]
+    BadClientFlags(u32),
+    #[error("bad option header: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("option {option} is {len} bytes, over the {MAX_OPTION_LEN}-byte limit")]
+    OptionTooBig { option: u32, len: u32 },
+    #[error("OPT_EXPORT_NAME for an unknown or invalid export {0:?}")]
+    UnknownExport(String),
+}
+
+pub fn transmission_flags(read_only: bool, structured: bool) -> u16 {
+    let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
+    if read_only {
+        f |= TFLAG_READ_ONLY;
+    } else {
+        f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+    }
+    if structured {
+        // Every read is answered with one data chunk, so "don't fragment"
+        // costs nothing to honour.
+        f |= TFLAG_SEND_DF;
+    }
+    f
+}
+
+struct State<'a, B> {
+    catalog: &'a dyn Catalog<B>,
+    server_read_only: bool,
+    no_zeroes: bool,
+    structured: bool,
+    /// The export for which `base:allocation` was selected, if any.
+    meta_for: Option<String>,
+}
+
+fn send<W: Write>(w: &mut W, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
+    w.write_all(&option_reply(option, reply, data))
+}
+
+fn send_err<W: Write>(w: &mut W, option: u32, reply: u32, msg: &str) -> io::Result<()> {
+    send(w, option, reply, truncate_str(msg, MAX_STRING).as_bytes())?;
+    w.flush()
+}
+
+impl<B: Backend> State<'_, B> {
+    /// Resolve a client-given name ("" = the default export) to the
+    /// canonical name and a live export.
+    fn resolve(&self, name: &str) -> Option<(String, ExportOf<B>)> {
+        let canonical = if name.is_empty() {
+            self.catalog.default_name()?
+        } else {
+            name.to_string()
+        };
+        let export = self.catalog.open(&canonical)?;
+        export.backend.is_live().then_some((canonical, export))
+    }
+
+    fn negotiated(&self, name: String, export: ExportOf<B>, client_name: &str) -> Negotiated<B> {
+        let read_only = export.read_only || self.server_read_only;
+        Negotiated {
+            size: export.backend.size(),
+            flags: transmission_flags(read_only, self.structured),
+            structured: self.structured,
+            meta_context: self.structured && self.meta_for.as_deref() == Some(client_name),
+            name,
+            export,
+        }
+    }
+}
+
+/// Run negotiation on one connection.
+pub fn negotiate<B: Backend, R: Read, W: Write>(
+    rd: &mut MsgReader<R>,
+    w: &mut W,
+    catalog: &dyn Catalog<B>,
+    server_read_only: bool,
+) -> Result<Outcome<B>, NegError> {
+    w.write_all(&NBDMAGIC.to_be_bytes())?;
+    w.write_all(&IHAVEOPT.to_be_bytes())?;
+    w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+    w.flush()?;
+
+    let mut cf = [0u8; 4];
+    match rd.read_msg(&mut cf, true) {
+        Ok(()) => {}
+        Err(ReadError::Closed | ReadError::Stopped) => return Ok(Outcome::Ended),
+        Err(e) => return Err(e.into()),
+    }
+    let client_flags = u32::from_be_bytes(cf);
+    if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        // The spec: the server MUST drop the connection on unknown flags.
+        return Err(NegError::BadClientFlags(client_flags));
+    }
+    let mut st = State {
+        catalog,
+        server_read_only,
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+        structured: false,
+        meta_for: None,
+    };
+
+    loop {
+        let mut hb = [0u8; 16];
+        match rd.read_msg(&mut hb, true) {
+            Ok(()) => {}
+            Err(ReadError::Closed | ReadError::Stopped) => return Ok(Outcome::Ended),
+            Err(e) => return Err(e.into()),
+        }
+        let OptionHeader { option, len } = parse_option_header(&hb)?;
+        if len > MAX_OPTION_LEN {
+            // Refuse without reading (or allocating) the payload; since
+            // we cannot skip it cheaply, the connection ends here.
+            if option != OPT_EXPORT_NAME {
+                send_err(w, option, REP_ERR_TOO_BIG, "option payload too large")?;
+            }
+            return Err(NegError::OptionTooBig { option, len });
+        }
+        let mut data = vec![0u8; len as usize];
+        rd.read_msg(&mut data, false)?;
+
+        if rd.stopping() && option != OPT_ABORT {
+            send_err(w, option, REP_ERR_SHUTDOWN, "server is shutting down")?;
+            continue;
+        }
+        let parsed = match parse_option(option, &data) {
+            Ok(p) => p,
+            Err(OptInvalid(why)) => {
+                debug!(option, why, "invalid option");
+                if option == OPT_EXPORT_NAME {
+                    return Err(NegError::UnknownExport(
+                        String::from_utf8_lossy(&data).into(),
+                    ));
+                }
+                if option == OPT_SET_META_CONTEXT {
+                    // A failed SET still replaces the previous selection.
+                    st.meta_for = None;
+                }
+                send_err(w, option, REP_ERR_INVALID, why)?;
+                continue;
+            }
+        };
+        debug!(?parsed, "option");
+        match parsed {
+            ClientOption::Abort => {
+                // The client may already be gone; a failed ACK is fine.
+                let _ = send(w, option, REP_ACK, &[]).and_then(|_| w.flush());
+                return Ok(Outcome::Ended);
+            }
+            ClientOption::List => {
+                for name in catalog.list() {
+                    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(name.as_bytes());
+                    send(w, option, REP_SERVER, &d)?;
+                }
+                send(w, option, REP_ACK, &[])?;
+                w.flush()?;
+            }
+            ClientOption::StartTls => {
+                send_err(w, option, REP_ERR_UNSUP, "TLS is not supported")?;
+            }
+            ClientOption::StructuredReply => {
+                st.structured = true;
+                send(w, option, REP_ACK, &[])?;
+                w.flush()?;
+            }
+            ClientOption::ExportName(name) => {
+                let Some((canonical, export)) = st.resolve(&name) else {
+                    return Err(NegError::UnknownExport(name));
+                };
+                let n = st.negotiated(canonical, export, &name);
+                w.write_all(&n.size.to_be_bytes())?;
+                w.write_all(&n.flags.to_be_bytes())?;
+                if !st.no_zeroes {
+                    w.write_all(&[0u8; 124])?;
+                }
+                w.flush()?;
+                info!(export = %n.name, "client attached (OPT_EXPORT_NAME)");
+                return Ok(Outcome::Transmission(Box::new(n)));
+            }
+            ClientOption::Info { go, name, requests } => {
+                let Some((canonical, export)) = st.resolve(&name) else {
+                    send_err(
+                        w,
+                        option,
+                        REP_ERR_UNKNOWN,
+                        &format!("no export named {name:?}"),
+                    )?;
+                    continue;
+                };
+                let description = export.description.clone();
+                let n = st.negotiated(canonical, export, &name);
+                send(w, option, REP_INFO, &info_export(n.size, n.flags))?;
+                if requests.contains(&INFO_NAME) {
+                    send(w, option, REP_INFO, &info_string(INFO_NAME, &n.name))?;
+                }
+                if requests.contains(&INFO_DESCRIPTION) {
+                    send(
+                        w,
+                        option,
+                        REP_INFO,
+                        &info_string(INFO_DESCRIPTION, &description),
+                    )?;
+                }
+                // Sent even unasked: it tells clients the preferred size.
+                send(w, option, REP_INFO, &info_block_size())?;
+                send(w, option, REP_ACK, &[])?;
+                w.flush()?;
+                if go {
+                    info!(export = %n.name, structured = n.structured,
+                          meta_context = n.meta_context, "client attached (OPT_GO)");
+                    return Ok(Outcome::Transmission(Box::new(n)));
+                }
+            }
+            ClientOption::MetaContext { set, name, queries } => {
+                if set {
+                    st.meta_for = None;
+                }
+                if !st.structured {
+                    send_err(
+                        w,
+                        option,
+                        REP_ERR_INVALID,
+                        "structured replies must be negotiated first",
+                    )?;
+                    continue;
+                }
+                if st.resolve(&name).is_none() {
+                    send_err(
+                        w,
+                        option,
+                        REP_ERR_UNKNOWN,
+                        &format!("no export named {name:?}"),
+                    )?;
+                    continue;
+                }
+                let mut matched = !set && queries.is_empty();
+                let mut invalid = None;
+                for q in &queries {
+                    match query_matches_base_allocation(q, !set) {
+                        Ok(m) => matched |= m,
+                        Err(OptInvalid(why)) => invalid = Some(why),
+                    }
+                }
+                if let Some(why) = invalid {
+                    send_err(w, option, REP_ERR_INVALID, why)?;
+                    continue;
+                }
+                if matched {
+                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                    let mut d = id.to_be_bytes().to_vec();
+                    d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                    send(w, option, REP_META_CONTEXT, &d)?;
+                    if set {
+                        st.meta_for = Some(name);
+                    }
+                }
+                send(w, option, REP_ACK, &[])?;
+                w.flush()?;
+            }
+            ClientOption::Unsupported(o) => {
+                send_err(w, o, REP_ERR_UNSUP, "option not supported")?;
+            }
+        }
+    }
+}

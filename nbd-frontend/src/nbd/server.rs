@@ -1,0 +1,332 @@
+//! Listeners, the accept loop, one thread per connection, and shutdown.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use super::backend::{Backend, Catalog};
+use super::budget::Budget;
+use super::io::{MsgReader, Stream, TICK};
+use super::negotiate::{negotiate, Outcome};
+use super::transmit::{self, Limits, OVERHEAD};
+use super::ServerConfig;
+
+/// Negotiation must make progress at least this often.
+const NEGOTIATION_IDLE: Duration = Duration::from_secs(60);
+/// A client that takes no reply bytes for this long is dropped, so a
+/// stalled reader cannot hold its buffers (and server budget) forever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Connections beyond this are closed at once.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("no listener configured (neither tcp nor unix)")]
+    NoListener,
+    #[error("cannot bind {what}: {source}")]
+    Bind {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unix socket {0} is in use by a running server")]
+    SocketInUse(PathBuf),
+    #[error("the server is already running or has run")]
+    AlreadyRan,
+    #[error("cannot create the shutdown channel: {0}")]
+    Wake(std::io::Error),
+}
+
+struct Listeners {
+    tcp: Option<TcpListener>,
+    unix: Option<UnixListener>,
+}
+
+/// Settings and shared state every connection sees.
+struct Shared<B> {
+    catalog: Arc<dyn Catalog<B>>,
+    stop: Arc<AtomicBool>,
+    read_only: bool,
+    max_request: u32,
+    conn_buffer: usize,
+    workers: usize,
+    server_budget: Arc<Budget>,
+    live_conns: AtomicUsize,
+}
+
+/// The server, generic over the backend (the public `Server` uses
+/// `Volume`; unit tests use an in-memory one).
+pub struct Core<B> {
+    shared: Arc<Shared<B>>,
+    listeners: Mutex<Option<Listeners>>,
+    local_addr: Option<SocketAddr>,
+    unix_path: Option<PathBuf>,
+    wake_rx: UnixStream,
+    wake_tx: Arc<UnixStream>,
+}
+
+/// Stops a running server; cheap to clone and send to a signal thread.
+#[derive(Clone)]
+pub struct Stopper {
+    stop: Arc<AtomicBool>,
+    wake: Arc<UnixStream>,
+}
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop's poll. The socket is non-blocking: if its
+        // buffer is full, a wake-up is already pending.
+        let _ = (&*self.wake).write(&[1]);
+    }
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
+    if path.exists() {
+        // A socket file left by a server that died is replaced; one that
+        // still answers belongs to a live server and is refused.
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServerError::SocketInUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| ServerError::Bind {
+        what: path.display().to_string(),
+        source,
+    })
+}
+
+impl<B: Backend> Core<B> {
+    pub fn bind(cfg: &ServerConfig, catalog: Arc<dyn Catalog<B>>) -> Result<Core<B>, ServerError> {
+        if cfg.tcp.is_none() && cfg.unix.is_none() {
+            return Err(ServerError::NoListener);
+        }
+        let tcp = match cfg.tcp {
+            Some(addr) => {
+                let l = TcpListener::bind(addr).map_err(|source| ServerError::Bind {
+                    what: addr.to_string(),
+                    source,
+                })?;
+                l.set_nonblocking(true)
+                    .map_err(|source| ServerError::Bind {
+                        what: addr.to_string(),
+                        source,
+                    })?;
+                Some(l)
+            }
+            None => None,
+        };
+        let local_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+        let unix = match &cfg.unix {
+            Some(p) => {
+                let l = bind_unix(p)?;
+                l.set_nonblocking(true)
+                    .map_err(|source| ServerError::Bind {
+                        what: p.display().to_string(),
+                        source,
+                    })?;
+                Some(l)
+            }
+            None => None,
+        };
+        let (wake_rx, wake_tx) = UnixStream::pair().map_err(ServerError::Wake)?;
+        wake_rx.set_nonblocking(true).map_err(ServerError::Wake)?;
+        wake_tx.set_nonblocking(true).map_err(ServerError::Wake)?;
+
+        // Sane limits whatever the caller passed: a request always fits in
+        // a connection's budget, and a connection's in the server's.
+        let max_request = cfg.max_request.clamp(4096, u32::MAX - 8);
+        let conn_buffer = cfg.conn_buffer_bytes.max(max_request as usize + OVERHEAD);
+        let server_budget = cfg.server_buffer_bytes.max(conn_buffer);
+        info!(tcp = ?local_addr, unix = ?cfg.unix, read_only = cfg.read_only, max_request,
+              conn_buffer, server_budget, "NBD server listening");
+        Ok(Core {
+            shared: Arc::new(Shared {
+                catalog,
+                stop: Arc::new(AtomicBool::new(false)),
+                read_only: cfg.read_only,
+                max_request,
+                conn_buffer,
+                workers: cfg.workers_per_conn.clamp(1, 256),
+                server_budget: Budget::new(server_budget),
+                live_conns: AtomicUsize::new(0),
+            }),
+            listeners: Mutex::new(Some(Listeners { tcp, unix })),
+            local_addr,
+            unix_path: cfg.unix.clone(),
+            wake_rx,
+            wake_tx: Arc::new(wake_tx),
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            stop: self.shared.stop.clone(),
+            wake: self.wake_tx.clone(),
+        }
+    }
+
+    pub fn run(&self) -> Result<(), ServerError> {
+        let listeners = self
+            .listeners
+            .lock()
+            .map_err(|_| ServerError::AlreadyRan)?
+            .take()
+            .ok_or(ServerError::AlreadyRan)?;
+        let mut conns: Vec<JoinHandle<()>> = Vec::new();
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            let mut fds = vec![libc::pollfd {
+                fd: self.wake_rx.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if let Some(l) = &listeners.tcp {
+                fds.push(libc::pollfd {
+                    fd: l.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            if let Some(l) = &listeners.unix {
+                fds.push(libc::pollfd {
+                    fd: l.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            // SAFETY: `fds` is a valid, exclusively borrowed array of
+            // `fds.len()` pollfd structs for the duration of the call, and
+            // every fd in it is owned by a listener or socket alive here.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    warn!("poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                continue;
+            }
+            conns.retain(|t| !t.is_finished());
+            if let Some(l) = &listeners.tcp {
+                while let Ok((s, peer)) = l.accept() {
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_nonblocking(false);
+                    debug!(%peer, "accepted");
+                    self.spawn_conn(Stream::Tcp(s), &mut conns);
+                }
+            }
+            if let Some(l) = &listeners.unix {
+                while let Ok((s, _)) = l.accept() {
+                    let _ = s.set_nonblocking(false);
+                    self.spawn_conn(Stream::Unix(s), &mut conns);
+                }
+            }
+        }
+        info!(
+            connections = conns.len(),
+            "NBD server stopping: finishing in-flight requests"
+        );
+        // Closing the listeners refuses new clients at once.
+        drop(listeners);
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+        for t in conns {
+            let _ = t.join();
+        }
+        info!("NBD server stopped");
+        Ok(())
+    }
+
+    fn spawn_conn(&self, s: Stream, conns: &mut Vec<JoinHandle<()>>) {
+        if self.shared.live_conns.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+            warn!("too many connections; closing a new one");
+            let _ = s.shutdown(Shutdown::Both);
+            return;
+        }
+        self.shared.live_conns.fetch_add(1, Ordering::SeqCst);
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nbd-conn".into())
+            .spawn(move || {
+                handle_conn(s, &shared);
+                shared.live_conns.fetch_sub(1, Ordering::SeqCst);
+            });
+        match spawned {
+            Ok(t) => conns.push(t),
+            Err(e) => {
+                // The closure (and the socket in it) was dropped.
+                self.shared.live_conns.fetch_sub(1, Ordering::SeqCst);
+                warn!("cannot start a connection thread: {e}");
+            }
+        }
+    }
+}
+
+fn handle_conn<B: Backend>(s: Stream, shared: &Shared<B>) {
+    let peer = s.peer();
+    let setup = || -> std::io::Result<Stream> {
+        s.set_read_timeout(Some(TICK))?;
+        s.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        s.try_clone()
+    };
+    let ws = match setup() {
+        Ok(ws) => ws,
+        Err(e) => {
+            warn!(%peer, "socket setup failed: {e}");
+            return;
+        }
+    };
+    let mut rd = MsgReader::new(BufReader::with_capacity(64 * 1024, s), shared.stop.clone());
+    rd.idle_limit = Some(NEGOTIATION_IDLE);
+    let mut w = BufWriter::new(ws);
+    let outcome = negotiate(&mut rd, &mut w, shared.catalog.as_ref(), shared.read_only);
+    let n = match outcome {
+        Ok(Outcome::Transmission(n)) => n,
+        Ok(Outcome::Ended) => {
+            debug!(%peer, "client left during negotiation");
+            return;
+        }
+        Err(e) => {
+            info!(%peer, "negotiation ended: {e}");
+            let _ = w.get_ref().shutdown(Shutdown::Both);
+            return;
+        }
+    };
+    let ws = match w.into_inner() {
+        Ok(ws) => ws,
+        Err(e) => {
+            info!(%peer, "connection lost: {}", e.error());
+            return;
+        }
+    };
+    rd.idle_limit = None;
+    let name = n.name.clone();
+    let limits = Limits {
+        max_request: shared.max_request,
+        workers: shared.workers,
+        conn_budget: Budget::new(shared.conn_buffer),
+        server_budget: shared.server_budget.clone(),
+    };
+    let closer = ws.try_clone();
+    let end = transmit::serve(*n, &mut rd, ws, &limits);
+    match &end {
+        transmit::End::Error(e) => info!(%peer, export = %name, "connection ended: {e}"),
+        other => info!(%peer, export = %name, "connection ended: {other:?}"),
+    }
+    if let Ok(c) = closer {
+        let _ = c.shutdown(Shutdown::Both);
+    }
+}
