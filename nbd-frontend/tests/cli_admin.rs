@@ -1,0 +1,331 @@
+//! The offline admin CLI, run as a separate process on temp files:
+//! format, bind, snapshot, list (table and JSON), delete, unbind, check,
+//! argument errors, and the exclusive lock.
+
+mod cli_support;
+use cli_support::*;
+use serde_json::Value;
+use std::os::fd::AsRawFd;
+
+#[test]
+fn format_refuses_a_formatted_device_without_force() {
+    let f = Fixture::new();
+    snapmv(&["format", s(&f.cow), "--chunk-size", "4096"]).ok();
+    snapmv(&["format", s(&f.cow)]).fails_with(1, &[s(&f.cow), "--force"]);
+    // The refused format left the store alone: still 4 KiB chunks.
+    assert_eq!(f.list_json()["chunk_size"], 4096);
+    snapmv(&["format", s(&f.cow), "--force"]).ok();
+    assert_eq!(f.list_json()["chunk_size"], 65536);
+    // Suffixes are accepted.
+    snapmv(&["format", s(&f.cow), "--force", "--chunk-size", "1MiB"]).ok();
+    assert_eq!(f.list_json()["chunk_size"], 1 << 20);
+}
+
+#[test]
+fn format_argument_errors() {
+    let f = Fixture::new();
+    snapmv(&["format", s(&f.cow), "--chunk-size", "3000"]).fails_with(2, &["power of two"]);
+    snapmv(&["format", s(&f.cow), "--chunk-size", "2M"]).fails_with(2, &["power of two"]);
+    snapmv(&["format", s(&f.cow), "--bogus"]).fails_with(2, &["--bogus"]);
+    let missing = f.path("nope.img");
+    snapmv(&["format", s(&missing)]).fails_with(1, &[s(&missing), "does not exist"]);
+    // Too small to hold a store: the engine's reason comes through.
+    let tiny = f.path("tiny.img");
+    sparse(&tiny, 64 << 10);
+    snapmv(&["format", s(&tiny)]).fails_with(1, &[s(&tiny), "too small"]);
+}
+
+#[test]
+fn bind_defaults_the_id_to_the_file_name() {
+    let f = Fixture::new();
+    snapmv(&["format", s(&f.cow)]).ok();
+    snapmv(&["bind", s(&f.cow), s(&f.origin)]).ok();
+    let second = f.path("second.img");
+    sparse(&second, 4 << 20);
+    snapmv(&["bind", s(&f.cow), s(&second), "--id", "data"]).ok();
+    let v = f.list_json();
+    let mut ids: Vec<&str> = v["origins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["data", "sdb1"]);
+    // Binding an id twice, or a bad id, is refused with the id named.
+    snapmv(&["bind", s(&f.cow), s(&second), "--id", "data"]).fails_with(1, &["data"]);
+    snapmv(&["bind", s(&f.cow), s(&second), "--id", "a@b"]).fails_with(1, &["a@b", "'@'"]);
+    let missing = f.path("missing");
+    snapmv(&["bind", s(&f.cow), s(&missing)]).fails_with(1, &[s(&missing), "does not exist"]);
+    snapmv(&["bind", s(&f.cow), s(&f.cow)]).fails_with(1, &["both the COW device and an origin"]);
+}
+
+/// Every field of `list --json`, with its type.
+fn check_schema(v: &Value) {
+    let top: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut want = vec![
+        "chunk_size",
+        "chunks_total",
+        "chunks_used",
+        "status",
+        "cleaning",
+        "rollback",
+        "origins",
+    ];
+    want.sort();
+    let mut got = top.clone();
+    got.sort();
+    assert_eq!(got, want, "top-level keys");
+    assert!(v["chunk_size"].is_u64());
+    assert!(v["chunks_total"].as_u64().unwrap() > 0);
+    assert!(v["chunks_used"].as_u64().unwrap() <= v["chunks_total"].as_u64().unwrap());
+    assert_eq!(v["status"], "valid");
+    assert!(v["cleaning"].is_boolean());
+    assert!(v["rollback"].is_null() || v["rollback"].is_object());
+    for o in v["origins"].as_array().unwrap() {
+        let mut k: Vec<&str> = o.as_object().unwrap().keys().map(String::as_str).collect();
+        k.sort();
+        assert_eq!(k, ["id", "path", "size", "snapshots"]);
+        assert!(o["id"].is_string() && o["path"].is_string() && o["size"].is_u64());
+        for sn in o["snapshots"].as_array().unwrap() {
+            let mut k: Vec<&str> = sn.as_object().unwrap().keys().map(String::as_str).collect();
+            k.sort();
+            assert_eq!(k, ["created", "memo", "own_chunks", "parent", "tag"]);
+            assert!(sn["tag"].as_u64().unwrap() >= 1);
+            assert!(sn["parent"].is_null() || sn["parent"].is_u64());
+            assert!(sn["memo"].is_string() && sn["own_chunks"].is_u64());
+            check_rfc3339_now(sn["created"].as_str().unwrap());
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ`, and within a day of now (the CLI passes the wall
+/// clock into the engine).
+fn check_rfc3339_now(t: &str) {
+    let b = t.as_bytes();
+    assert_eq!(b.len(), 20, "{t}");
+    for (i, c) in b.iter().enumerate() {
+        match i {
+            4 | 7 => assert_eq!(*c, b'-', "{t}"),
+            10 => assert_eq!(*c, b'T', "{t}"),
+            13 | 16 => assert_eq!(*c, b':', "{t}"),
+            19 => assert_eq!(*c, b'Z', "{t}"),
+            _ => assert!(c.is_ascii_digit(), "{t}"),
+        }
+    }
+    let n = |r: std::ops::Range<usize>| t[r].parse::<i64>().unwrap();
+    let (y, mo, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from civil (Hinnant), to compare with the system clock.
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (if mo > 2 { mo - 3 } else { mo + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((now - secs).abs() < 86_400, "{t} is not near now ({now})");
+}
+
+#[test]
+fn snapshot_prints_the_tag_alone_and_list_shows_it() {
+    let f = Fixture::bound();
+    let r = snapmv(&["snapshot", s(&f.cow), "sdb1", "-m", "snap1"]).ok();
+    assert_eq!(r.stdout, "1\n");
+    assert_eq!(r.stderr, "");
+    let r = snapmv(&["snapshot", s(&f.cow), "sdb1", "--of", "1", "-m", "snap2"]).ok();
+    assert_eq!(r.stdout, "2\n");
+    let r = snapmv(&["snapshot", s(&f.cow), "sdb1", "--memo", "with \"quotes\""]).ok();
+    assert_eq!(r.stdout, "3\n");
+
+    let v = f.list_json();
+    check_schema(&v);
+    assert_eq!(v["chunk_size"], 65536);
+    assert_eq!(v["cleaning"], false);
+    assert_eq!(v["rollback"], Value::Null);
+    let o = &v["origins"][0];
+    assert_eq!(o["id"], "sdb1");
+    assert_eq!(
+        o["path"],
+        std::path::absolute(&f.origin).unwrap().to_str().unwrap()
+    );
+    assert_eq!(o["size"], ORIGIN_SIZE);
+    let snaps = o["snapshots"].as_array().unwrap();
+    let tags: Vec<u64> = snaps.iter().map(|s| s["tag"].as_u64().unwrap()).collect();
+    assert_eq!(tags, [1, 2, 3]);
+    assert_eq!(snaps[0]["parent"], Value::Null);
+    assert_eq!(snaps[0]["memo"], "snap1");
+    assert_eq!(snaps[1]["parent"], 1);
+    assert_eq!(snaps[1]["memo"], "snap2");
+    assert_eq!(snaps[2]["memo"], "with \"quotes\"");
+
+    // The dms-style table.
+    let t = snapmv(&["list", s(&f.cow)]).ok().stdout;
+    let canon = std::fs::canonicalize(&f.cow).unwrap();
+    for needle in [
+        format!("cow-device    : {}", canon.display()),
+        "chunk-size    : 65536 bytes (16 page(s))".to_string(),
+        "versions      : 4 (1 origin(s), 3 snapshot(s))".to_string(),
+        "cow-status    : valid".to_string(),
+        "cleaning      : no".to_string(),
+        "rollbacking   : no".to_string(),
+        "YYYY/MM/DD HH:MM:SS  Tag  Parent  Chunks  Memo".to_string(),
+    ] {
+        assert!(t.contains(&needle), "missing {needle:?} in\n{t}");
+    }
+    assert!(t.contains("used-chunks   : "), "{t}");
+    let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("20")).collect();
+    assert_eq!(rows.len(), 4, "{t}");
+    let cols = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(cols(rows[0])[2..], ["0", ".", "0", "\"ORIGIN\""]);
+    assert_eq!(cols(rows[1])[2..4], ["1", "."]);
+    assert_eq!(cols(rows[1])[5], "\"snap1\"");
+    assert_eq!(cols(rows[2])[2..4], ["2", "1"]);
+    assert_eq!(cols(rows[2])[5], "\"snap2\"");
+    assert!(rows[3].ends_with(r#""with \"quotes\"""#), "{}", rows[3]);
+}
+
+#[test]
+fn delete_and_unbind() {
+    let f = Fixture::bound();
+    for _ in 0..3 {
+        snapmv(&["snapshot", s(&f.cow), "sdb1"]).ok();
+    }
+    snapmv(&["delete", s(&f.cow), "sdb1", "2"]).ok();
+    let tags = |v: &Value| -> Vec<u64> {
+        v["origins"][0]["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["tag"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(tags(&f.list_json()), [1, 3]);
+    snapmv(&["delete", s(&f.cow), "sdb1", "2"]).fails_with(1, &["snapshot 2", "sdb1"]);
+    snapmv(&["delete", s(&f.cow), "nosuch", "1"]).fails_with(1, &["nosuch"]);
+    // Tags are never reused.
+    assert_eq!(snapmv(&["snapshot", s(&f.cow), "sdb1"]).ok().stdout, "4\n");
+    // Unbind is refused while snapshots exist...
+    snapmv(&["unbind", s(&f.cow), "sdb1"]).fails_with(1, &["sdb1", "snapshot"]);
+    for t in ["1", "3", "4"] {
+        snapmv(&["delete", s(&f.cow), "sdb1", t]).ok();
+    }
+    // ...and allowed once they are gone.
+    snapmv(&["unbind", s(&f.cow), "sdb1"]).ok();
+    assert_eq!(f.list_json()["origins"].as_array().unwrap().len(), 0);
+    snapmv(&["unbind", s(&f.cow), "sdb1"]).fails_with(1, &["sdb1"]);
+}
+
+#[test]
+fn bad_arguments_give_clear_errors() {
+    let f = Fixture::bound();
+    snapmv(&["snapshot", s(&f.cow), "sdb1", "--of", "abc"]).fails_with(2, &["'abc'", "tag"]);
+    snapmv(&["delete", s(&f.cow), "sdb1", "0"]).fails_with(2, &["tags start at 1"]);
+    snapmv(&["delete", s(&f.cow), "sdb1", "-3"]).expect_code(2);
+    snapmv(&["rollback", s(&f.cow), "sdb1", "x1"]).fails_with(2, &["'x1'"]);
+    snapmv(&["delete", s(&f.cow), "sdb1", "99"]).fails_with(1, &["99", "sdb1"]);
+    snapmv(&["snapshot", s(&f.cow), "sdb1", "--of", "7"]).fails_with(1, &["7", "sdb1"]);
+    snapmv(&["rollback", s(&f.cow), "sdb1", "5"]).fails_with(1, &["5", "sdb1"]);
+    snapmv(&["snapshot", s(&f.cow), "nosuch"]).fails_with(1, &["nosuch"]);
+    snapmv(&["list", s(&f.cow), "--yaml"]).fails_with(2, &["--yaml"]);
+    snapmv(&["frobnicate"]).expect_code(2);
+    let missing = f.path("missing.img");
+    snapmv(&["list", s(&missing)]).fails_with(1, &[s(&missing), "does not exist"]);
+    snapmv(&["snapshot", s(&missing), "sdb1"]).fails_with(1, &[s(&missing)]);
+    // A file that is not a snapmv store.
+    let junk = f.path("junk.img");
+    write_file_new(&junk, &pattern(7, 1 << 20));
+    snapmv(&["list", s(&junk)]).fails_with(1, &[s(&junk)]);
+    // An origin whose recorded path vanished is named at open.
+    std::fs::rename(&f.origin, f.path("moved")).unwrap();
+    snapmv(&["list", s(&f.cow)]).fails_with(1, &[s(&f.cow), "sdb1"]);
+}
+
+fn write_file_new(p: &std::path::Path, data: &[u8]) {
+    std::fs::write(p, data).unwrap();
+}
+
+#[test]
+fn check_exit_codes() {
+    let f = Fixture::bound();
+    for i in 0..3 {
+        snapmv(&["snapshot", s(&f.cow), "sdb1", "-m", &format!("s{i}")]).ok();
+    }
+    let r = snapmv(&["check", s(&f.cow)]).ok();
+    assert!(r.stdout.contains("clean"), "{}", r.stdout);
+    let r = snapmv(&["check", s(&f.cow), "--json"]).ok();
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["clean"], true);
+    assert_eq!(v["errors"].as_array().unwrap().len(), 0);
+    assert!(v["pages_checked"].as_u64().unwrap() > 0);
+
+    // Not a snapmv device at all: could not read.
+    let junk = f.path("junk.img");
+    write_file_new(&junk, &pattern(3, 4 << 20));
+    snapmv(&["check", s(&junk)]).fails_with(2, &[s(&junk)]);
+    let r = snapmv(&["check", s(&junk), "--json"]).expect_code(2);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["clean"], false);
+
+    // Damage: flip one byte in the middle of each live B+tree page (found
+    // by its header: type leaf/internal and its own block number) and of
+    // the state page, each on a fresh copy of the device.
+    let img = std::fs::read(&f.cow).unwrap();
+    let mut targets = vec![2u64];
+    for (b, page) in img.chunks(4096).enumerate() {
+        let kind = u32::from_le_bytes(page[0..4].try_into().unwrap());
+        let own = u64::from_le_bytes(page[8..16].try_into().unwrap());
+        if (kind == 5 || kind == 6) && own == b as u64 {
+            targets.push(b as u64);
+        }
+    }
+    assert!(targets.len() >= 2, "no B+tree page found in the COW image");
+    for b in targets {
+        let copy = f.path("damaged.img");
+        let mut d = img.clone();
+        d[(b * 4096 + 2049) as usize] ^= 0x10;
+        std::fs::write(&copy, &d).unwrap();
+        let r = snapmv(&["check", s(&copy)]);
+        assert_eq!(
+            r.code, 1,
+            "flipped byte in block {b}: expected exit 1\nstdout: {}\nstderr: {}",
+            r.stdout, r.stderr
+        );
+        let r = snapmv(&["check", s(&copy), "--json"]).expect_code(1);
+        let v: Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(v["clean"], false);
+        assert!(!v["errors"].as_array().unwrap().is_empty());
+    }
+}
+
+/// Hold the lock the way another process would and see every command
+/// refused with the path named, instead of opening the device twice.
+#[test]
+fn exclusive_lock_refuses_a_second_opener() {
+    let f = Fixture::bound();
+    let held = std::fs::File::open(&f.cow).unwrap();
+    // SAFETY: flock on a descriptor owned by this test.
+    let rc = unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(rc, 0);
+    for args in [
+        vec!["snapshot", s(&f.cow), "sdb1"],
+        vec!["list", s(&f.cow)],
+        vec!["format", s(&f.cow), "--force"],
+        vec!["check", s(&f.cow)],
+    ] {
+        snapmv(&args).fails_with(1, &[s(&f.cow), "locked by another process"]);
+    }
+    drop(held);
+    snapmv(&["snapshot", s(&f.cow), "sdb1"]).ok();
+
+    // A shared hold (another `list`) lets readers in but keeps writers out.
+    let held = std::fs::File::open(&f.cow).unwrap();
+    // SAFETY: as above.
+    let rc = unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    assert_eq!(rc, 0);
+    snapmv(&["list", s(&f.cow)]).ok();
+    snapmv(&["delete", s(&f.cow), "sdb1", "1"]).fails_with(1, &["locked"]);
+}

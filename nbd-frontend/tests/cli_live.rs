@@ -1,0 +1,428 @@
+//! `snapmv serve` and live admin: the admin commands reach a running
+//! server through its control socket, give the same output as offline, and
+//! new snapshots are exported at once. Needs libnbd-bin (nbdinfo, nbdcopy).
+
+mod cli_support;
+use cli_support::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+const A: u64 = 0xA1A1_0000_0000_0000;
+const B: u64 = 0xB2B2_0000_0000_0000;
+const C: u64 = 0xC3C3_0000_0000_0000;
+
+/// Fixture whose origin holds pattern A before it is bound.
+fn fixture_with_a() -> Fixture {
+    let f = Fixture::new();
+    write_file(&f.origin, &pattern(A, ORIGIN_SIZE as usize));
+    snapmv(&["format", s(&f.cow)]).ok();
+    snapmv(&["bind", s(&f.cow), s(&f.origin)]).ok();
+    f
+}
+
+fn serve(f: &Fixture, extra: &[&str]) -> Server {
+    let nbd = f.path("nbd.sock");
+    let mut args = vec![s(&f.cow), "--unix", s(&nbd)];
+    args.extend_from_slice(extra);
+    Server::start(f.dir.path(), &args, &f.sock(), &f.path("serve.log"))
+}
+
+/// Write pattern `seed` over the whole export `name`.
+fn nbd_fill(f: &Fixture, name: &str, seed: u64) {
+    let src = f.path(&format!("fill-{seed:x}.bin"));
+    std::fs::write(&src, pattern(seed, ORIGIN_SIZE as usize)).unwrap();
+    nbdcopy(s(&src), &nbd_unix(&f.path("nbd.sock"), name));
+}
+
+/// Read the whole export `name`.
+fn nbd_read(f: &Fixture, name: &str) -> Vec<u8> {
+    let dst = f.path("read.bin");
+    let _ = std::fs::remove_file(&dst);
+    nbdcopy(&nbd_unix(&f.path("nbd.sock"), name), s(&dst));
+    std::fs::read(&dst).unwrap()
+}
+
+#[track_caller]
+fn assert_pattern(data: &[u8], seed: u64, what: &str) {
+    assert_eq!(data.len(), ORIGIN_SIZE as usize, "{what}: size");
+    assert!(
+        data == pattern(seed, data.len()).as_slice(),
+        "{what}: content differs from pattern {seed:#x}"
+    );
+}
+
+fn tools() -> bool {
+    have_tool("nbdinfo") && have_tool("nbdcopy")
+}
+
+#[test]
+fn live_admin_through_the_control_socket() {
+    if !tools() {
+        return;
+    }
+    let f = fixture_with_a();
+    let srv = serve(&f, &[]);
+    let nbd = f.path("nbd.sock");
+    assert_eq!(nbd_list(&nbd_unix(&nbd, "")), ["sdb1"]);
+
+    // Snapshot while serving: the tag alone, and the export is there at once.
+    let r = snapmv(&["snapshot", s(&f.cow), "sdb1", "-m", "live1"]).ok();
+    assert_eq!(r.stdout, "1\n");
+    assert_eq!(nbd_list(&nbd_unix(&nbd, "")), ["sdb1", "sdb1@1"]);
+    let r = snapmv(&["snapshot", s(&f.cow), "sdb1", "--of", "1", "-m", "live2"]).ok();
+    assert_eq!(r.stdout, "2\n");
+    assert_eq!(nbd_list(&nbd_unix(&nbd, "")), ["sdb1", "sdb1@1", "sdb1@2"]);
+    // The memo is the export description.
+    let info = sh("nbdinfo", &["--json", &nbd_unix(&nbd, "sdb1@2")]);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["exports"][0]["description"], "live2", "{info}");
+
+    // list works live, in both forms.
+    let live_json: Value =
+        serde_json::from_str(&snapmv(&["list", s(&f.cow), "--json"]).ok().stdout).unwrap();
+    let snaps = live_json["origins"][0]["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 2);
+    assert_eq!(snaps[1]["parent"], 1);
+    assert_eq!(snaps[1]["memo"], "live2");
+    let live_table = snapmv(&["list", s(&f.cow)]).ok().stdout;
+    assert!(live_table.contains("\"live2\""), "{live_table}");
+
+    // Errors come back as messages and non-zero exits.
+    snapmv(&["delete", s(&f.cow), "sdb1", "9"]).fails_with(1, &["9", "sdb1"]);
+    snapmv(&["snapshot", s(&f.cow), "nosuch"]).fails_with(1, &["nosuch"]);
+
+    // Commands a server cannot run for us are refused, naming its pid.
+    let pid = srv.pid().to_string();
+    for args in [
+        vec!["format", s(&f.cow), "--force"],
+        vec!["unbind", s(&f.cow), "sdb1"],
+        vec!["check", s(&f.cow)],
+    ] {
+        snapmv(&args).fails_with(1, &["in use by a running server", &pid]);
+    }
+    let other = f.path("other");
+    sparse(&other, 1 << 20);
+    snapmv(&["bind", s(&f.cow), s(&other)]).fails_with(1, &["in use by a running server", &pid]);
+    // A second server on the same device is refused too.
+    let r = snapmv_in(
+        Some(f.dir.path()),
+        &["serve", s(&f.cow), "--unix", s(&f.path("nbd2.sock"))],
+    );
+    r.fails_with(1, &[s(&f.cow), "in use by a running server", &pid]);
+
+    // Delete live: the export vanishes.
+    snapmv(&["delete", s(&f.cow), "sdb1", "2"]).ok();
+    assert_eq!(nbd_list(&nbd_unix(&nbd, "")), ["sdb1", "sdb1@1"]);
+
+    let live_json: Value =
+        serde_json::from_str(&snapmv(&["list", s(&f.cow), "--json"]).ok().stdout).unwrap();
+    assert_eq!(srv.stop(), 0, "serve must exit 0 on SIGTERM");
+    assert!(!f.sock().exists(), "control socket left behind");
+    // Offline list shows the same origins and snapshots as the live one.
+    let off = f.list_json();
+    assert_eq!(off["origins"], live_json["origins"]);
+    assert_eq!(off["chunk_size"], live_json["chunk_size"]);
+    assert_eq!(off["chunks_total"], live_json["chunks_total"]);
+    snapmv(&["check", s(&f.cow)]).ok();
+}
+
+/// A snapshot taken live holds exactly what was written before it, is
+/// readable at once, and the origin moves on independently.
+#[test]
+fn live_snapshot_is_usable_at_once() {
+    if !tools() {
+        return;
+    }
+    let f = fixture_with_a();
+    let _srv = serve(&f, &[]);
+    nbd_fill(&f, "sdb1", B);
+    let tag = snapmv(&["snapshot", s(&f.cow), "sdb1"]).ok().stdout;
+    assert_eq!(tag, "1\n");
+    assert_pattern(
+        &nbd_read(&f, "sdb1@1"),
+        B,
+        "snapshot right after it was taken",
+    );
+    nbd_fill(&f, "sdb1", C);
+    assert_pattern(
+        &nbd_read(&f, "sdb1@1"),
+        B,
+        "snapshot after origin overwrite",
+    );
+    assert_pattern(&nbd_read(&f, "sdb1"), C, "origin");
+    // Writes to the snapshot stay in the snapshot.
+    nbd_fill(&f, "sdb1@1", A);
+    assert_pattern(&nbd_read(&f, "sdb1@1"), A, "snapshot after its own write");
+    assert_pattern(&nbd_read(&f, "sdb1"), C, "origin after snapshot write");
+    let v: Value =
+        serde_json::from_str(&snapmv(&["list", s(&f.cow), "--json"]).ok().stdout).unwrap();
+    assert!(v["chunks_used"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn live_rollback_wait() {
+    if !tools() {
+        return;
+    }
+    let f = fixture_with_a();
+    let srv = serve(&f, &[]);
+    snapmv(&["snapshot", s(&f.cow), "sdb1", "-m", "A"]).ok();
+    nbd_fill(&f, "sdb1", B);
+    assert_pattern(&nbd_read(&f, "sdb1"), B, "origin before rollback");
+    let r = snapmv(&["rollback", s(&f.cow), "sdb1", "1", "--wait"]).ok();
+    assert_eq!(r.stdout, "");
+    // Done: no rollback in progress, and the origin shows the snapshot.
+    let v: Value =
+        serde_json::from_str(&snapmv(&["list", s(&f.cow), "--json"]).ok().stdout).unwrap();
+    assert_eq!(v["rollback"], Value::Null, "{v}");
+    assert_pattern(&nbd_read(&f, "sdb1"), A, "origin after rollback");
+    assert_pattern(&nbd_read(&f, "sdb1@1"), A, "snapshot after rollback");
+    assert_eq!(srv.stop(), 0);
+    // After a clean stop the origin file itself holds the content.
+    assert_pattern(
+        &std::fs::read(&f.origin).unwrap(),
+        A,
+        "origin file after stop",
+    );
+    snapmv(&["check", s(&f.cow)]).ok();
+}
+
+#[test]
+fn offline_rollback_wait_drives_the_copier() {
+    if !tools() {
+        return;
+    }
+    let f = fixture_with_a();
+    let srv = serve(&f, &[]);
+    snapmv(&["snapshot", s(&f.cow), "sdb1"]).ok();
+    nbd_fill(&f, "sdb1", B);
+    assert_eq!(srv.stop(), 0);
+    assert_pattern(
+        &std::fs::read(&f.origin).unwrap(),
+        B,
+        "origin file before rollback",
+    );
+    snapmv(&["rollback", s(&f.cow), "sdb1", "1", "--wait"]).ok();
+    assert_eq!(f.list_json()["rollback"], Value::Null);
+    assert_pattern(
+        &std::fs::read(&f.origin).unwrap(),
+        A,
+        "origin file after rollback",
+    );
+    snapmv(&["check", s(&f.cow)]).ok();
+}
+
+#[test]
+fn default_data_dir_on_first_run() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let cow = dir.path().join("snapmv-data/cow.img");
+    let sock = {
+        // The control socket is next to the COW file, which does not exist
+        // yet: derive the path by hand.
+        let d = std::fs::canonicalize(dir.path()).unwrap();
+        d.join("snapmv-data/cow.img.snapmv.sock")
+    };
+    let log = dir.path().join("serve.log");
+    let srv = Server::start(dir.path(), &["--listen", &listen], &sock, &log);
+    assert_eq!(std::fs::metadata(&cow).unwrap().len(), 4 << 30);
+    assert_eq!(
+        std::fs::metadata(dir.path().join("snapmv-data/origin.img"))
+            .unwrap()
+            .len(),
+        1 << 30
+    );
+    let uri = format!("nbd://{listen}");
+    assert_eq!(nbd_list(&uri), ["origin"]);
+    let tag = snapmv_in(
+        Some(dir.path()),
+        &["snapshot", "snapmv-data/cow.img", "origin"],
+    )
+    .ok();
+    assert_eq!(tag.stdout, "1\n");
+    assert_eq!(nbd_list(&uri), ["origin", "origin@1"]);
+    assert_eq!(srv.stop(), 0);
+    // A second run reuses the store instead of formatting it again.
+    let srv = Server::start(dir.path(), &["--listen", &listen], &sock, &log);
+    assert_eq!(nbd_list(&uri), ["origin", "origin@1"]);
+    assert_eq!(srv.stop(), 0);
+}
+
+#[test]
+fn several_cow_devices_in_one_process() {
+    if !tools() {
+        return;
+    }
+    let f = Fixture::bound();
+    let cow2 = f.path("cow2.img");
+    let org2 = f.path("sdc1");
+    sparse(&cow2, COW_SIZE);
+    sparse(&org2, ORIGIN_SIZE);
+    snapmv(&["format", s(&cow2)]).ok();
+    snapmv(&["bind", s(&cow2), s(&org2)]).ok();
+    let nbd = f.path("nbd.sock");
+    let sock2 = {
+        let mut p = std::fs::canonicalize(&cow2).unwrap().into_os_string();
+        p.push(".snapmv.sock");
+        std::path::PathBuf::from(p)
+    };
+    let srv = Server::start(
+        f.dir.path(),
+        &["--cow", s(&f.cow), "--cow", s(&cow2), "--unix", s(&nbd)],
+        &f.sock(),
+        &f.path("serve.log"),
+    );
+    // Both control sockets are up (the first is what start() waited for).
+    assert!(UnixStream::connect(&sock2).is_ok());
+    assert_eq!(nbd_list(&nbd_unix(&nbd, "")), ["sdb1", "sdc1"]);
+    assert_eq!(snapmv(&["snapshot", s(&cow2), "sdc1"]).ok().stdout, "1\n");
+    assert_eq!(snapmv(&["snapshot", s(&f.cow), "sdb1"]).ok().stdout, "1\n");
+    // Each device's control socket only knows its own origins.
+    snapmv(&["snapshot", s(&cow2), "sdb1"]).fails_with(1, &["sdb1"]);
+    assert_eq!(
+        nbd_list(&nbd_unix(&nbd, "")),
+        ["sdb1", "sdb1@1", "sdc1", "sdc1@1"]
+    );
+    assert_eq!(srv.stop(), 0);
+
+    // Origin id clash across devices: refused at start, naming both.
+    let cow3 = f.path("cow3.img");
+    sparse(&cow3, COW_SIZE);
+    snapmv(&["format", s(&cow3)]).ok();
+    let org3 = f.path("x");
+    sparse(&org3, ORIGIN_SIZE);
+    snapmv(&["bind", s(&cow3), s(&org3), "--id", "sdb1"]).ok();
+    let c1 = std::fs::canonicalize(&f.cow).unwrap();
+    let c3 = std::fs::canonicalize(&cow3).unwrap();
+    snapmv_in(
+        Some(f.dir.path()),
+        &[
+            "serve",
+            "--cow",
+            s(&f.cow),
+            "--cow",
+            s(&cow3),
+            "--unix",
+            s(&nbd),
+        ],
+    )
+    .fails_with(1, &["sdb1", s(&c1), s(&c3)]);
+    // The refused start released both devices.
+    snapmv(&["list", s(&f.cow)]).ok();
+    snapmv(&["list", s(&cow3)]).ok();
+}
+
+#[test]
+fn serve_origin_override_and_errors() {
+    if !tools() {
+        return;
+    }
+    let f = fixture_with_a();
+    // Move the origin; --origin points serve at its new place.
+    let moved = f.path("moved");
+    std::fs::rename(&f.origin, &moved).unwrap();
+    let r = snapmv_in(
+        Some(f.dir.path()),
+        &["serve", s(&f.cow), "--unix", s(&f.path("n.sock"))],
+    );
+    r.fails_with(1, &["sdb1", s(&f.origin)]);
+    let ov = format!("sdb1={}", s(&moved));
+    let srv = serve(&f, &["--origin", &ov]);
+    assert_pattern(&nbd_read(&f, "sdb1"), A, "origin served from its new path");
+    assert_eq!(srv.stop(), 0);
+    // An override for an id nobody has is an error, not silently ignored.
+    let r = snapmv_in(
+        Some(f.dir.path()),
+        &[
+            "serve",
+            s(&f.cow),
+            "--unix",
+            s(&f.path("n.sock")),
+            "--origin",
+            &ov,
+            "--origin",
+            "zzz=/dev/null",
+        ],
+    );
+    r.fails_with(1, &["zzz"]);
+    snapmv(&["serve", s(&f.cow), "--origin", "novalue"]).fails_with(2, &["ID=PATH"]);
+    snapmv(&["serve", s(&f.cow), "--listen", "nonsense"]).fails_with(2, &["nonsense"]);
+}
+
+/// Garbage on the control socket gets error replies, never a crash, and
+/// the server keeps answering.
+#[test]
+fn control_socket_survives_malformed_requests() {
+    if !tools() {
+        return;
+    }
+    let f = fixture_with_a();
+    let srv = serve(&f, &[]);
+    let ask = |c: &mut UnixStream, r: &mut BufReader<UnixStream>, line: &[u8]| -> Value {
+        c.write_all(line).unwrap();
+        let mut out = String::new();
+        r.read_line(&mut out).unwrap();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+    };
+    let mut c = UnixStream::connect(f.sock()).unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    for bad in [
+        &b"not json\n"[..],
+        b"{}\n",
+        b"{\"op\":\"format\"}\n",
+        b"{\"op\":\"delete\",\"origin\":\"sdb1\",\"tag\":-1}\n",
+        b"{\"op\":\"snapshot\",\"origin\":5}\n",
+        b"\xff\xfe\n",
+        b"[1,2,3]\n",
+    ] {
+        let v = ask(&mut c, &mut r, bad);
+        assert_eq!(v["reply"], "error", "{v}");
+    }
+    let v = ask(&mut c, &mut r, b"{\"op\":\"hello\"}\n");
+    assert_eq!(v["reply"], "hello");
+    assert_eq!(v["pid"], srv.pid());
+    // An oversized line is refused and that connection closed.
+    let mut big = vec![b'x'; 200 << 10];
+    big.push(b'\n');
+    let mut c2 = UnixStream::connect(f.sock()).unwrap();
+    let _ = c2.write_all(&big);
+    let mut out = String::new();
+    let _ = BufReader::new(c2).read_line(&mut out);
+    assert!(out.contains("longer than"), "{out:?}");
+    // Truncated request then hang-up.
+    let mut c3 = UnixStream::connect(f.sock()).unwrap();
+    c3.write_all(b"{\"op\":\"sna").unwrap();
+    drop(c3);
+    // Still serving.
+    assert_eq!(snapmv(&["snapshot", s(&f.cow), "sdb1"]).ok().stdout, "1\n");
+    assert_eq!(srv.stop(), 0);
+}
+
+/// SIGINT stops the server as cleanly as SIGTERM.
+#[test]
+fn sigint_shuts_down_cleanly() {
+    if !tools() {
+        return;
+    }
+    let f = fixture_with_a();
+    let srv = serve(&f, &[]);
+    nbd_fill(&f, "sdb1", B);
+    assert_eq!(srv.stop_with(libc::SIGINT), 0);
+    assert!(!Path::new(&f.sock()).exists());
+    assert_pattern(
+        &std::fs::read(&f.origin).unwrap(),
+        B,
+        "origin file after SIGINT",
+    );
+    snapmv(&["check", s(&f.cow)]).ok();
+}
