@@ -16,7 +16,11 @@
 //!   new mappings become durable before the mappings do), then writes the
 //!   journal records and flushes again.
 
+mod btree;
+mod check;
 mod imp;
+mod journal;
+mod spacemap;
 
 pub use imp::{check, CheckReport, CheckpointBatch, CommitBatch, Meta};
 
