@@ -182,6 +182,11 @@ pub fn negotiate<B: Backend, R: Read, W: Write>(
                 for name in catalog.list() {
                     let mut d = (name.len() as u32).to_be_bytes().to_vec();
                     d.extend_from_slice(name.as_bytes());
+                    // The text after the name is the export's description
+                    // (nbdinfo --list shows it): the snapshot memo.
+                    if let Some(e) = catalog.open(&name) {
+                        d.extend_from_slice(truncate_str(&e.description, MAX_STRING).as_bytes());
+                    }
                     send(w, option, REP_SERVER, &d)?;
                 }
                 send(w, option, REP_ACK, &[])?;
@@ -225,7 +230,9 @@ pub fn negotiate<B: Backend, R: Read, W: Write>(
                 if requests.contains(&INFO_NAME) {
                     send(w, option, REP_INFO, &info_string(INFO_NAME, &n.name))?;
                 }
-                if requests.contains(&INFO_DESCRIPTION) {
+                // A memo is sent even unasked (clients must ignore info they
+                // do not understand), so e.g. `nbdinfo --list` shows it.
+                if requests.contains(&INFO_DESCRIPTION) || !description.is_empty() {
                     send(
                         w,
                         option,

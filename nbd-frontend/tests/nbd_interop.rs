@@ -1,0 +1,380 @@
+//! Interop: real NBD clients (qemu-io, nbdinfo, nbdcopy, nbdsh, the `nbd`
+//! crate) against the real server over a real engine store.
+
+mod nbd_support;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::time::Duration;
+
+use nbd_support::{run, tool, Harness, Opts};
+
+const T: Duration = Duration::from_secs(60);
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+#[test]
+fn qemu_io_patterns_over_origin_and_snapshots() {
+    let Some(qemu_io) = tool("qemu-io") else {
+        return;
+    };
+    let h = Harness::new(Opts {
+        unix: true,
+        ..Opts::default()
+    });
+    let qio = |export: &str, cmds: &[&str]| {
+        let uri = h.uri(export);
+        let mut args = vec!["-f", "raw"];
+        for c in cmds {
+            args.extend_from_slice(&["-c", c]);
+        }
+        args.push(&uri);
+        let out = run(&qemu_io, &args, T);
+        assert!(
+            out.ok && !out.stdout.contains("fail") && !out.stderr.contains("rror"),
+            "qemu-io {export} {cmds:?}\n{out}"
+        );
+        out
+    };
+    qio(
+        "o",
+        &["write -P 0xaa 0 1M", "write -P 0x11 4M 64k", "flush"],
+    );
+    let s1 = h.snapshot("before bb");
+    qio("o", &["write -P 0xbb 0 256k", "write -z 4M 64k"]);
+    let snap = format!("o@{s1}");
+    qio(
+        &snap,
+        &[
+            "read -P 0xaa 0 1M",
+            "read -P 0x11 4M 64k",
+            "read -P 0 8M 1M",
+        ],
+    );
+    qio(
+        "o",
+        &[
+            "read -P 0xbb 0 256k",
+            "read -P 0xaa 256k 768k",
+            "read -P 0 4M 64k",
+        ],
+    );
+    // Writable snapshot; a FUA write; the origin is not touched by it.
+    qio(
+        &snap,
+        &["write -f -P 0xcc 512k 64k", "read -P 0xcc 512k 64k"],
+    );
+    qio("o", &["read -P 0xaa 512k 64k"]);
+    // Unaligned I/O through the same paths.
+    qio("o", &["write -P 0x5a 1000 3000", "read -P 0x5a 1000 3000"]);
+    // A failed pattern check must be visible to this harness.
+    let uri = h.uri("o");
+    let bad = run(&qemu_io, &["-f", "raw", "-c", "read -P 0x77 0 4k", &uri], T);
+    assert!(bad.stdout.contains("Pattern verification failed"), "{bad}");
+    // The same over the Unix socket.
+    let sock = h.unix.as_ref().unwrap().display().to_string();
+    let unix_uri = format!("nbd+unix:///{snap}?socket={sock}");
+    let out = run(
+        &qemu_io,
+        &["-f", "raw", "-c", "read -P 0xcc 512k 64k", &unix_uri],
+        T,
+    );
+    assert!(out.ok && !out.stdout.contains("fail"), "{out}");
+}
+
+#[test]
+fn nbdinfo_list_size_flags_and_map() {
+    let Some(nbdinfo) = tool("nbdinfo") else {
+        return;
+    };
+    let h = Harness::new(Opts::default());
+    let o = h.store.volume("o", None).unwrap();
+    o.write(0, &vec![0xAA; 1 << 20], false).unwrap();
+    let s1 = h.snapshot("first memo");
+    // Origin overwrites copy the old chunks into the snapshot...
+    o.write(0, &vec![0xBB; 256 << 10], false).unwrap();
+    // ...and a direct write gives the snapshot a chunk of its own.
+    let snap = format!("o@{s1}");
+    let sv = h.store.volume("o", Some(s1)).unwrap();
+    sv.write(1 << 20, &vec![0xCC; 64 << 10], false).unwrap();
+
+    let base = format!("nbd://{}", h.addr);
+    let out = run(&nbdinfo, &["--list", "--json", &base], T);
+    assert!(out.ok, "{out}");
+    assert!(out.stdout.contains("\"export-name\": \"o\""), "{out}");
+    assert!(
+        out.stdout.contains(&format!("\"export-name\": \"{snap}\"")),
+        "{out}"
+    );
+    assert!(out.stdout.contains("first memo"), "{out}");
+
+    let out = run(&nbdinfo, &["--json", &h.uri(&snap)], T);
+    assert!(out.ok, "{out}");
+    let j = &out.stdout;
+    for want in [
+        "\"export-size\": 16777216",
+        "\"can_multi_conn\": true",
+        "\"can_flush\": true",
+        "\"can_fua\": true",
+        "\"can_trim\": true",
+        "\"can_zero\": true",
+        "\"can_fast_zero\": true",
+        "\"is_read_only\": false",
+        "\"block_size_preferred\": 4096",
+        "\"description\": \"first memo\"",
+        "base:allocation",
+    ] {
+        assert!(j.contains(want), "missing {want}\n{out}");
+    }
+
+    // --map tells copied/written ranges (data) from shared ones (hole).
+    let out = run(&nbdinfo, &["--map", &h.uri(&snap)], T);
+    assert!(out.ok, "{out}");
+    let map: Vec<(u64, u64, u32)> = out
+        .stdout
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                f.first()?.parse().ok()?,
+                f.get(1)?.parse().ok()?,
+                f.get(2)?.parse().ok()?,
+            ))
+        })
+        .collect();
+    println!("map of {snap}:\n{}", out.stdout);
+    let kind_at = |off: u64| {
+        map.iter()
+            .find(|(o, l, _)| *o <= off && off < o + l)
+            .map(|e| e.2)
+            .unwrap_or_else(|| panic!("offset {off} not mapped\n{}", out.stdout))
+    };
+    assert_eq!(kind_at(0), 0, "copied by the origin write: data");
+    assert_eq!(kind_at(1 << 20), 0, "written in the snapshot: data");
+    assert_eq!(
+        kind_at(512 << 10) & 1,
+        1,
+        "still shared with the origin: hole"
+    );
+    assert_eq!(kind_at(8 << 20) & 1, 1, "never written: hole");
+    let total: u64 = map.iter().map(|e| e.1).sum();
+    assert_eq!(total, 16 << 20, "the map covers the export");
+    // The origin owns everything in place.
+    let out = run(&nbdinfo, &["--map", &h.uri("o")], T);
+    assert!(
+        out.ok && out.stdout.lines().all(|l| l.contains("data")),
+        "{out}"
+    );
+
+    // Unknown export: a clean failure.
+    let out = run(&nbdinfo, &[&h.uri("nope")], T);
+    assert!(!out.ok, "{out}");
+}
+
+fn sha(data: &[u8]) -> u64 {
+    // FNV-1a over the bytes: enough to compare two copies.
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[test]
+fn nbdcopy_out_of_and_into_snapshots() {
+    let Some(nbdcopy) = tool("nbdcopy") else {
+        return;
+    };
+    let h = Harness::new(Opts::default());
+    let size = 16usize << 20;
+    let o = h.store.volume("o", None).unwrap();
+    let content = pattern(size / 2, 7);
+    o.write(0, &content, false).unwrap();
+    let s1 = h.snapshot("copy me");
+    o.write(0, &vec![0xFF; 4 << 20], false).unwrap();
+    let snap = format!("o@{s1}");
+
+    let file = h.dir.path().join("snap.img");
+    let fs = file.display().to_string();
+    let out = run(&nbdcopy, &["--connections=4", &h.uri(&snap), &fs], T);
+    assert!(out.ok, "{out}");
+    let copied = std::fs::read(&file).unwrap();
+    let mut want = content.clone();
+    want.resize(size, 0);
+    assert_eq!(copied.len(), size);
+    assert_eq!(sha(&copied), sha(&want), "snapshot copy differs");
+
+    // Copy a sparse file into another snapshot: writes plus zeroing.
+    let s2 = h.snapshot("target");
+    let src = h.dir.path().join("src.img");
+    let mut img = vec![0u8; size];
+    img[3 << 20..5 << 20].copy_from_slice(&pattern(2 << 20, 99));
+    std::fs::write(&src, &img).unwrap();
+    let srcs = src.display().to_string();
+    let out = run(&nbdcopy, &[&srcs, &h.uri(&format!("o@{s2}"))], T);
+    assert!(out.ok, "{out}");
+    let back = h.read(&format!("o@{s2}"), 0, size);
+    assert_eq!(sha(&back), sha(&img), "copy into the snapshot differs");
+    // Isolation: the first snapshot and the origin are unchanged.
+    assert_eq!(sha(&h.read(&snap, 0, size)), sha(&want));
+    assert_eq!(h.read("o", 0, 4 << 20), vec![0xFF; 4 << 20]);
+}
+
+#[test]
+fn nbd_crate_client_and_large_requests() {
+    let h = Harness::new(Opts {
+        origin_size: 160 << 20,
+        cow_size: 512 << 20,
+        ..Opts::default()
+    });
+    let mut tcp = nbd_support::connect(h.addr);
+    let export = nbd::client::handshake(&mut tcp, b"o").unwrap();
+    assert_eq!(export.size, 160 << 20);
+    assert!(export.send_flush && export.send_trim && !export.readonly);
+    let mut c = nbd::client::NbdClient::new(&mut tcp, &export);
+    // 48 MiB and 64 MiB single requests are served.
+    for (off, len) in [(0u64, 48usize << 20), (64 << 20, 64 << 20)] {
+        let data = pattern(len, (off >> 20) as u8);
+        c.seek(SeekFrom::Start(off)).unwrap();
+        assert_eq!(c.write(&data).unwrap(), len, "one request");
+        c.flush().unwrap();
+        let mut back = vec![0u8; len];
+        c.seek(SeekFrom::Start(off)).unwrap();
+        assert_eq!(c.read(&mut back).unwrap(), len, "one request");
+        assert!(back == data, "{len} bytes at {off} read back differently");
+    }
+    // Over 64 MiB: refused with an error, and the connection goes on.
+    let mut big = vec![0u8; (64 << 20) + 4096];
+    c.seek(SeekFrom::Start(0)).unwrap();
+    assert!(c.read(&mut big).is_err(), "oversized read refused");
+    c.seek(SeekFrom::Start(0)).unwrap();
+    assert!(c.write(&big).is_err(), "oversized write refused");
+    let mut small = [0u8; 4096];
+    c.seek(SeekFrom::Start(4096)).unwrap();
+    c.read_exact(&mut small).unwrap();
+    assert_eq!(&small[..], &pattern(48 << 20, 0)[4096..8192]);
+    // Beyond the end.
+    c.seek(SeekFrom::Start((160 << 20) - 100)).unwrap();
+    assert_eq!(
+        c.read(&mut small).unwrap(),
+        100,
+        "the client clamps at the end"
+    );
+}
+
+/// Protocol-level negotiation over the real engine, step by step, with
+/// libnbd validating every reply.
+#[test]
+fn nbdsh_negotiation_and_commands() {
+    let Some(nbdsh) = tool("nbdsh") else {
+        return;
+    };
+    let h = Harness::new(Opts::default());
+    let o = h.store.volume("o", None).unwrap();
+    o.write(0, &[0xAB; 65536], false).unwrap();
+    let s1 = h.snapshot("memo: before upgrade");
+    o.write(0, &[0xCD; 65536], false).unwrap();
+    let base = format!("nbd://{}", h.addr);
+    let script = format!(
+        r#"
+h.set_opt_mode(True)
+h.set_request_structured_replies(True)
+h.set_full_info(True)
+h.connect_uri("{base}")
+assert h.get_structured_replies_negotiated()
+names = []
+h.opt_list(lambda n, d: names.append(n) or 0)
+assert names == ["o", "o@{s1}"], names
+h.set_export_name("o@{s1}")
+h.opt_info()
+assert h.get_export_description() == "memo: before upgrade"
+assert h.get_size() == 16 << 20
+assert h.get_canonical_export_name() == "o@{s1}"
+ctx = []
+h.opt_list_meta_context(lambda c: ctx.append(c) or 0)
+assert ctx == ["base:allocation"], ctx
+h.set_export_name("o@999")
+try:
+    h.opt_info()
+    raise SystemExit("unknown export accepted")
+except nbd.Error:
+    pass
+h.set_export_name("o@{s1}")
+h.add_meta_context("base:allocation")
+h.opt_go()
+assert h.can_meta_context("base:allocation") and h.can_multi_conn()
+assert h.pread(65536, 0) == b"\xab" * 65536
+ext = []
+h.block_status(1 << 20, 0, lambda m, o, e, err: ext.extend(e) or 0)
+assert ext[0] == 65536 and ext[1] == 0, ext
+assert ext[3] & 1 == 1, ext
+h.pwrite(b"\x42" * 4096, 8192, nbd.CMD_FLAG_FUA)
+h.zero(4096, 65536 * 3)
+h.trim(4096, 65536 * 5)
+h.flush()
+assert h.pread(4096, 8192) == b"\x42" * 4096
+assert h.pread(4096, 65536 * 3) == bytes(4096)
+try:
+    h.pread(4096, 16 << 20)
+    raise SystemExit("read past end accepted")
+except nbd.Error as e:
+    assert e.errno == "EINVAL", e.errno
+h.shutdown()
+print("ok")
+"#
+    );
+    let out = run(&nbdsh, &["-c", &script], T);
+    assert!(out.ok && out.stdout.contains("ok"), "{out}");
+    assert_eq!(h.read("o", 8192, 4), vec![0xCD; 4], "origin untouched");
+}
+
+#[test]
+fn deleted_snapshot_errors_and_leaves_the_list() {
+    let h = Harness::new(Opts::default());
+    let s1 = h.snapshot("doomed");
+    let name = format!("o@{s1}");
+    let mut tcp = nbd_support::connect(h.addr);
+    let export = nbd::client::handshake(&mut tcp, name.as_bytes()).unwrap();
+    let mut c = nbd::client::NbdClient::new(&mut tcp, &export);
+    let mut buf = [0u8; 4096];
+    c.read_exact(&mut buf).unwrap();
+    h.store.delete("o", s1).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    c.seek(SeekFrom::Start(0)).unwrap();
+    let err = c.read_exact(&mut buf).unwrap_err();
+    assert!(err.to_string().contains("other error"), "ESHUTDOWN: {err}");
+    // A new connection cannot open it, and the list no longer has it.
+    let mut tcp2 = nbd_support::connect(h.addr);
+    assert!(nbd::client::handshake(&mut tcp2, name.as_bytes()).is_err());
+    if let Some(nbdinfo) = tool("nbdinfo") {
+        let out = run(&nbdinfo, &["--list", &format!("nbd://{}", h.addr)], T);
+        assert!(out.ok && !out.stdout.contains(&name), "{out}");
+    }
+}
+
+#[test]
+fn read_only_server_refuses_writes() {
+    let Some(qemu_io) = tool("qemu-io") else {
+        return;
+    };
+    let h = Harness::new(Opts {
+        read_only: true,
+        ..Opts::default()
+    });
+    let uri = h.uri("o");
+    let out = run(
+        &qemu_io,
+        &["-f", "raw", "-r", "-c", "read -P 0 0 64k", &uri],
+        T,
+    );
+    assert!(out.ok && !out.stdout.contains("fail"), "{out}");
+    // nbd crate: the flag is set, and a write gets EPERM.
+    let mut tcp = nbd_support::connect(h.addr);
+    let export = nbd::client::handshake(&mut tcp, b"o").unwrap();
+    assert!(export.readonly);
+    let mut c = nbd::client::NbdClient::new(&mut tcp, &export);
+    let err = c.write(&[1u8; 512]).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    assert_eq!(h.read("o", 0, 512), vec![0; 512]);
+}
