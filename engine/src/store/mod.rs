@@ -2,6 +2,139 @@
 //! data path). See ARCHITECTURE.md for the protocol and its invariants.
 
 mod api;
+mod background;
+mod check;
+mod commit;
+mod inner;
+mod io;
+pub(crate) mod locks;
+pub mod records;
+
 pub use api::*;
-mod stub;
-pub use stub::{Store, Volume};
+pub use check::check;
+pub use io::Volume;
+
+use crate::error::Result;
+use crate::sync::{self, Arc};
+use inner::Inner;
+
+/// A COW device with its origins. Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl Store {
+    /// Format `cow` as an empty store.
+    pub fn format(cow: Dev, opts: &FormatOptions) -> Result<Store> {
+        Ok(Store {
+            inner: Arc::new(Inner::format(cow, opts)?),
+        })
+    }
+
+    /// Open an existing store; `origins` supplies each bound origin's device.
+    /// Replays the journal; cleaning and rollback resume with `step_background`.
+    pub fn open(cow: Dev, origins: OriginResolver<'_>) -> Result<Store> {
+        Ok(Store {
+            inner: Arc::new(Inner::open(cow, origins, false)?),
+        })
+    }
+
+    /// Open read-only (for `list` and `check` while offline): nothing is written.
+    pub fn open_read_only(cow: Dev, origins: OriginResolver<'_>) -> Result<Store> {
+        Ok(Store {
+            inner: Arc::new(Inner::open(cow, origins, true)?),
+        })
+    }
+
+    /// Bind an origin device under `id`; `path` is recorded for later opens.
+    pub fn bind(&self, id: &str, path: &str, dev: Dev, now: i64) -> Result<()> {
+        self.inner.bind(id, path, dev, now)
+    }
+
+    /// Unbind; refused while the origin has snapshots.
+    pub fn unbind(&self, id: &str) -> Result<()> {
+        self.inner.unbind(id)
+    }
+
+    /// Snapshot the origin (`of == None`) or snapshot `of`. Returns the new
+    /// tag. Durable when it returns; every write that completed before the
+    /// call is in the snapshot and durable, none that starts after it is.
+    pub fn snapshot(&self, id: &str, of: Option<u64>, memo: &str, now: i64) -> Result<u64> {
+        self.inner.snapshot(id, of, memo, now)
+    }
+
+    /// Delete a snapshot: instant; the cleaner frees its chunks later.
+    pub fn delete(&self, id: &str, tag: u64) -> Result<()> {
+        self.inner.delete(id, tag)
+    }
+
+    /// Roll snapshot `tag` back onto its origin. The origin shows the
+    /// snapshot's content at once; `step_background` finishes the copy.
+    pub fn rollback(&self, id: &str, tag: u64) -> Result<()> {
+        self.inner.rollback(id, tag)
+    }
+
+    pub fn status(&self) -> Status {
+        self.inner.status()
+    }
+
+    /// Every live version, origin first, then snapshots by tag.
+    pub fn versions(&self) -> Vec<VersionId> {
+        let mut out = Vec::new();
+        for o in sync::read(&self.inner.origins).values() {
+            out.push(VersionId {
+                origin: o.rec.id.clone(),
+                tag: None,
+            });
+            let tree = sync::read(&o.tree);
+            let mut tags: Vec<u64> = tree
+                .tags
+                .keys()
+                .copied()
+                .filter(|t| inner::visible(&tree, *t))
+                .collect();
+            tags.sort_unstable();
+            out.extend(tags.into_iter().map(|t| VersionId {
+                origin: o.rec.id.clone(),
+                tag: Some(t),
+            }));
+        }
+        out
+    }
+
+    pub fn volume(&self, id: &str, tag: Option<u64>) -> Result<Volume> {
+        let o = self.inner.origin_by_id(id)?;
+        if let Some(t) = tag {
+            if !inner::visible(&sync::read(&o.tree), t) {
+                return Err(inner::no_snap(id, t));
+            }
+        }
+        Ok(Volume {
+            inner: self.inner.clone(),
+            o,
+            tag,
+        })
+    }
+
+    /// Advance the cleaner and the rollback copier by at most `budget` chunks.
+    pub fn step_background(&self, budget: usize) -> Result<StepReport> {
+        self.inner.step_background(budget)
+    }
+
+    /// Make every completed write and metadata change durable.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.sync_all()
+    }
+
+    /// Flush everything; afterwards the origin devices hold exactly the
+    /// origins' content.
+    pub fn close(self) -> Result<()> {
+        self.inner.close()
+    }
+
+    /// Chunk-lock table entries in use (zero when idle; for tests).
+    pub fn lock_entries(&self) -> usize {
+        self.inner.locks.entries()
+    }
+}

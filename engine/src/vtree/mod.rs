@@ -42,6 +42,8 @@ pub struct Node {
     pub tag: u64,
     /// A leaf the user deleted. It stays until the cleaner has removed its exceptions.
     pub deleted: bool,
+    /// An internal leaf (a rollback's frozen source): never listed or exported.
+    pub hidden: bool,
     /// Set once the node is dead or merging; `flag_gen` is the cleaner
     /// generation current at that moment.
     pub flagged: bool,
@@ -65,6 +67,7 @@ impl Node {
             kind,
             tag: 0,
             deleted: false,
+            hidden: false,
             flagged: false,
             flag_gen: 0,
             parent_tag: None,

@@ -1,0 +1,197 @@
+//! Background work, advanced only by explicit calls (the engine starts no
+//! threads): the rollback copier and the cleaner. Each unit of work is one
+//! chunk, done under that chunk's lock, and its progress (cursor) is in the
+//! app state, so any step may be the last before a crash.
+
+use super::inner::{Inner, OriginRt};
+use super::io::{rb_pending, Volume};
+use super::records::{exc_key, split_key};
+use crate::error::{Error, Result};
+use crate::meta::Tree;
+use crate::store::api::StepReport;
+use crate::sync::{self, Arc, Ordering};
+use crate::vtree::{CleanAction, NodeId, MAX_NODE, RB_MARK};
+use std::collections::HashMap;
+
+impl Inner {
+    pub fn step_background(self: &Arc<Self>, budget: usize) -> Result<StepReport> {
+        if self.read_only {
+            return Ok(StepReport::default());
+        }
+        self.check_ok()?;
+        let mut work = self.rollback_steps(budget)?;
+        if work < budget {
+            work += self.clean_steps(budget - work)?;
+        }
+        self.maybe_commit()?;
+        let more = {
+            let md = sync::lock(&self.md);
+            md.app.rollback.is_some() || md.app.clean_pass.is_some()
+        } || self.any_flagged();
+        Ok(StepReport { work, more })
+    }
+
+    fn any_flagged(&self) -> bool {
+        sync::read(&self.origins)
+            .values()
+            .any(|o| sync::read(&o.tree).has_flagged())
+    }
+
+    fn rollback_steps(self: &Arc<Self>, budget: usize) -> Result<usize> {
+        let Some(rb) = sync::lock(&self.md).app.rollback else {
+            return Ok(0);
+        };
+        let o = self
+            .origin_by_num(rb.origin)
+            .ok_or_else(|| Error::Corrupt {
+                block: 0,
+                kind: "app state",
+                reason: format!("rollback onto unbound origin number {}", rb.origin),
+            })?;
+        let vol = Volume {
+            inner: self.clone(),
+            o: o.clone(),
+            tag: None,
+        };
+        let mut done = 0;
+        while done < budget {
+            let _g = sync::read(&o.gate);
+            let Some(rb) = sync::lock(&self.md).app.rollback else {
+                break;
+            };
+            if rb.cursor >= rb.total {
+                // Done: drop the frozen source; the cleaner reclaims what only it held.
+                let mut tree = sync::write(&o.tree);
+                let mut md = sync::lock(&self.md);
+                let ch = tree.delete(rb.src, md.app.clean_gen)?;
+                md.apply_changes(o.num, &tree, &ch)?;
+                md.app.rollback = None;
+                md.save_app()?;
+                o.rb_active.store(false, Ordering::Release);
+                break;
+            }
+            let c = rb.cursor;
+            let _l = self.locks.exclusive(o.num, c);
+            let pending = rb_pending(&mut sync::lock(&self.md), o.num, c)?.is_some();
+            if pending {
+                vol.copy_rollback_chunk(c)?;
+            }
+            let mut md = sync::lock(&self.md);
+            md.del_exc(o.num, c, RB_MARK)?;
+            if let Some(r) = md.app.rollback.as_mut() {
+                r.cursor = c + 1;
+            }
+            md.save_app()?;
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    fn clean_steps(&self, budget: usize) -> Result<usize> {
+        let mut done = 0;
+        let mut needs: HashMap<(u64, u32), bool> = HashMap::new();
+        // Bounded: every iteration either does one unit of work or skips a
+        // whole origin (at most once per origin per call).
+        for _ in 0..budget.saturating_mul(2) + 64 {
+            if done >= budget {
+                break;
+            }
+            let pass = sync::lock(&self.md).app.clean_pass;
+            let Some((pass_gen, cursor)) = pass else {
+                if !self.any_flagged() {
+                    break;
+                }
+                let mut md = sync::lock(&self.md);
+                md.app.clean_gen += 1;
+                md.app.clean_pass = Some((md.app.clean_gen, 0));
+                md.save_app()?;
+                done += 1;
+                continue;
+            };
+            let next = sync::lock(&self.md)
+                .meta
+                .seek(Tree::Exceptions, cursor, u128::MAX)?;
+            let Some((key, _)) = next else {
+                self.finish_pass(pass_gen)?;
+                done += 1;
+                continue;
+            };
+            let (onum, chunk, _) = split_key(key);
+            let o = self.origin_by_num(onum);
+            let wanted = *needs.entry((pass_gen, onum)).or_insert_with(|| {
+                o.as_ref().is_some_and(|o| {
+                    sync::read(&o.tree)
+                        .nodes
+                        .values()
+                        .any(|n| n.flagged && n.flag_gen < pass_gen)
+                })
+            });
+            let next_cursor = match (wanted, o) {
+                (true, Some(o)) => {
+                    self.clean_chunk(&o, chunk, pass_gen)?;
+                    done += 1;
+                    exc_key(onum, chunk + 1, 0)
+                }
+                // Nothing to clean in this origin: skip all of it.
+                _ => match onum.checked_add(1) {
+                    Some(n) => exc_key(n, 0, 0),
+                    None => u128::MAX,
+                },
+            };
+            let mut md = sync::lock(&self.md);
+            md.app.clean_pass = Some((pass_gen, next_cursor));
+            md.save_app()?;
+        }
+        Ok(done)
+    }
+
+    fn clean_chunk(&self, o: &OriginRt, c: u64, pass_gen: u64) -> Result<()> {
+        let _g = sync::read(&o.gate);
+        let _l = self.locks.exclusive(o.num, c);
+        let tree = sync::read(&o.tree);
+        let mut md = sync::lock(&self.md);
+        let lo = exc_key(o.num, c, 0);
+        let hi = exc_key(o.num, c, MAX_NODE);
+        let mut exc: Vec<(NodeId, u64)> = Vec::new();
+        for (k, v) in md.meta.range(Tree::Exceptions, lo, hi, usize::MAX)? {
+            let node = split_key(k).2;
+            if node != RB_MARK {
+                exc.push((node, super::inner::val_u64(&v)?));
+            }
+        }
+        for a in tree.clean_chunk(&exc, pass_gen) {
+            match a {
+                CleanAction::Free { node, val } => {
+                    md.del_exc(o.num, c, node)?;
+                    md.free_val(val)?;
+                }
+                CleanAction::Move { from, to, val } => {
+                    md.del_exc(o.num, c, from)?;
+                    if md.put_exc(o.num, c, to, val)?.is_some() {
+                        return Err(Error::Corrupt {
+                            block: 0,
+                            kind: "exception index",
+                            reason: format!(
+                                "cleaner moved chunk {c} onto an existing exception of {to:#x}"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_pass(&self, pass_gen: u64) -> Result<()> {
+        let origins: Vec<Arc<OriginRt>> = sync::read(&self.origins).values().cloned().collect();
+        for o in origins {
+            let _g = sync::write(&o.gate);
+            let mut tree = sync::write(&o.tree);
+            let ch = tree.finish_pass(pass_gen);
+            sync::lock(&self.md).apply_changes(o.num, &tree, &ch)?;
+        }
+        let mut md = sync::lock(&self.md);
+        md.app.clean_pass = None;
+        md.save_app()
+    }
+}

@@ -1,0 +1,65 @@
+//! Group commit: many writers that need durability share one commit, so one
+//! pair of flushes serves every copy pending at that moment.
+//!
+//! Each metadata change bumps a generation number under the meta lock. A
+//! writer that needs its change durable asks for that generation; if no
+//! commit is running it becomes the committer for everything pending,
+//! otherwise it waits for one that covers it.
+
+use crate::error::{Error, Result};
+use crate::sync::{self, Condvar, Mutex};
+
+#[derive(Default)]
+struct State {
+    /// Highest generation known durable.
+    done: u64,
+    running: bool,
+    failed: Option<String>,
+}
+
+#[derive(Default)]
+pub struct GroupCommit {
+    st: Mutex<State>,
+    cv: Condvar,
+}
+
+impl GroupCommit {
+    /// Return once generation `want` is durable. `commit_once` performs one
+    /// commit and returns the generation it covered.
+    pub fn sync(&self, want: u64, commit_once: impl Fn() -> Result<u64>) -> Result<()> {
+        let mut st = sync::lock(&self.st);
+        // Bounded: each round either finishes a commit or waits for one.
+        loop {
+            if let Some(f) = &st.failed {
+                return Err(Error::Poisoned(f.clone()));
+            }
+            if st.done >= want {
+                return Ok(());
+            }
+            if st.running {
+                st = sync::wait(&self.cv, st);
+                continue;
+            }
+            st.running = true;
+            drop(st);
+            let r = commit_once();
+            st = sync::lock(&self.st);
+            st.running = false;
+            match r {
+                Ok(gen) => st.done = st.done.max(gen),
+                Err(e) => st.failed = Some(e.to_string()),
+            }
+            self.cv.notify_all();
+        }
+    }
+
+    pub fn failed(&self) -> Option<String> {
+        sync::lock(&self.st).failed.clone()
+    }
+
+    pub fn fail(&self, why: String) {
+        let mut st = sync::lock(&self.st);
+        st.failed.get_or_insert(why);
+        self.cv.notify_all();
+    }
+}

@@ -1,0 +1,696 @@
+//! Shared state of one open store, open/format, and the admin operations.
+//!
+//! Lock order, outermost first (never taken in another order):
+//! `admin` -> origin `gate` -> chunk locks -> origin `tree` -> `md`.
+//! The `md` (metadata) mutex is never held across a commit's I/O.
+
+use super::commit::GroupCommit;
+use super::locks::ChunkLocks;
+use super::records::*;
+use crate::error::{Error, Result};
+use crate::meta::{FormatOptions, Geometry, Meta, Tree, ZERO_CHUNK};
+use crate::store::api::*;
+use crate::sync::{self, Arc, AtomicBool, Mutex, Ordering, RwLock};
+use crate::vtree::{self, ExcView, Node, NodeId, VTree, SPINE_BIT};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Commit early once a transaction dirties this many pages, so one
+/// transaction always fits the journal.
+pub const DIRTY_LIMIT: usize = 256;
+
+pub struct OriginRt {
+    pub num: u32,
+    pub rec: OriginRec,
+    pub dev: Dev,
+    /// Data ops hold it shared; snapshot/delete/rollback-start exclusive.
+    pub gate: RwLock<()>,
+    pub tree: RwLock<VTree>,
+    /// Written since the last commit flushed it.
+    pub dirty: AtomicBool,
+    pub bound: AtomicBool,
+    /// A rollback onto this origin is running (fast path for origin reads).
+    pub rb_active: AtomicBool,
+}
+
+impl OriginRt {
+    pub fn chunks(&self, chunk_size: u64) -> u64 {
+        self.rec.size.div_ceil(chunk_size)
+    }
+}
+
+/// Everything under the metadata mutex.
+pub struct Md {
+    pub meta: Meta<Dev>,
+    pub own: HashMap<NodeId, u64>,
+    pub own_dirty: HashSet<NodeId>,
+    /// Bumped by every change; group commit waits on it.
+    pub gen: u64,
+    pub app: AppState,
+}
+
+pub struct Inner {
+    pub cow: Dev,
+    pub geo: Geometry,
+    pub md: Mutex<Md>,
+    pub origins: RwLock<BTreeMap<u32, Arc<OriginRt>>>,
+    pub locks: ChunkLocks,
+    pub gc: GroupCommit,
+    pub read_only: bool,
+    /// Serialises admin operations store-wide (ids, tags, rollback checks).
+    pub admin: Mutex<()>,
+}
+
+/// An `ExcView` over one origin's exceptions in the B+tree.
+pub struct MdView<'a> {
+    pub md: &'a mut Md,
+    pub origin: u32,
+}
+
+impl ExcView for MdView<'_> {
+    fn get(&mut self, chunk: u64, node: NodeId) -> Result<Option<u64>> {
+        self.md
+            .meta
+            .get_u64(Tree::Exceptions, exc_key(self.origin, chunk, node))
+    }
+    fn seek_spine(&mut self, chunk: u64, from: NodeId) -> Result<Option<(NodeId, u64)>> {
+        let lo = exc_key(self.origin, chunk, from.max(SPINE_BIT));
+        let hi = exc_key(self.origin, chunk, vtree::MAX_NODE);
+        match self.md.meta.seek(Tree::Exceptions, lo, hi)? {
+            Some((k, v)) => Ok(Some((split_key(k).2, val_u64(&v)?))),
+            None => Ok(None),
+        }
+    }
+}
+
+pub fn val_u64(v: &[u8]) -> Result<u64> {
+    let a: [u8; 8] = v.try_into().map_err(|_| Error::Corrupt {
+        block: 0,
+        kind: "exception",
+        reason: format!("value of {} bytes", v.len()),
+    })?;
+    Ok(u64::from_le_bytes(a))
+}
+
+impl Md {
+    pub fn view(&mut self, origin: u32) -> MdView<'_> {
+        MdView { md: self, origin }
+    }
+
+    pub fn bump(&mut self) -> u64 {
+        self.gen += 1;
+        self.gen
+    }
+
+    pub fn get_exc(&mut self, o: u32, c: u64, n: NodeId) -> Result<Option<u64>> {
+        self.meta.get_u64(Tree::Exceptions, exc_key(o, c, n))
+    }
+
+    /// Map (o, c, n) -> val; returns the value it replaced.
+    pub fn put_exc(&mut self, o: u32, c: u64, n: NodeId, val: u64) -> Result<Option<u64>> {
+        let prev = self.get_exc(o, c, n)?;
+        self.meta
+            .insert(Tree::Exceptions, exc_key(o, c, n), &val.to_le_bytes())?;
+        if prev.is_none() && n != vtree::RB_MARK {
+            *self.own.entry(n).or_insert(0) += 1;
+            self.own_dirty.insert(n);
+        }
+        self.bump();
+        Ok(prev)
+    }
+
+    pub fn del_exc(&mut self, o: u32, c: u64, n: NodeId) -> Result<Option<u64>> {
+        let prev = self.get_exc(o, c, n)?;
+        if prev.is_some() {
+            self.meta.remove(Tree::Exceptions, exc_key(o, c, n))?;
+            if n != vtree::RB_MARK {
+                let e = self.own.entry(n).or_insert(0);
+                *e = e.saturating_sub(1);
+                self.own_dirty.insert(n);
+            }
+            self.bump();
+        }
+        Ok(prev)
+    }
+
+    pub fn free_val(&mut self, val: u64) -> Result<()> {
+        if val != ZERO_CHUNK {
+            self.meta.free_chunk(val)?;
+        }
+        Ok(())
+    }
+
+    pub fn save_app(&mut self) -> Result<()> {
+        let b = encode_app(&self.app);
+        self.meta.set_app_state(&b)?;
+        self.bump();
+        Ok(())
+    }
+
+    pub fn put_node(&mut self, origin: u32, n: &Node) -> Result<()> {
+        let own = self.own.get(&n.id).copied().unwrap_or(0);
+        self.meta
+            .insert(Tree::Nodes, u128::from(n.id), &encode_node(origin, n, own))?;
+        self.own_dirty.remove(&n.id);
+        self.bump();
+        Ok(())
+    }
+
+    pub fn apply_changes(&mut self, origin: u32, tree: &VTree, ch: &vtree::Changes) -> Result<()> {
+        for id in &ch.removed {
+            self.meta.remove(Tree::Nodes, u128::from(*id))?;
+            self.own.remove(id);
+            self.own_dirty.remove(id);
+        }
+        for id in &ch.updated {
+            if let Some(n) = tree.nodes.get(id) {
+                self.put_node(origin, n)?;
+            }
+        }
+        self.bump();
+        Ok(())
+    }
+
+    /// Write the own-chunk counters changed since the last commit into
+    /// their node records.
+    fn flush_own(&mut self) -> Result<()> {
+        let ids: Vec<NodeId> = self.own_dirty.drain().collect();
+        for id in ids {
+            if let Some(mut rec) = self.meta.get(Tree::Nodes, u128::from(id))? {
+                let own = self.own.get(&id).copied().unwrap_or(0);
+                rec[OWN_AT..OWN_AT + 8].copy_from_slice(&own.to_le_bytes());
+                self.meta.insert(Tree::Nodes, u128::from(id), &rec)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn next_node(&mut self) -> Result<u64> {
+        let id = self.app.next_node;
+        if id > vtree::MAX_PLAIN {
+            return Err(Error::Invalid("node ids exhausted".into()));
+        }
+        self.app.next_node += 1;
+        Ok(id)
+    }
+}
+
+fn now_ok(created: i64) -> i64 {
+    created.max(0)
+}
+
+impl Inner {
+    pub fn chunk_size(&self) -> u64 {
+        u64::from(self.geo.chunk_size)
+    }
+
+    pub fn check_ok(&self) -> Result<()> {
+        match self.gc.failed() {
+            Some(f) => Err(Error::Poisoned(f)),
+            None => Ok(()),
+        }
+    }
+
+    pub fn check_writable(&self) -> Result<()> {
+        self.check_ok()?;
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// One commit: own counters into records, origin data flushed, then the
+    /// journal (which flushes the COW device first). Returns the generation
+    /// it covers.
+    pub fn commit_once(&self) -> Result<u64> {
+        let (batch, gen) = {
+            let mut md = sync::lock(&self.md);
+            md.flush_own()?;
+            let gen = md.gen;
+            (md.meta.begin_commit()?, gen)
+        };
+        // Origin data written before its metadata (rollback marks and
+        // cursors) must be durable before that metadata is.
+        for o in sync::read(&self.origins).values() {
+            if o.dirty.swap(false, Ordering::AcqRel) {
+                o.dev.flush()?;
+            }
+        }
+        match batch {
+            Some(b) => {
+                b.write()?;
+                sync::lock(&self.md).meta.end_commit(b)?;
+            }
+            None => self.cow.flush()?,
+        }
+        let cp = sync::lock(&self.md).meta.begin_checkpoint()?;
+        if let Some(cp) = cp {
+            cp.write()?;
+            sync::lock(&self.md).meta.end_checkpoint(cp)?;
+        }
+        Ok(gen)
+    }
+
+    /// Make generation `want` durable (group commit).
+    pub fn sync_gen(&self, want: u64) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.gc.sync(want, || self.commit_once())
+    }
+
+    /// Make everything completed so far durable, devices included.
+    pub fn sync_all(&self) -> Result<()> {
+        self.check_ok()?;
+        let want = sync::lock(&self.md).bump();
+        self.sync_gen(want)
+    }
+
+    /// Commit early if the open transaction grew large.
+    pub fn maybe_commit(&self) -> Result<()> {
+        let want = {
+            let md = sync::lock(&self.md);
+            (md.meta.dirty_pages() > DIRTY_LIMIT).then_some(md.gen)
+        };
+        match want {
+            Some(w) => self.sync_gen(w),
+            None => Ok(()),
+        }
+    }
+
+    pub fn origin_by_id(&self, id: &str) -> Result<Arc<OriginRt>> {
+        sync::read(&self.origins)
+            .values()
+            .find(|o| o.rec.id == id)
+            .cloned()
+            .ok_or_else(|| Error::NoSuchOrigin(id.to_string()))
+    }
+
+    pub fn origin_by_num(&self, num: u32) -> Option<Arc<OriginRt>> {
+        sync::read(&self.origins).get(&num).cloned()
+    }
+
+    pub fn format(cow: Dev, opts: &FormatOptions) -> Result<Inner> {
+        let mut meta = Meta::format(cow.clone(), opts)?;
+        let app = decode_app(&[])?;
+        meta.set_app_state(&encode_app(&app))?;
+        meta.commit()?;
+        Ok(Self::assemble(
+            cow,
+            meta,
+            app,
+            HashMap::new(),
+            BTreeMap::new(),
+            false,
+        ))
+    }
+
+    fn assemble(
+        cow: Dev,
+        meta: Meta<Dev>,
+        app: AppState,
+        own: HashMap<NodeId, u64>,
+        origins: BTreeMap<u32, Arc<OriginRt>>,
+        read_only: bool,
+    ) -> Inner {
+        let geo = meta.geometry();
+        Inner {
+            cow,
+            geo,
+            md: Mutex::new(Md {
+                meta,
+                own,
+                own_dirty: HashSet::new(),
+                gen: 0,
+                app,
+            }),
+            origins: RwLock::new(origins),
+            locks: ChunkLocks::default(),
+            gc: GroupCommit::default(),
+            read_only,
+            admin: Mutex::new(()),
+        }
+    }
+
+    pub fn open(cow: Dev, resolve: OriginResolver<'_>, read_only: bool) -> Result<Inner> {
+        let mut meta = if read_only {
+            Meta::open_read_only(cow.clone())?
+        } else {
+            Meta::open(cow.clone())?
+        };
+        let app = decode_app(meta.app_state())?;
+        let mut per_origin: BTreeMap<u32, Vec<Node>> = BTreeMap::new();
+        let mut own = HashMap::new();
+        for (k, v) in scan(&mut meta, Tree::Nodes)? {
+            let id = k as u64;
+            let (o, n, c) = decode_node(id, &v)?;
+            own.insert(id, c);
+            per_origin.entry(o).or_default().push(n);
+        }
+        let geo = meta.geometry();
+        let mut origins = BTreeMap::new();
+        for (_, v) in scan(&mut meta, Tree::Origins)? {
+            let rec = decode_origin(&v)?;
+            let dev = resolve(&rec.id, &rec.path)?;
+            if dev.size() < rec.size {
+                return Err(Error::Invalid(format!(
+                    "origin {} ({}) is {} bytes, smaller than the {} bound",
+                    rec.id,
+                    rec.path,
+                    dev.size(),
+                    rec.size
+                )));
+            }
+            let tree = VTree::from_records(per_origin.remove(&rec.num).unwrap_or_default())?;
+            origins.insert(rec.num, Arc::new(new_origin(rec, dev, tree)));
+        }
+        if let Some((num, _)) = per_origin.into_iter().next() {
+            return Err(Error::Corrupt {
+                block: 0,
+                kind: "node record",
+                reason: format!("nodes of origin number {num}, which is not bound"),
+            });
+        }
+        let _ = geo;
+        if let Some(rb) = app.rollback {
+            match origins.get(&rb.origin) {
+                Some(o) => o.rb_active.store(true, Ordering::Release),
+                None => {
+                    return Err(Error::Corrupt {
+                        block: 0,
+                        kind: "app state",
+                        reason: format!(
+                            "rollback onto origin number {}, which is not bound",
+                            rb.origin
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(Self::assemble(cow, meta, app, own, origins, read_only))
+    }
+
+    pub fn bind(&self, id: &str, path: &str, dev: Dev, now: i64) -> Result<()> {
+        self.check_writable()?;
+        validate_id(id)?;
+        if path.len() > PATH_MAX {
+            return Err(Error::Invalid(format!(
+                "origin path longer than {PATH_MAX} bytes: {path}"
+            )));
+        }
+        let size = dev.size();
+        if size == 0 || size.div_ceil(self.chunk_size()) >= 1 << 48 {
+            return Err(Error::Invalid(format!(
+                "origin {id} ({path}) has unusable size {size}"
+            )));
+        }
+        let _a = sync::lock(&self.admin);
+        if self.origin_by_id(id).is_ok() {
+            return Err(Error::OriginExists(id.to_string()));
+        }
+        let gen = {
+            let mut md = sync::lock(&self.md);
+            let num = md.app.next_origin;
+            md.app.next_origin = num
+                .checked_add(1)
+                .ok_or_else(|| Error::Invalid("origin numbers exhausted".into()))?;
+            let rec = OriginRec {
+                num,
+                size,
+                created: now_ok(now),
+                id: id.to_string(),
+                path: path.to_string(),
+            };
+            md.meta
+                .insert(Tree::Origins, u128::from(num), &encode_origin(&rec))?;
+            md.save_app()?;
+            sync::write(&self.origins)
+                .insert(num, Arc::new(new_origin(rec, dev, VTree::default())));
+            md.gen
+        };
+        self.sync_gen(gen)
+    }
+
+    pub fn unbind(&self, id: &str) -> Result<()> {
+        self.check_writable()?;
+        let _a = sync::lock(&self.admin);
+        let o = self.origin_by_id(id)?;
+        let _g = sync::write(&o.gate);
+        let count = sync::read(&o.tree).tags.len() as u64; // hidden leaves count too
+        if count > 0 {
+            return Err(Error::HasSnapshots {
+                origin: id.to_string(),
+                count,
+            });
+        }
+        if !sync::read(&o.tree).nodes.is_empty() {
+            return Err(Error::Busy(format!(
+                "origin {id}: deleted snapshots are still being cleaned; try again later"
+            )));
+        }
+        let gen = {
+            let mut md = sync::lock(&self.md);
+            md.meta.remove(Tree::Origins, u128::from(o.num))?;
+            o.bound.store(false, Ordering::Release);
+            sync::write(&self.origins).remove(&o.num);
+            md.bump()
+        };
+        self.sync_gen(gen)
+    }
+
+    pub fn snapshot(&self, id: &str, of: Option<u64>, memo: &str, now: i64) -> Result<u64> {
+        self.check_writable()?;
+        if memo.len() > MEMO_MAX {
+            return Err(Error::Invalid(format!("memo longer than {MEMO_MAX} bytes")));
+        }
+        let _a = sync::lock(&self.admin);
+        let o = self.origin_by_id(id)?;
+        let _g = sync::write(&o.gate);
+        if let Some(rb) = sync::lock(&self.md).app.rollback {
+            if rb.origin == o.num && of.is_none() {
+                return Err(Error::Busy(format!(
+                    "origin {id}: rollback of snapshot {} in progress",
+                    rb.tag
+                )));
+            }
+        }
+        let mut tree = sync::write(&o.tree);
+        if let Some(t) = of {
+            if !visible(&tree, t) {
+                return Err(no_snap(id, t));
+            }
+        }
+        let mut md = sync::lock(&self.md);
+        let tag = md.app.next_tag;
+        md.app.next_tag += 1;
+        let (a, b) = (md.next_node()?, md.next_node()?);
+        let ch = match of {
+            None => tree.snapshot_origin(SPINE_BIT | a, b, tag)?,
+            Some(t) => tree.snapshot_of(t, a, b, tag)?,
+        };
+        if let Some(leaf) = tree.nodes.get_mut(&b) {
+            leaf.created = now_ok(now);
+            leaf.memo = memo.to_string();
+        }
+        md.apply_changes(o.num, &tree, &ch)?;
+        md.save_app()?;
+        let gen = md.gen;
+        drop(md);
+        drop(tree);
+        // Marking the origin dirty makes the commit flush it: every write that
+        // completed before the snapshot is durable when it returns.
+        o.dirty.store(true, Ordering::Release);
+        self.sync_gen(gen)?;
+        Ok(tag)
+    }
+
+    pub fn delete(&self, id: &str, tag: u64) -> Result<()> {
+        self.check_writable()?;
+        let _a = sync::lock(&self.admin);
+        let o = self.origin_by_id(id)?;
+        let _g = sync::write(&o.gate);
+        let mut tree = sync::write(&o.tree);
+        if !visible(&tree, tag) {
+            return Err(no_snap(id, tag));
+        }
+        let mut md = sync::lock(&self.md);
+        let ch = tree.delete(tag, md.app.clean_gen)?;
+        md.apply_changes(o.num, &tree, &ch)?;
+        let gen = md.gen;
+        drop(md);
+        drop(tree);
+        self.sync_gen(gen)
+    }
+
+    pub fn rollback(&self, id: &str, tag: u64) -> Result<()> {
+        self.check_writable()?;
+        let _a = sync::lock(&self.admin);
+        let o = self.origin_by_id(id)?;
+        let _g = sync::write(&o.gate);
+        let mut tree = sync::write(&o.tree);
+        if !visible(&tree, tag) {
+            return Err(no_snap(id, tag));
+        }
+        let mut md = sync::lock(&self.md);
+        if let Some(rb) = md.app.rollback {
+            return Err(Error::Busy(format!(
+                "a rollback (snapshot {}) is already in progress",
+                rb.tag
+            )));
+        }
+        // Freeze the snapshot's content now: an internal snapshot of it is
+        // the copier's source, so later writes to `tag` stay out of the origin.
+        let src = md.app.next_tag;
+        md.app.next_tag += 1;
+        let (a, b) = (md.next_node()?, md.next_node()?);
+        let ch = tree.snapshot_of(tag, a, b, src)?;
+        if let Some(leaf) = tree.nodes.get_mut(&b) {
+            leaf.hidden = true;
+            leaf.memo = format!("rollback source of {tag}");
+        }
+        md.apply_changes(o.num, &tree, &ch)?;
+        md.app.rollback = Some(RollbackState {
+            origin: o.num,
+            tag,
+            src,
+            cursor: 0,
+            total: o.chunks(self.chunk_size()),
+        });
+        md.save_app()?;
+        o.rb_active.store(true, Ordering::Release);
+        let gen = md.gen;
+        drop(md);
+        drop(tree);
+        o.dirty.store(true, Ordering::Release);
+        self.sync_gen(gen)
+    }
+
+    pub fn status(&self) -> Status {
+        let mut md = sync::lock(&self.md);
+        let usage = md.meta.usage();
+        let rollback = md.app.rollback;
+        let clean_pass = md.app.clean_pass.is_some();
+        let own = md.own.clone();
+        drop(md);
+        let origins = sync::read(&self.origins);
+        let mut cleaning = clean_pass;
+        let mut out = Vec::new();
+        for o in origins.values() {
+            let tree = sync::read(&o.tree);
+            cleaning |= tree.has_flagged();
+            let mut snaps: Vec<SnapshotStatus> = tree
+                .tags
+                .iter()
+                .filter(|(_, leaf)| !tree.nodes[*leaf].hidden)
+                .map(|(tag, leaf)| {
+                    let n = &tree.nodes[leaf];
+                    SnapshotStatus {
+                        tag: *tag,
+                        parent: n.parent_tag,
+                        created: n.created,
+                        memo: n.memo.clone(),
+                        own_chunks: own.get(leaf).copied().unwrap_or(0),
+                    }
+                })
+                .collect();
+            snaps.sort_by_key(|s| s.tag);
+            out.push(OriginStatus {
+                id: o.rec.id.clone(),
+                path: o.rec.path.clone(),
+                size: o.rec.size,
+                created: o.rec.created,
+                snapshots: snaps,
+            });
+        }
+        let rollback = rollback.and_then(|rb| {
+            origins.get(&rb.origin).map(|o| RollbackStatus {
+                origin: o.rec.id.clone(),
+                tag: rb.tag,
+                done_chunks: rb.cursor,
+                total_chunks: rb.total,
+            })
+        });
+        Status {
+            chunk_size: self.geo.chunk_size,
+            chunks_total: self.geo.chunks_total,
+            chunks_used: self.geo.chunks_total.saturating_sub(usage.free_chunks),
+            status: match self.gc.failed() {
+                Some(f) => format!("failed: {f}"),
+                None => "valid".into(),
+            },
+            cleaning,
+            rollback,
+            origins: out,
+        }
+    }
+
+    /// Flush and checkpoint so the journal is empty and the origins hold
+    /// exactly their content.
+    pub fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.sync_all()?;
+        for o in sync::read(&self.origins).values() {
+            o.dev.flush()?;
+        }
+        Ok(())
+    }
+}
+
+fn new_origin(rec: OriginRec, dev: Dev, tree: VTree) -> OriginRt {
+    OriginRt {
+        num: rec.num,
+        rec,
+        dev,
+        gate: RwLock::new(()),
+        tree: RwLock::new(tree),
+        dirty: AtomicBool::new(false),
+        bound: AtomicBool::new(true),
+        rb_active: AtomicBool::new(false),
+    }
+}
+
+/// Whether `tag` is a user-visible live snapshot (not an internal leaf).
+pub fn visible(tree: &VTree, tag: u64) -> bool {
+    tree.leaf_of(tag).is_some_and(|l| !tree.nodes[&l].hidden)
+}
+
+pub fn no_snap(id: &str, tag: u64) -> Error {
+    Error::NoSuchSnapshot {
+        origin: id.to_string(),
+        tag,
+    }
+}
+
+fn validate_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= ID_MAX
+        && id
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '@' && c != '/');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "origin id {id:?}: use 1..{ID_MAX} printable ASCII characters without '@' or '/'"
+        )))
+    }
+}
+
+/// Every entry of a tree, in key order, read in bounded batches.
+pub fn scan(meta: &mut Meta<Dev>, t: Tree) -> Result<Vec<(u128, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let mut lo = 0u128;
+    loop {
+        let batch = meta.range(t, lo, u128::MAX, 4096)?;
+        let Some((last, _)) = batch.last() else { break };
+        let next = last.checked_add(1);
+        let full = batch.len() == 4096;
+        out.extend(batch);
+        match next {
+            Some(n) if full => lo = n,
+            _ => break,
+        }
+    }
+    Ok(out)
+}

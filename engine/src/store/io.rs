@@ -1,0 +1,545 @@
+//! `Volume`: one version's data path.
+//!
+//! A request is cut into chunk pieces. Writes lock all their chunks
+//! exclusively (ascending), plan under the tree and metadata locks,
+//! allocate every chunk they need up front (so ENOSPC changes nothing),
+//! do the data I/O with no global lock held, then map the new chunks.
+//! An origin write that had to copy waits for the copy and its mapping to
+//! be durable (group commit) before it overwrites the origin in place.
+
+use super::inner::{no_snap, Inner, Md, OriginRt};
+use super::records::RollbackState;
+use crate::dev::check_range;
+use crate::error::{Error, Result};
+use crate::meta::ZERO_CHUNK;
+use crate::store::api::*;
+use crate::sync::{self, Arc, Ordering};
+use crate::vtree::{Base, LeafPlan, NodeId, Source, VTree, RB_MARK};
+
+/// One version of one origin. Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct Volume {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) o: Arc<OriginRt>,
+    pub(crate) tag: Option<u64>,
+}
+
+/// The part of a request that falls in one chunk.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    chunk: u64,
+    in_off: usize,
+    len: usize,
+    buf_off: usize,
+}
+
+fn pieces(offset: u64, len: usize, cs: u64) -> Vec<Piece> {
+    let mut out = Vec::with_capacity(len / cs as usize + 2);
+    let mut done = 0usize;
+    while done < len {
+        let pos = offset + done as u64;
+        let in_off = (pos % cs) as usize;
+        let n = (cs as usize - in_off).min(len - done);
+        out.push(Piece {
+            chunk: pos / cs,
+            in_off,
+            len: n,
+            buf_off: done,
+        });
+        done += n;
+    }
+    out
+}
+
+/// Whether chunk `c` of origin `o` still waits for the rollback copier.
+pub(crate) fn rb_pending(md: &mut Md, o: u32, c: u64) -> Result<Option<RollbackState>> {
+    match md.app.rollback {
+        Some(rb) if rb.origin == o && c >= rb.cursor => Ok(match md.get_exc(o, c, RB_MARK)? {
+            Some(_) => None,
+            None => Some(rb),
+        }),
+        _ => Ok(None),
+    }
+}
+
+/// Allocate `n` chunks or none: on ENOSPC, give back what was taken.
+fn alloc_n(md: &mut Md, n: usize) -> Result<Vec<u64>> {
+    let mut got = Vec::with_capacity(n);
+    for _ in 0..n {
+        match md.meta.alloc_chunk() {
+            Ok(c) => got.push(c),
+            Err(e) => {
+                for c in got {
+                    md.meta.free_chunk(c)?;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(got)
+}
+
+/// An origin piece's plan.
+struct OPlan {
+    /// Spine node that must receive a copy of the old origin chunk.
+    copy_to: Option<(NodeId, u64)>,
+    /// Rollback not yet done here: the rolled-back snapshot's source.
+    rb_src: Option<Source>,
+}
+
+impl Volume {
+    pub fn id(&self) -> VersionId {
+        VersionId {
+            origin: self.o.rec.id.clone(),
+            tag: self.tag,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.o.rec.size
+    }
+
+    pub fn memo(&self) -> String {
+        match self.tag {
+            None => "ORIGIN".into(),
+            Some(t) => {
+                let tree = sync::read(&self.o.tree);
+                tree.leaf_of(t)
+                    .map(|l| tree.nodes[&l].memo.clone())
+                    .unwrap_or_default()
+            }
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.o.bound.load(Ordering::Acquire)
+            && match self.tag {
+                None => true,
+                Some(t) => super::inner::visible(&sync::read(&self.o.tree), t),
+            }
+    }
+
+    fn cs(&self) -> u64 {
+        self.inner.chunk_size()
+    }
+
+    fn leaf(&self, tree: &VTree) -> Result<NodeId> {
+        let t = self
+            .tag
+            .ok_or_else(|| Error::Invalid("the origin has no leaf".into()))?;
+        tree.leaf_of(t).ok_or_else(|| no_snap(&self.o.rec.id, t))
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.check_ok()?;
+        if !self.o.bound.load(Ordering::Acquire) {
+            return Err(Error::NoSuchOrigin(self.o.rec.id.clone()));
+        }
+        check_range("volume", offset, len, self.size())
+    }
+
+    /// Bytes of chunk `c` that lie inside the origin (the last may be short).
+    fn chunk_len(&self, c: u64) -> usize {
+        let cs = self.cs();
+        (self.size() - c * cs).min(cs) as usize
+    }
+
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        let _g = sync::read(&self.o.gate);
+        let leaf = match self.tag {
+            Some(_) => Some(self.leaf(&sync::read(&self.o.tree))?),
+            None => None,
+        };
+        for p in pieces(offset, buf.len(), self.cs()) {
+            let out = &mut buf[p.buf_off..p.buf_off + p.len];
+            match leaf {
+                Some(l) => self.read_leaf_piece(l, p, out)?,
+                None => self.read_origin_piece(p, out)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn read_origin_piece(&self, p: Piece, out: &mut [u8]) -> Result<()> {
+        let at = p.chunk * self.cs() + p.in_off as u64;
+        if !self.o.rb_active.load(Ordering::Acquire) {
+            return self.o.dev.read_at(at, out);
+        }
+        // Mid-rollback: chunks the copier has not reached read through the snapshot.
+        let _l = self.inner.locks.shared(self.o.num, p.chunk);
+        let src = {
+            let tree = sync::read(&self.o.tree);
+            let mut md = sync::lock(&self.inner.md);
+            match rb_pending(&mut md, self.o.num, p.chunk)? {
+                None => Source::Origin,
+                Some(rb) => {
+                    let leaf = tree
+                        .leaf_of(rb.src)
+                        .ok_or_else(|| no_snap(&self.o.rec.id, rb.src))?;
+                    tree.resolve(leaf, p.chunk, &mut md.view(self.o.num))?
+                }
+            }
+        };
+        self.read_source(src, p.chunk, p.in_off, out)
+    }
+
+    fn read_leaf_piece(&self, leaf: NodeId, p: Piece, out: &mut [u8]) -> Result<()> {
+        // Shared lock: an origin overwrite or a cleaner move of this chunk
+        // cannot happen while we read what the resolution pointed at.
+        let _l = self.inner.locks.shared(self.o.num, p.chunk);
+        let src = {
+            let tree = sync::read(&self.o.tree);
+            let mut md = sync::lock(&self.inner.md);
+            tree.resolve(leaf, p.chunk, &mut md.view(self.o.num))?
+        };
+        self.read_source(src, p.chunk, p.in_off, out)
+    }
+
+    fn read_source(&self, src: Source, c: u64, in_off: usize, out: &mut [u8]) -> Result<()> {
+        match src {
+            Source::Exc(_, ZERO_CHUNK) => {
+                out.fill(0);
+                Ok(())
+            }
+            Source::Exc(_, val) => self
+                .inner
+                .cow
+                .read_at(self.inner.geo.chunk_offset(val) + in_off as u64, out),
+            Source::Origin => self.o.dev.read_at(c * self.cs() + in_off as u64, out),
+        }
+    }
+
+    /// A whole chunk of `src`, `chunk_size` bytes (zero past the origin's end).
+    fn read_full(&self, src: Source, c: u64) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.cs() as usize];
+        match src {
+            Source::Origin => {
+                let n = self.chunk_len(c);
+                self.read_source(src, c, 0, &mut buf[..n])?;
+            }
+            _ => self.read_source(src, c, 0, &mut buf)?,
+        }
+        Ok(buf)
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.check(offset, data.len() as u64)?;
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if !data.is_empty() {
+            let _g = sync::read(&self.o.gate);
+            let ps = pieces(offset, data.len(), self.cs());
+            let (first, last) = (ps[0].chunk, ps[ps.len() - 1].chunk);
+            let _locks = self.inner.locks.exclusive_range(self.o.num, first, last);
+            match self.tag {
+                None => self.write_origin(&ps, data)?,
+                Some(_) => self.write_leaf(&ps, data)?,
+            }
+        }
+        self.inner.maybe_commit()?;
+        if fua {
+            self.inner.sync_all()?;
+        }
+        Ok(())
+    }
+
+    fn plan_origin(&self, ps: &[Piece]) -> Result<(Vec<OPlan>, Option<RollbackState>)> {
+        let tree = sync::read(&self.o.tree);
+        let mut md = sync::lock(&self.inner.md);
+        let mut plans = Vec::with_capacity(ps.len());
+        let mut rb_seen = None;
+        for p in ps {
+            let rb_src = match rb_pending(&mut md, self.o.num, p.chunk)? {
+                Some(rb) => {
+                    rb_seen = Some(rb);
+                    let leaf = tree
+                        .leaf_of(rb.src)
+                        .ok_or_else(|| no_snap(&self.o.rec.id, rb.src))?;
+                    Some(tree.resolve(leaf, p.chunk, &mut md.view(self.o.num))?)
+                }
+                None => None,
+            };
+            let target = tree.origin_write_target(p.chunk, &mut md.view(self.o.num))?;
+            plans.push(OPlan {
+                copy_to: target.map(|t| (t, 0)),
+                rb_src,
+            });
+        }
+        let need = plans.iter().filter(|p| p.copy_to.is_some()).count();
+        let mut got = alloc_n(&mut md, need)?.into_iter();
+        for pl in plans.iter_mut() {
+            if let Some((t, _)) = pl.copy_to {
+                let c = got
+                    .next()
+                    .ok_or_else(|| Error::Invalid("allocation count".into()))?;
+                pl.copy_to = Some((t, c));
+            }
+        }
+        Ok((plans, rb_seen))
+    }
+
+    /// Origin write of `ps` (all chunk locks held). Also the rollback
+    /// copier's path, with empty pieces that only bring a chunk up to date.
+    pub(crate) fn write_origin(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
+        let (plans, rb) = self.plan_origin(ps)?;
+        // 1. Preserve the old origin data for the snapshots that share it.
+        let mut copied = false;
+        for (p, pl) in ps.iter().zip(&plans) {
+            if let Some((_, dst)) = pl.copy_to {
+                let old = self.read_full(Source::Origin, p.chunk)?;
+                self.inner
+                    .cow
+                    .write_at(self.inner.geo.chunk_offset(dst), &old)?;
+                copied = true;
+            }
+        }
+        if copied {
+            let gen = {
+                let mut md = sync::lock(&self.inner.md);
+                for (p, pl) in ps.iter().zip(&plans) {
+                    if let Some((node, dst)) = pl.copy_to {
+                        md.put_exc(self.o.num, p.chunk, node, dst)?;
+                    }
+                }
+                md.gen
+            };
+            // 2. Ordering rule: the copy and its mapping are durable before
+            // the origin is overwritten. Group commit shares the flush.
+            #[cfg(not(snapmv_planted_bug = "skip_cow_flush"))]
+            self.inner.sync_gen(gen)?;
+            #[cfg(snapmv_planted_bug = "skip_cow_flush")]
+            let _ = gen;
+        }
+        // 3. Overwrite in place (whole chunk where a rollback is still pending).
+        for (p, pl) in ps.iter().zip(&plans) {
+            let piece = &data[p.buf_off..p.buf_off + p.len];
+            match pl.rb_src {
+                Some(src @ Source::Exc(..)) => {
+                    let mut full = self.read_full(src, p.chunk)?;
+                    full[p.in_off..p.in_off + p.len].copy_from_slice(piece);
+                    let n = self.chunk_len(p.chunk);
+                    self.o.dev.write_at(p.chunk * self.cs(), &full[..n])?;
+                }
+                _ if p.len > 0 => {
+                    self.o
+                        .dev
+                        .write_at(p.chunk * self.cs() + p.in_off as u64, piece)?;
+                }
+                _ => {}
+            }
+        }
+        self.o.dirty.store(true, Ordering::Release);
+        // 4. Rollback marks go in after the data they vouch for, so a commit
+        // (which flushes origins first) never makes a mark durable before it.
+        if let Some(rb) = rb {
+            let mut md = sync::lock(&self.inner.md);
+            for (p, pl) in ps.iter().zip(&plans) {
+                if pl.rb_src.is_some() {
+                    debug_assert!(p.chunk >= rb.cursor);
+                    md.put_exc(self.o.num, p.chunk, RB_MARK, ZERO_CHUNK)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_leaf(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
+        let (leaf, plans, mut fresh) = {
+            let tree = sync::read(&self.o.tree);
+            let leaf = self.leaf(&tree)?;
+            let mut md = sync::lock(&self.inner.md);
+            let mut plans = Vec::with_capacity(ps.len());
+            for p in ps {
+                plans.push(tree.leaf_write_plan(leaf, p.chunk, &mut md.view(self.o.num))?);
+            }
+            let need = plans
+                .iter()
+                .filter(|p| matches!(p, LeafPlan::Fresh { .. }))
+                .count();
+            (leaf, plans, alloc_n(&mut md, need)?.into_iter())
+        };
+        let mut maps = Vec::new();
+        for (p, pl) in ps.iter().zip(&plans) {
+            let piece = &data[p.buf_off..p.buf_off + p.len];
+            match *pl {
+                LeafPlan::InPlace(val) => {
+                    let at = self.inner.geo.chunk_offset(val) + p.in_off as u64;
+                    self.inner.cow.write_at(at, piece)?;
+                }
+                LeafPlan::Fresh { base, .. } => {
+                    let dst = fresh
+                        .next()
+                        .ok_or_else(|| Error::Invalid("allocation count".into()))?;
+                    let mut full = if p.len as u64 == self.cs() {
+                        vec![0u8; self.cs() as usize]
+                    } else {
+                        match base {
+                            Base::Zero => vec![0u8; self.cs() as usize],
+                            Base::From(src) => self.read_full(src, p.chunk)?,
+                        }
+                    };
+                    full[p.in_off..p.in_off + p.len].copy_from_slice(piece);
+                    self.inner
+                        .cow
+                        .write_at(self.inner.geo.chunk_offset(dst), &full)?;
+                    maps.push((p.chunk, dst));
+                }
+            }
+        }
+        if !maps.is_empty() {
+            let mut md = sync::lock(&self.inner.md);
+            for (c, dst) in maps {
+                md.put_exc(self.o.num, c, leaf, dst)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.inner.sync_all()
+    }
+
+    /// Whole chunks of a snapshot in `[offset, offset+len)` become zero
+    /// exceptions (freeing their data); `only_owned` limits that to chunks
+    /// the snapshot owns (trim). Returns the partial head and tail ranges.
+    fn zero_whole_chunks(&self, offset: u64, len: u64, only_owned: bool) -> Result<()> {
+        let cs = self.cs();
+        let first = offset.div_ceil(cs);
+        let end = (offset + len) / cs; // exclusive
+        if first >= end {
+            return Ok(());
+        }
+        let _g = sync::read(&self.o.gate);
+        // Bounded batches keep the lock set small for huge ranges.
+        let mut c = first;
+        while c < end {
+            let last = (c + 256).min(end) - 1;
+            let _locks = self.inner.locks.exclusive_range(self.o.num, c, last);
+            let leaf = self.leaf(&sync::read(&self.o.tree))?;
+            let mut md = sync::lock(&self.inner.md);
+            for chunk in c..=last {
+                // A short last chunk of the origin is still a whole chunk here.
+                let prev = md.get_exc(self.o.num, chunk, leaf)?;
+                if only_owned && !matches!(prev, Some(v) if v != ZERO_CHUNK) {
+                    continue;
+                }
+                if let Some(v) = md.put_exc(self.o.num, chunk, leaf, ZERO_CHUNK)? {
+                    md.free_val(v)?;
+                }
+            }
+            drop(md);
+            c = last + 1;
+        }
+        Ok(())
+    }
+
+    pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        // The origin's data is in place and shared; a trim there is a no-op.
+        if self.tag.is_some() {
+            self.zero_whole_chunks(offset, len, true)?;
+        }
+        Ok(())
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check(offset, len)?;
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let cs = self.cs();
+        let end = offset + len;
+        let (mut head_end, mut tail_start) = (end, end);
+        if self.tag.is_some() {
+            let first = offset.div_ceil(cs) * cs;
+            let last = end / cs * cs;
+            if first < last {
+                self.zero_whole_chunks(offset, len, false)?;
+                head_end = first;
+                tail_start = last;
+            }
+        }
+        // Everything not covered by zero exceptions is written as zeros.
+        const STEP: u64 = 4 << 20;
+        let zeros = vec![0u8; STEP.min(len) as usize];
+        for (a, b) in [(offset, head_end), (tail_start, end)] {
+            let mut pos = a;
+            while pos < b {
+                let n = (b - pos).min(STEP);
+                self.write(pos, &zeros[..n as usize], false)?;
+                pos += n;
+            }
+        }
+        self.inner.maybe_commit()?;
+        if fua {
+            self.inner.sync_all()?;
+        }
+        Ok(())
+    }
+
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check(offset, len)?;
+        let end = offset + len;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let Some(tag) = self.tag else {
+            return Ok(vec![Extent {
+                offset,
+                len,
+                kind: ExtentKind::Own,
+            }]);
+        };
+        let cs = self.cs();
+        let tree = sync::read(&self.o.tree);
+        let leaf = tree
+            .leaf_of(tag)
+            .ok_or_else(|| no_snap(&self.o.rec.id, tag))?;
+        let mut md = sync::lock(&self.inner.md);
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        // Bounded: at most 65536 chunks per call; the caller asks again.
+        for _ in 0..65536 {
+            if pos >= end {
+                break;
+            }
+            let c = pos / cs;
+            let next = ((c + 1) * cs).min(end);
+            let kind = match md.get_exc(self.o.num, c, leaf)? {
+                Some(ZERO_CHUNK) => ExtentKind::Zero,
+                Some(_) => ExtentKind::Own,
+                None => ExtentKind::Shared,
+            };
+            match out.last_mut() {
+                Some(e) if e.kind == kind => e.len += next - pos,
+                _ => out.push(Extent {
+                    offset: pos,
+                    len: next - pos,
+                    kind,
+                }),
+            }
+            pos = next;
+        }
+        Ok(out)
+    }
+}
+
+impl Volume {
+    /// Bring chunk `c` of the origin up to the rolled-back snapshot's
+    /// content (the rollback copier's unit of work). Caller holds the
+    /// chunk's exclusive lock and the gate.
+    pub(crate) fn copy_rollback_chunk(&self, c: u64) -> Result<()> {
+        let p = Piece {
+            chunk: c,
+            in_off: 0,
+            len: 0,
+            buf_off: 0,
+        };
+        self.write_origin(&[p], &[])
+    }
+}
