@@ -1,14 +1,15 @@
 //! Listeners, the accept loop, one thread per connection, and shutdown.
 
+use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
@@ -24,6 +25,11 @@ const NEGOTIATION_IDLE: Duration = Duration::from_secs(60);
 /// A client that takes no reply bytes for this long is dropped, so a
 /// stalled reader cannot hold its buffers (and server budget) forever.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long shutdown waits for connections to finish by themselves.
+#[cfg(not(test))]
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+#[cfg(test)]
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Connections beyond this are closed at once.
 pub const MAX_CONNECTIONS: usize = 4096;
 
@@ -60,6 +66,10 @@ struct Shared<B> {
     workers: usize,
     server_budget: Arc<Budget>,
     live_conns: AtomicUsize,
+    /// A clone of every open connection's socket, to cut stuck ones at
+    /// shutdown.
+    sockets: Mutex<HashMap<u64, Stream>>,
+    next_id: AtomicU64,
 }
 
 /// The server, generic over the backend (the public `Server` uses
@@ -158,6 +168,8 @@ impl<B: Backend> Core<B> {
                 workers: cfg.workers_per_conn.clamp(1, 256),
                 server_budget: Budget::new(server_budget),
                 live_conns: AtomicUsize::new(0),
+                sockets: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
             }),
             listeners: Mutex::new(Some(Listeners { tcp, unix })),
             local_addr,
@@ -220,17 +232,33 @@ impl<B: Backend> Core<B> {
             }
             conns.retain(|t| !t.is_finished());
             if let Some(l) = &listeners.tcp {
-                while let Ok((s, peer)) = l.accept() {
-                    let _ = s.set_nodelay(true);
-                    let _ = s.set_nonblocking(false);
-                    debug!(%peer, "accepted");
-                    self.spawn_conn(Stream::Tcp(s), &mut conns);
+                loop {
+                    match l.accept() {
+                        Ok((s, peer)) => {
+                            let _ = s.set_nodelay(true);
+                            let _ = s.set_nonblocking(false);
+                            debug!(%peer, "accepted");
+                            self.spawn_conn(Stream::Tcp(s), &mut conns);
+                        }
+                        Err(e) => {
+                            accept_error(e);
+                            break;
+                        }
+                    }
                 }
             }
             if let Some(l) = &listeners.unix {
-                while let Ok((s, _)) = l.accept() {
-                    let _ = s.set_nonblocking(false);
-                    self.spawn_conn(Stream::Unix(s), &mut conns);
+                loop {
+                    match l.accept() {
+                        Ok((s, _)) => {
+                            let _ = s.set_nonblocking(false);
+                            self.spawn_conn(Stream::Unix(s), &mut conns);
+                        }
+                        Err(e) => {
+                            accept_error(e);
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -242,6 +270,25 @@ impl<B: Backend> Core<B> {
         drop(listeners);
         if let Some(p) = &self.unix_path {
             let _ = std::fs::remove_file(p);
+        }
+        // Connections stop at their next message boundary. One whose client
+        // neither sends nor reads (a writer blocked on a full socket) would
+        // hold us until its write timeout: after a grace period, cut it.
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while conns.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stuck = self.shared.sockets.lock().map(|m| m.len()).unwrap_or(0);
+        if stuck > 0 {
+            warn!(
+                stuck,
+                "closing connections still open after the grace period"
+            );
+            if let Ok(m) = self.shared.sockets.lock() {
+                for s in m.values() {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+            }
         }
         for t in conns {
             let _ = t.join();
@@ -261,7 +308,14 @@ impl<B: Backend> Core<B> {
         let spawned = std::thread::Builder::new()
             .name("nbd-conn".into())
             .spawn(move || {
+                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                if let (Ok(c), Ok(mut m)) = (s.try_clone(), shared.sockets.lock()) {
+                    m.insert(id, c);
+                }
                 handle_conn(s, &shared);
+                if let Ok(mut m) = shared.sockets.lock() {
+                    m.remove(&id);
+                }
                 shared.live_conns.fetch_sub(1, Ordering::SeqCst);
             });
         match spawned {
@@ -272,6 +326,16 @@ impl<B: Backend> Core<B> {
                 warn!("cannot start a connection thread: {e}");
             }
         }
+    }
+}
+
+/// `WouldBlock` means the backlog is drained. Anything else (EMFILE when
+/// out of descriptors, ECONNABORTED, ...) is logged, and a short pause keeps
+/// a persistent error from spinning the loop.
+fn accept_error(e: std::io::Error) {
+    if e.kind() != std::io::ErrorKind::WouldBlock {
+        warn!("accept failed: {e}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

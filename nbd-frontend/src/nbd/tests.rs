@@ -524,6 +524,37 @@ fn shutdown_finishes_in_flight_requests() {
 }
 
 #[test]
+fn shutdown_cuts_a_client_that_never_reads_replies() {
+    let (cat, _) = catalog();
+    let cfg = ServerConfig {
+        max_request: 256 << 10,
+        conn_buffer_bytes: 1 << 20,
+        ..ServerConfig::default()
+    };
+    let mut srv = TestServer::start(cat, cfg);
+    let mut hog = Raw::connect(srv.addr);
+    hog.go("o", &[]);
+    let mut s = hog.s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        for h in 0..4000u64 {
+            v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            v.extend_from_slice(&0u16.to_be_bytes());
+            v.extend_from_slice(&CMD_READ.to_be_bytes());
+            v.extend_from_slice(&h.to_be_bytes());
+            v.extend_from_slice(&0u64.to_be_bytes());
+            v.extend_from_slice(&(256u32 << 10).to_be_bytes());
+        }
+        let _ = s.write_all(&v);
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    srv.stop();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    sender.join().unwrap();
+}
+
+#[test]
 fn garbage_never_hurts_the_server() {
     use rand::{Rng, SeedableRng};
     let seed: u64 = std::env::var("SNAPMV_SEED")

@@ -36,6 +36,11 @@ pub const OVERHEAD: usize = 4096;
 /// How often (at most) a connection asks the engine whether its version
 /// still exists, besides asking after every failed operation.
 const LIVE_CHECK_MS: u64 = 100;
+/// The engine is asked about at most this much per BLOCK_STATUS; the reply
+/// may cover less than asked, and clients continue from where it ends.
+/// This bounds the work one request costs (a 4 GiB query of 4 KiB chunks
+/// would otherwise be a million extents).
+const BLOCK_STATUS_SPAN: u32 = 512 << 20;
 
 pub struct Limits {
     pub max_request: u32,
@@ -182,13 +187,14 @@ impl<B: Backend> Exec<B> {
                 offset,
                 len,
                 req_one,
-            } => match b.block_status(offset, u64::from(len)) {
+            } => match b.block_status(offset, u64::from(len.min(BLOCK_STATUS_SPAN))) {
                 Ok(extents) => {
                     let ex: Vec<(u64, u64, u32)> = extents
                         .iter()
                         .map(|e| (e.offset, e.len, allocation_flags(e.kind)))
                         .collect();
-                    let descs = extents_to_descriptors(offset, len, &ex, req_one);
+                    let span = len.min(BLOCK_STATUS_SPAN);
+                    let descs = extents_to_descriptors(offset, span, &ex, req_one);
                     (
                         block_status_chunk(h, BASE_ALLOCATION_ID, &descs),
                         Vec::new(),
