@@ -27,7 +27,9 @@ pub enum Error {
         kind: &'static str,
         reason: String,
     },
-    #[error("corrupt metadata in {tree} at block {block}, keys {key_lo:#x}..{key_hi:#x}: {reason}")]
+    #[error(
+        "corrupt metadata in {tree} at block {block}, keys {key_lo:#x}..{key_hi:#x}: {reason}"
+    )]
     CorruptTree {
         tree: &'static str,
         block: u64,

@@ -115,10 +115,9 @@ fn two_hundred_fifty_six_origins_share_one_cow() {
     })
     .unwrap();
     assert_eq!(s.status().origins.len(), 256);
-    for (i, o) in s.status().origins.iter().enumerate() {
+    for o in s.status().origins.iter() {
         let tag = o.snapshots[0].tag;
         let i = o.id[1..].parse::<u32>().unwrap();
-        let _ = i;
         assert_eq!(read(&s, &o.id, None, 0, 4096), vec![!(i as u8); 4096]);
         assert_eq!(
             read(&s, &o.id, Some(tag), 0, 4096),

@@ -97,9 +97,9 @@ impl FileDev {
 
     fn aligned(&self, offset: u64, ptr: *const u8, len: usize) -> bool {
         !self.direct
-            || (offset as usize % DIRECT_ALIGN == 0
-                && ptr as usize % DIRECT_ALIGN == 0
-                && len % DIRECT_ALIGN == 0)
+            || ((offset as usize).is_multiple_of(DIRECT_ALIGN)
+                && (ptr as usize).is_multiple_of(DIRECT_ALIGN)
+                && len.is_multiple_of(DIRECT_ALIGN))
     }
 
     /// The aligned window covering `[offset, offset+len)`, for bouncing.
@@ -193,9 +193,7 @@ impl BlockDev for FileDev {
         if self.read_only {
             return Ok(());
         }
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io("flush", 0, e))
+        self.file.sync_data().map_err(|e| Error::io("flush", 0, e))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

@@ -320,6 +320,16 @@ impl<D: BlockDev> Meta<D> {
     pub fn max_dirty_pages(&self) -> usize {
         self.jn.max_txn_pages()
     }
+    /// Root block and height (1 = a single leaf) of a tree, for tests and
+    /// diagnostics.
+    pub fn tree_root(&self, t: Tree) -> (u64, u32) {
+        let r = self.st.roots[tree_index(t)];
+        (r.block, r.height)
+    }
+    /// Journal blocks in use (written since the last checkpoint).
+    pub fn journal_used(&self) -> u64 {
+        self.jn.used_blocks()
+    }
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }

@@ -93,6 +93,10 @@ impl JournalState {
         (b - 2 - 2 * b.div_ceil(DESC_SLOTS as u64)) as usize
     }
 
+    pub(super) fn used_blocks(&self) -> u64 {
+        self.used
+    }
+
     pub(super) fn is_replayed(&self, block: u64) -> bool {
         self.replayed.contains(&block)
     }

@@ -56,10 +56,4 @@ impl GroupCommit {
     pub fn failed(&self) -> Option<String> {
         sync::lock(&self.st).failed.clone()
     }
-
-    pub fn fail(&self, why: String) {
-        let mut st = sync::lock(&self.st);
-        st.failed.get_or_insert(why);
-        self.cv.notify_all();
-    }
 }

@@ -565,7 +565,7 @@ impl Inner {
     }
 
     pub fn status(&self) -> Status {
-        let mut md = sync::lock(&self.md);
+        let md = sync::lock(&self.md);
         let usage = md.meta.usage();
         let rollback = md.app.rollback;
         let clean_pass = md.app.clean_pass.is_some();

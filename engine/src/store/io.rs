@@ -282,7 +282,7 @@ impl Volume {
 
     /// Origin write of `ps` (all chunk locks held). Also the rollback
     /// copier's path, with empty pieces that only bring a chunk up to date.
-    pub(crate) fn write_origin(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
+    fn write_origin(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
         let (plans, rb) = self.plan_origin(ps)?;
         // 1. Preserve the old origin data for the snapshots that share it.
         let mut copied = false;

@@ -191,10 +191,8 @@ impl VTree {
         }
         for id in &ids {
             let n = &t.nodes[id];
-            if n.kind == Kind::Leaf && !n.deleted {
-                if t.tags.insert(n.tag, *id).is_some() {
-                    return Err(corrupt(format!("tag {} on two leaves", n.tag)));
-                }
+            if n.kind == Kind::Leaf && !n.deleted && t.tags.insert(n.tag, *id).is_some() {
+                return Err(corrupt(format!("tag {} on two leaves", n.tag)));
             }
         }
         // Live counts bottom-up: a bounded walk from every live leaf.

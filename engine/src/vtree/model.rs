@@ -212,7 +212,9 @@ impl Algebra {
         if let Some(t) = self.tree.origin_write_target(c, &mut self.exc)? {
             let d = self.new_data(self.origin[c as usize]);
             self.exc.map.insert((c, t), d);
-            self.tree.nodes.get_mut(&t).map(|n| n.own_chunks += 1);
+            if let Some(n) = self.tree.nodes.get_mut(&t) {
+                n.own_chunks += 1;
+            }
             self.last_copies = 1;
         }
         self.origin[c as usize] = content;
@@ -238,7 +240,9 @@ impl Algebra {
                 let d = self.new_data(f(old));
                 self.exc.map.insert((c, leaf), d);
                 if !replaces {
-                    self.tree.nodes.get_mut(&leaf).map(|n| n.own_chunks += 1);
+                    if let Some(n) = self.tree.nodes.get_mut(&leaf) {
+                n.own_chunks += 1;
+            }
                 }
             }
         }
@@ -276,7 +280,9 @@ impl Algebra {
                         self.data.remove(&d);
                     }
                     None => {
-                        self.tree.nodes.get_mut(&leaf).map(|n| n.own_chunks += 1);
+                        if let Some(n) = self.tree.nodes.get_mut(&leaf) {
+                n.own_chunks += 1;
+            }
                     }
                 }
             }

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite: the one command the README gives and CI runs.
+#   lint -> unit/integration/interop/sim tests -> loom models and their
+#   planted bugs -> sim planted bugs -> a bounded fuzz slice.
+# Longer campaigns are separate commands (see README "Long campaigns").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$SECONDS
+step() { printf '\n=== %s (t=%ss)\n' "$1" "$((SECONDS - start))"; }
+
+step setup
+scripts/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test (engine, vtree exhaustive, store model, limits, NBD interop, CLI, sim slice)"
+cargo test --workspace --profile test -- --test-threads="${SNAPMV_TEST_THREADS:-2}"
+
+if [ -x engine/loom.sh ]; then
+  step "loom models"
+  engine/loom.sh
+fi
+if [ -x engine/loom-planted.sh ]; then
+  step "loom planted bugs (each must be caught)"
+  engine/loom-planted.sh
+fi
+if [ -x sim/planted.sh ]; then
+  step "sim planted bugs (each must be caught)"
+  sim/planted.sh
+fi
+if [ -x fuzz/run-slice.sh ] && [ "${SNAPMV_SKIP_FUZZ:-0}" != 1 ]; then
+  step "fuzz slice"
+  fuzz/run-slice.sh "${SNAPMV_FUZZ_SECONDS:-15}"
+fi
+step "all passed"
