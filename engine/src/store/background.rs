@@ -14,12 +14,14 @@ use crate::vtree::{CleanAction, NodeId, MAX_NODE, RB_MARK};
 use std::collections::HashMap;
 
 impl Inner {
-    pub fn step_background(self: &Arc<Self>, budget: usize) -> Result<StepReport> {
+    /// `me` is the `Arc` holding `self` (an `&Arc<Self>` receiver does not
+    /// compile with loom's `Arc`).
+    pub fn step_background(&self, me: &Arc<Self>, budget: usize) -> Result<StepReport> {
         if self.read_only {
             return Ok(StepReport::default());
         }
         self.check_ok()?;
-        let mut work = self.rollback_steps(budget)?;
+        let mut work = self.rollback_steps(me, budget)?;
         if work < budget {
             work += self.clean_steps(budget - work)?;
         }
@@ -37,7 +39,7 @@ impl Inner {
             .any(|o| sync::read(&o.tree).has_flagged())
     }
 
-    fn rollback_steps(self: &Arc<Self>, budget: usize) -> Result<usize> {
+    fn rollback_steps(&self, me: &Arc<Self>, budget: usize) -> Result<usize> {
         let Some(rb) = sync::lock(&self.md).app.rollback else {
             return Ok(0);
         };
@@ -49,7 +51,7 @@ impl Inner {
                 reason: format!("rollback onto unbound origin number {}", rb.origin),
             })?;
         let vol = Volume {
-            inner: self.clone(),
+            inner: me.clone(),
             o: o.clone(),
             tag: None,
         };

@@ -119,7 +119,7 @@ impl Store {
 
     /// Advance the cleaner and the rollback copier by at most `budget` chunks.
     pub fn step_background(&self, budget: usize) -> Result<StepReport> {
-        self.inner.step_background(budget)
+        self.inner.step_background(&self.inner, budget)
     }
 
     /// Make every completed write and metadata change durable.
