@@ -37,6 +37,9 @@ const MAX_RANGES: usize = 16;
 pub fn check<D: BlockDev>(dev: D) -> Result<CheckReport> {
     let mut m = Meta::open_journal(dev, true)?;
     let mut c = Checker::new(m.layout);
+    if let Some(e) = m.jn.damage.take() {
+        c.err(format!("journal: {e}"));
+    }
     match m.load_state() {
         Ok(st) => m.st = st,
         Err(e) => {

@@ -81,6 +81,9 @@ impl<D: BlockDev> Meta<D> {
 
     fn open_inner(dev: D, read_only: bool) -> Result<Self> {
         let mut m = Self::open_journal(dev, read_only)?;
+        if let Some(e) = m.jn.damage.take() {
+            return Err(e);
+        }
         m.st = m.load_state()?;
         m.sm = SpaceState::new(&m.layout);
         if !read_only && m.jn.needs_recovery_checkpoint() {

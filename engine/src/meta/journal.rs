@@ -61,6 +61,10 @@ pub(in crate::meta) struct JournalState {
     /// Pages installed from the journal at open.
     replayed: HashSet<u64>,
     replayed_txns: u64,
+    /// Set when replay stopped at a damaged transaction that a later one
+    /// follows: that is corruption (commits are written one after another,
+    /// each flushed before the next starts), not a torn tail.
+    pub(super) damage: Option<Error>,
 }
 
 impl JournalState {
@@ -78,6 +82,7 @@ impl JournalState {
             deferred: Vec::new(),
             replayed: HashSet::new(),
             replayed_txns: 0,
+            damage: None,
         }
     }
 
@@ -349,6 +354,7 @@ impl<D: BlockDev> Meta<D> {
             pages = map.len(),
             "journal replayed"
         );
+        self.jn.damage = self.find_later_txn(pos, seq)?;
         self.jn.head = pos;
         self.jn.next_seq = seq;
         self.jn.used = scanned;
@@ -365,6 +371,44 @@ impl<D: BlockDev> Meta<D> {
         }
         self.jn.ckpt_images = map;
         Ok(())
+    }
+
+    /// Look through the whole ring (bounded by the journal, not the device)
+    /// for a descriptor of this format newer than `seq`, the transaction
+    /// replay could not read at `pos`.
+    fn find_later_txn(&self, pos: u64, seq: u64) -> Result<Option<Error>> {
+        const BATCH: u64 = 256;
+        let l = &self.layout;
+        let mut buf = vec![0u8; BATCH as usize * PAGE_SIZE];
+        let mut at = 0;
+        while at < l.journal_blocks {
+            let k = BATCH.min(l.journal_blocks - at);
+            let bytes = &mut buf[..k as usize * PAGE_SIZE];
+            self.dev.read_at((l.journal_start + at) * BLOCK, bytes)?;
+            for (i, blk) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
+                let block = l.journal_start + at + i as u64;
+                // Cheap pre-filter on the raw fields before the crc.
+                if format::rd_u32(blk, 0) != BlockKind::JournalDesc as u32
+                    || format::rd_u64(blk, 16) <= seq
+                    || format::rd_u64(blk, 24) != self.jn.uuid
+                {
+                    continue;
+                }
+                if let Ok(d) = format::decode_descriptor(blk, block) {
+                    return Ok(Some(Error::Corrupt {
+                        block: l.ring_block(pos),
+                        kind: "journal",
+                        reason: format!(
+                            "transaction {seq} at ring position {pos} is damaged, yet transaction {} \
+                             follows at block {block}: committed metadata was lost",
+                            d.seq
+                        ),
+                    }));
+                }
+            }
+            at += k;
+        }
+        Ok(None)
     }
 
     /// After a read-write open replayed the journal: put the replayed state
