@@ -256,12 +256,30 @@ pub fn unbind(cow: &Path, id: &str) -> Result<ExitCode> {
         Route::Live(_) => unreachable_live(cow)?,
     };
     let store = open_store(cow, false)?;
-    let r = store
-        .unbind(id)
-        .with_context(|| format!("cannot unbind origin {id} from {}", cow.display()));
+    // Offline nobody drives the cleaner, and the engine refuses to unbind an
+    // origin whose deleted snapshots are still being cleaned: finish that
+    // work here first.
+    let pending = if store.status().cleaning {
+        drain_background(&store)
+    } else {
+        Ok(())
+    };
+    let r = pending
+        .with_context(|| format!("cannot finish background work on {}", cow.display()))
+        .and_then(|()| {
+            store
+                .unbind(id)
+                .with_context(|| format!("cannot unbind origin {id} from {}", cow.display()))
+        });
     close(store, cow)?;
     r?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Run the cleaner and rollback copier until they have nothing left to do.
+fn drain_background(store: &Store) -> Result<()> {
+    while store.step_background(STEP_BUDGET)?.more {}
+    Ok(())
 }
 
 pub fn snapshot(cow: &Path, id: &str, of: Option<u64>, memo: &str) -> Result<ExitCode> {
@@ -447,7 +465,9 @@ pub fn check(cow: &Path, json: bool) -> Result<ExitCode> {
         Err(e) => return Ok(report_unreadable(&canon, &e.to_string(), json)),
     };
     use snapmv_engine::Error as E;
-    match snapmv_engine::meta::check(dev) {
+    // store::check runs the metadata walk and then the store's own
+    // invariants (records decode, trees rebuild, own-chunk counters).
+    match snapmv_engine::store::check(Arc::new(dev)) {
         Ok(rep) => {
             let clean = rep.errors.is_empty();
             if json {

@@ -229,6 +229,9 @@ fn dm_snap_mv_usage_example() {
     sparse(&f.cow, 512 << 20);
     sparse(&f.origin, 128 << 20);
     let nbd = f.path("nbd.sock");
+    // Step timings, printed with the test output, to see where time goes.
+    let t0 = Instant::now();
+    let step = |what: &str| println!("[{:7.2}s] {what}", t0.elapsed().as_secs_f64());
 
     // dms create orig sdb1 sdc1 -bF  (chunk size 1 page, as in the example)
     snapmv(&["format", s(&f.cow), "--chunk-size", "4096", "--force"]).ok();
@@ -240,6 +243,7 @@ fn dm_snap_mv_usage_example() {
         &f.path("serve.log"),
     );
 
+    step("mkfs");
     // mkfs through the export, mount, touch this-is-orig
     let fuse = FuseFile::start(
         work.join("fuse-mkfs"),
@@ -252,6 +256,7 @@ fn dm_snap_mv_usage_example() {
     orig.touch("this-is-orig");
     assert_eq!(ls(orig.dir()), ["this-is-orig"]);
 
+    step("snapshot 1");
     // dms snapshot orig -m snap1; mount it; touch this-is-snap1
     {
         let _frozen = Frozen::new(orig.dir());
@@ -262,6 +267,7 @@ fn dm_snap_mv_usage_example() {
     snap1.touch("this-is-snap1");
     assert_eq!(ls(snap1.dir()), ["this-is-orig", "this-is-snap1"]);
 
+    step("snapshot 2");
     // dms snapshot orig 1 -m snap2; mount it; touch this-is-snap2
     {
         let _frozen = Frozen::new(snap1.dir());
@@ -278,6 +284,7 @@ fn dm_snap_mv_usage_example() {
     assert_eq!(ls(orig.dir()), ["this-is-orig"]);
     assert_eq!(ls(snap1.dir()), ["this-is-orig", "this-is-snap1"]);
 
+    step("list");
     // dms list
     let t = snapmv(&["list", s(&f.cow)]).ok().stdout;
     println!("{t}");
@@ -304,6 +311,7 @@ fn dm_snap_mv_usage_example() {
         "snap1 owns chunks: {t}"
     );
 
+    step("rollback");
     // umount /mnt/orig; dms remove orig; dms rollback snap2 2; dms create orig
     orig.close();
     {
@@ -312,6 +320,7 @@ fn dm_snap_mv_usage_example() {
         let _frozen = Frozen::new(snap2.dir());
         snapmv(&["rollback", s(&f.cow), "orig", "2", "--wait"]).ok();
     }
+    step("remount origin");
     let orig = Mounted::new(work, &nbd, "orig");
     orig.touch("this-is-orig-after-rollback");
     let four = [
@@ -328,16 +337,20 @@ fn dm_snap_mv_usage_example() {
         ["this-is-orig", "this-is-snap1", "this-is-snap2"]
     );
 
+    step("unmount all");
     // umount /mnt/orig /mnt/snap1 /mnt/snap2; dmsetup remove_all
     orig.close();
     snap1.close();
     snap2.close();
+    step("stop");
     assert_eq!(srv.stop(), 0, "serve must stop cleanly");
 
+    step("direct mount");
     // mount /dev/sdb1 /mnt/: the origin file itself holds the filesystem.
     sh("e2fsck", &["-fn", s(&f.origin)]);
     let direct = LoopMount::mount(&f.origin, work.join("mnt-direct"));
     assert_eq!(ls(&direct.mnt), four);
     direct.unmount();
     snapmv(&["check", s(&f.cow)]).ok();
+    step("done");
 }
