@@ -4,9 +4,66 @@
 
 #[cfg(loom)]
 pub use loom::sync::{
-    atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-    Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    atomic::Ordering, Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
 };
+#[cfg(loom)]
+pub use loom_atomic::{AtomicBool, AtomicU64, AtomicUsize};
+
+/// loom 0.7 lets a plain `store` slip between the read and the write of a
+/// concurrent read-modify-write on the same atomic (tokio-rs/loom#254,
+/// #389: RMW atomicity is not applied to later plain stores), so it reports
+/// executions that C11 forbids: e.g. `flag.store(true)` in one thread, a
+/// concurrent `flag.swap(false)` that read the old value in another, and
+/// then a `swap` in the first thread that still returns `false`. Under loom
+/// every `store` is therefore modelled as a `swap` (an RMW, which loom
+/// orders correctly). That only drops executions in which a plain store is
+/// ordered before a store loom already executed; the opposite order of the
+/// two threads is still explored. Production code uses `std` unchanged.
+#[cfg(loom)]
+mod loom_atomic {
+    use loom::sync::atomic as la;
+    use std::sync::atomic::Ordering;
+
+    macro_rules! atomic {
+        ($name:ident, $t:ty, $($extra:ident),*) => {
+            #[derive(Debug, Default)]
+            pub struct $name(la::$name);
+
+            impl $name {
+                pub fn new(v: $t) -> Self {
+                    $name(la::$name::new(v))
+                }
+                pub fn load(&self, o: Ordering) -> $t {
+                    self.0.load(o)
+                }
+                pub fn store(&self, v: $t, o: Ordering) {
+                    self.0.swap(v, o);
+                }
+                pub fn swap(&self, v: $t, o: Ordering) -> $t {
+                    self.0.swap(v, o)
+                }
+                pub fn compare_exchange(
+                    &self,
+                    current: $t,
+                    new: $t,
+                    success: Ordering,
+                    failure: Ordering,
+                ) -> Result<$t, $t> {
+                    self.0.compare_exchange(current, new, success, failure)
+                }
+                $(
+                    pub fn $extra(&self, v: $t, o: Ordering) -> $t {
+                        self.0.$extra(v, o)
+                    }
+                )*
+            }
+        };
+    }
+
+    atomic!(AtomicBool, bool, fetch_or, fetch_and);
+    atomic!(AtomicU64, u64, fetch_add, fetch_sub, fetch_max, fetch_min);
+    atomic!(AtomicUsize, usize, fetch_add, fetch_sub, fetch_max, fetch_min);
+}
 
 #[cfg(not(loom))]
 pub use std::sync::{
