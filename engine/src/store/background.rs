@@ -73,6 +73,7 @@ impl Inner {
                 break;
             }
             let c = rb.cursor;
+            #[cfg(not(snapmv_planted_bug = "no_rb_lock"))]
             let _l = self.locks.exclusive(o.num, c);
             let pending = rb_pending(&mut sync::lock(&self.md), o.num, c)?.is_some();
             if pending {
@@ -149,6 +150,7 @@ impl Inner {
 
     fn clean_chunk(&self, o: &OriginRt, c: u64, pass_gen: u64) -> Result<()> {
         let _g = sync::read(&o.gate);
+        #[cfg(not(snapmv_planted_bug = "no_clean_lock"))]
         let _l = self.locks.exclusive(o.num, c);
         let tree = sync::read(&o.tree);
         let mut md = sync::lock(&self.md);

@@ -37,6 +37,11 @@ impl GroupCommit {
                 return Ok(());
             }
             if st.running {
+                // Planted bug: return while another commit runs, without
+                // waiting for one that covers `want`.
+                if cfg!(snapmv_planted_bug = "no_flush_barrier") {
+                    return Ok(());
+                }
                 st = sync::wait(&self.cv, st);
                 continue;
             }

@@ -187,6 +187,7 @@ impl Volume {
     fn read_leaf_piece(&self, leaf: NodeId, p: Piece, out: &mut [u8]) -> Result<()> {
         // Shared lock: an origin overwrite or a cleaner move of this chunk
         // cannot happen while we read what the resolution pointed at.
+        #[cfg(not(snapmv_planted_bug = "no_chunk_lock"))]
         let _l = self.inner.locks.shared(self.o.num, p.chunk);
         let src = {
             let tree = sync::read(&self.o.tree);
@@ -229,10 +230,14 @@ impl Volume {
             return Err(Error::ReadOnly);
         }
         if !data.is_empty() {
+            #[cfg(not(snapmv_planted_bug = "no_gate"))]
             let _g = sync::read(&self.o.gate);
             let ps = pieces(offset, data.len(), self.cs());
             let (first, last) = (ps[0].chunk, ps[ps.len() - 1].chunk);
+            #[cfg(not(snapmv_planted_bug = "no_write_lock"))]
             let _locks = self.inner.locks.exclusive_range(self.o.num, first, last);
+            #[cfg(snapmv_planted_bug = "no_write_lock")]
+            let _ = (first, last);
             match self.tag {
                 None => self.write_origin(&ps, data)?,
                 Some(_) => self.write_leaf(&ps, data)?,
