@@ -266,7 +266,13 @@ impl Volume {
                 }
                 None => None,
             };
-            let target = tree.origin_write_target(p.chunk, &mut md.view(self.o.num))?;
+            // The copier's empty piece over a chunk the snapshot shares with
+            // the origin changes nothing, so it needs no copy either.
+            let changes = p.len > 0 || matches!(rb_src, Some(Source::Exc(..)));
+            let target = match changes {
+                true => tree.origin_write_target(p.chunk, &mut md.view(self.o.num))?,
+                false => None,
+            };
             plans.push(OPlan {
                 copy_to: target.map(|t| (t, 0)),
                 rb_src,

@@ -241,8 +241,8 @@ impl Algebra {
                 self.exc.map.insert((c, leaf), d);
                 if !replaces {
                     if let Some(n) = self.tree.nodes.get_mut(&leaf) {
-                n.own_chunks += 1;
-            }
+                        n.own_chunks += 1;
+                    }
                 }
             }
         }
@@ -281,8 +281,8 @@ impl Algebra {
                     }
                     None => {
                         if let Some(n) = self.tree.nodes.get_mut(&leaf) {
-                n.own_chunks += 1;
-            }
+                            n.own_chunks += 1;
+                        }
                     }
                 }
             }
@@ -448,6 +448,13 @@ impl Algebra {
                     n.live_children, r.live_children
                 ));
             }
+        }
+        if rebuilt.flagged_count() != self.tree.flagged_count() {
+            return Err(format!(
+                "flagged count {} but {} nodes are flagged",
+                self.tree.flagged_count(),
+                rebuilt.flagged_count()
+            ));
         }
         if rebuilt.spine_top != self.tree.spine_top {
             return Err("spine top differs after rebuild".into());
