@@ -269,7 +269,8 @@ impl Inner {
     pub fn maybe_commit(&self) -> Result<()> {
         let want = {
             let md = sync::lock(&self.md);
-            (md.meta.dirty_pages() > DIRTY_LIMIT).then_some(md.gen)
+            let limit = DIRTY_LIMIT.min(md.meta.max_dirty_pages() / 2);
+            (md.meta.dirty_pages() > limit).then_some(md.gen)
         };
         match want {
             Some(w) => self.sync_gen(w),

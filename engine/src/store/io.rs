@@ -16,6 +16,9 @@ use crate::store::api::*;
 use crate::sync::{self, Arc, Ordering};
 use crate::vtree::{Base, LeafPlan, NodeId, Source, VTree, RB_MARK};
 
+/// Most chunks one write sub-operation touches.
+const OP_CHUNKS: u64 = 256;
+
 /// One version of one origin. Cheap to clone; `Send + Sync`.
 #[derive(Clone)]
 pub struct Volume {
@@ -229,25 +232,33 @@ impl Volume {
         if self.inner.read_only {
             return Err(Error::ReadOnly);
         }
-        if !data.is_empty() {
-            #[cfg(not(snapmv_planted_bug = "no_gate"))]
-            let _g = sync::read(&self.o.gate);
-            let ps = pieces(offset, data.len(), self.cs());
-            let (first, last) = (ps[0].chunk, ps[ps.len() - 1].chunk);
-            #[cfg(not(snapmv_planted_bug = "no_write_lock"))]
-            let _locks = self.inner.locks.exclusive_range(self.o.num, first, last);
-            #[cfg(snapmv_planted_bug = "no_write_lock")]
-            let _ = (first, last);
-            match self.tag {
-                None => self.write_origin(&ps, data)?,
-                Some(_) => self.write_leaf(&ps, data)?,
-            }
+        // Bounded sub-operations: each maps at most OP_CHUNKS chunks, so its
+        // metadata always fits one journal transaction, and the set of chunk
+        // locks held at once stays small.
+        let step = (OP_CHUNKS * self.cs()) as usize;
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let n = (step - (pos % self.cs()) as usize).min(data.len() - done);
+            self.write_op(pos, &data[done..done + n])?;
+            self.inner.maybe_commit()?;
+            done += n;
         }
-        self.inner.maybe_commit()?;
         if fua {
             self.inner.sync_all()?;
         }
         Ok(())
+    }
+
+    fn write_op(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let _g = sync::read(&self.o.gate);
+        let ps = pieces(offset, data.len(), self.cs());
+        let (first, last) = (ps[0].chunk, ps[ps.len() - 1].chunk);
+        let _locks = self.inner.locks.exclusive_range(self.o.num, first, last);
+        match self.tag {
+            None => self.write_origin(&ps, data),
+            Some(_) => self.write_leaf(&ps, data),
+        }
     }
 
     fn plan_origin(&self, ps: &[Piece]) -> Result<(Vec<OPlan>, Option<RollbackState>)> {
@@ -426,7 +437,7 @@ impl Volume {
         // Bounded batches keep the lock set small for huge ranges.
         let mut c = first;
         while c < end {
-            let last = (c + 256).min(end) - 1;
+            let last = (c + OP_CHUNKS).min(end) - 1;
             let _locks = self.inner.locks.exclusive_range(self.o.num, c, last);
             let leaf = self.leaf(&sync::read(&self.o.tree))?;
             let mut md = sync::lock(&self.inner.md);
@@ -441,6 +452,8 @@ impl Volume {
                 }
             }
             drop(md);
+            drop(_locks);
+            self.inner.maybe_commit()?;
             c = last + 1;
         }
         Ok(())
