@@ -97,24 +97,15 @@ fn short_addr(path: &Path) -> Result<(PathBuf, Option<OwnedFd>)> {
         (Some(d), Some(n)) => (d, n),
         _ => bail!("bad control socket path {}", path.display()),
     };
+    use std::os::unix::fs::OpenOptionsExt;
     let dirf = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags_dir()
+        .custom_flags(libc::O_DIRECTORY | libc::O_PATH)
         .open(dir)
         .with_context(|| format!("cannot open directory {}", dir.display()))?;
     let fd: OwnedFd = dirf.into();
     let p = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())).join(name);
     Ok((p, Some(fd)))
-}
-
-trait DirFlags {
-    fn custom_flags_dir(&mut self) -> &mut Self;
-}
-impl DirFlags for std::fs::OpenOptions {
-    fn custom_flags_dir(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_DIRECTORY | libc::O_PATH)
-    }
 }
 
 /// A connected client.
@@ -272,6 +263,7 @@ fn accept_loop(
 ) {
     let active = Arc::new(AtomicUsize::new(0));
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     while !stop.load(Ordering::SeqCst) {
         conns.retain(|h| !h.is_finished());
