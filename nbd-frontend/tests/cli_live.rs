@@ -266,6 +266,38 @@ fn default_data_dir_on_first_run() {
     assert_eq!(srv.stop(), 0);
 }
 
+/// The README's main job exactly: `snapmv serve` with no arguments serves
+/// ./snapmv-data on 127.0.0.1:10809, and nbdinfo lists its origin.
+#[test]
+fn main_job_on_the_default_port() {
+    if !tools() {
+        return;
+    }
+    // The port is shared with anything else on the machine; wait for it a
+    // while, and skip (fail in CI) if it stays taken.
+    let t0 = std::time::Instant::now();
+    while std::net::TcpListener::bind("127.0.0.1:10809").is_err() {
+        if t0.elapsed().as_secs() > 30 {
+            assert!(
+                std::env::var("SNAPMV_CI").as_deref() != Ok("1"),
+                "127.0.0.1:10809 is taken"
+            );
+            eprintln!("skipping: 127.0.0.1:10809 is taken");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = std::fs::canonicalize(dir.path())
+        .unwrap()
+        .join("snapmv-data/cow.img.snapmv.sock");
+    let srv = Server::start(dir.path(), &[], &sock, &dir.path().join("serve.log"));
+    assert_eq!(nbd_list("nbd://127.0.0.1:10809"), ["origin"]);
+    let size = sh("nbdinfo", &["--size", "nbd://127.0.0.1:10809/origin"]);
+    assert_eq!(size.trim(), (1u64 << 30).to_string());
+    assert_eq!(srv.stop(), 0);
+}
+
 #[test]
 fn several_cow_devices_in_one_process() {
     if !tools() {
