@@ -11,6 +11,31 @@
 //! - [`Server::run`]: blocks, serving, until a [`ShutdownHandle`] fires.
 //! - [`ShutdownHandle::shutdown`]: stop accepting; each connection finishes
 //!   the requests it has in flight, then closes; `run` then returns.
+//!
+//! # Design
+//!
+//! - One accept loop (`poll` over the listeners and a wake-up socket), one
+//!   thread per connection for negotiation and then for reading requests.
+//! - In transmission, per connection: the reader parses and checks each
+//!   request (`proto::check_request`, pure), takes a byte permit, reads a
+//!   WRITE payload and queues a job on a bounded channel; workers (started
+//!   on demand, up to `workers_per_conn`) run jobs against the `Volume` in
+//!   parallel; one writer thread serialises replies in completion order.
+//! - Memory: every request holds `payload + 4 KiB` of both its
+//!   connection's budget (`conn_buffer_bytes`) and the server's
+//!   (`server_buffer_bytes`) until its reply is written. A client that
+//!   stops reading replies stalls its own reader only; after 120 s without
+//!   progress its writes time out and it is dropped.
+//! - Requests up to `max_request` (64 MiB) are served; larger ones get an
+//!   error without allocation (a WRITE's payload is read and discarded).
+//! - Engine errors map through `Error::errno()` onto NBD errors; a deleted
+//!   version answers ESHUTDOWN. Protocol violations (bad magic, truncated
+//!   header, bad client flags, over-long options) end only that connection.
+//! - The wire format lives in [`proto`] as pure functions that never panic
+//!   on any input (fuzz targets: `parse_request_header`, `check_request`,
+//!   `parse_option_header`, `parse_option`, `extents_to_descriptors`).
+//! - Not supported: TLS (answered ERR_UNSUP), extended headers (ERR_UNSUP;
+//!   clients fall back to structured replies), NBD_CMD_CACHE (EINVAL).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -31,7 +31,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[cfg(test)]
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Connections beyond this are closed at once.
-pub const MAX_CONNECTIONS: usize = 4096;
+pub const MAX_CONNECTIONS: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

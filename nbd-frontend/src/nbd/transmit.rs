@@ -17,9 +17,10 @@
 
 use std::io::{BufWriter, Read, Write};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tracing::{debug, warn};
@@ -208,7 +209,12 @@ impl<B: Backend> Exec<B> {
     }
 }
 
-fn worker<B: Backend>(exec: Arc<Exec<B>>, jobs: Arc<Mutex<Receiver<Job>>>, replies: Sender<Reply>) {
+fn worker<B: Backend>(
+    exec: Arc<Exec<B>>,
+    jobs: Arc<Mutex<Receiver<Job>>>,
+    replies: Sender<Reply>,
+    inflight: Arc<AtomicUsize>,
+) {
     loop {
         // Hold the lock only to take one job, not while running it.
         let job = match jobs.lock() {
@@ -227,15 +233,90 @@ fn worker<B: Backend>(exec: Arc<Exec<B>>, jobs: Arc<Mutex<Receiver<Job>>>, repli
                 Vec::new(),
             )
         });
-        if replies
-            .send(Reply {
+        let sent = replies.send(Reply {
+            head,
+            data,
+            _permit: job.permit,
+        });
+        inflight.fetch_sub(1, Ordering::SeqCst);
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// The connection's workers, started on demand: one at first, another
+/// whenever more jobs are in flight than there are workers, up to the
+/// limit. An idle connection thus costs three threads, not 2 + limit.
+struct Pool<B> {
+    exec: Arc<Exec<B>>,
+    jobs_tx: mpsc::SyncSender<Job>,
+    jobs_rx: Arc<Mutex<Receiver<Job>>>,
+    replies: Sender<Reply>,
+    inflight: Arc<AtomicUsize>,
+    threads: Vec<JoinHandle<()>>,
+    max: usize,
+}
+
+impl<B: Backend> Pool<B> {
+    fn new(exec: Arc<Exec<B>>, replies: Sender<Reply>, max: usize) -> Self {
+        let max = max.max(1);
+        // Bounded: the reader waits here once every worker is busy and a
+        // few jobs are queued, on top of the byte budget.
+        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(max * 2);
+        Pool {
+            exec,
+            jobs_tx,
+            jobs_rx: Arc::new(Mutex::new(jobs_rx)),
+            replies,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            threads: Vec::new(),
+            max,
+        }
+    }
+
+    fn grow_if_busy(&mut self) {
+        let busy = self.inflight.load(Ordering::SeqCst);
+        if busy < self.threads.len() || self.threads.len() >= self.max {
+            return;
+        }
+        let (exec, jobs, replies, inflight) = (
+            self.exec.clone(),
+            self.jobs_rx.clone(),
+            self.replies.clone(),
+            self.inflight.clone(),
+        );
+        match std::thread::Builder::new()
+            .name(format!("nbd-worker-{}", self.threads.len()))
+            .spawn(move || worker(exec, jobs, replies, inflight))
+        {
+            Ok(t) => self.threads.push(t),
+            // With no worker at all, `submit` runs jobs inline instead.
+            Err(e) => warn!("cannot start a worker thread: {e}"),
+        }
+    }
+
+    fn submit(&mut self, job: Job) -> Result<(), &'static str> {
+        self.grow_if_busy();
+        if self.threads.is_empty() {
+            let mut job = job;
+            let (head, data) = self.exec.run(&mut job);
+            let _ = self.replies.send(Reply {
                 head,
                 data,
                 _permit: job.permit,
-            })
-            .is_err()
-        {
-            return;
+            });
+            return Ok(());
+        }
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        self.jobs_tx.send(job).map_err(|_| "workers are gone")
+    }
+
+    /// Let the workers finish what is queued, and wait for them.
+    fn finish(self) {
+        drop(self.jobs_tx);
+        for t in self.threads {
+            let _ = t.join();
         }
     }
 }
@@ -310,65 +391,33 @@ pub fn serve<B: Backend, R: Read>(
     });
     let broken = Arc::new(AtomicBool::new(false));
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
-    let workers = limits.workers.max(1);
-    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(workers * 2);
-    let job_rx = Arc::new(Mutex::new(job_rx));
-
-    let mut threads = Vec::with_capacity(workers + 1);
-    {
+    let writer_thread = {
         let broken = broken.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-writer".into())
             .spawn(move || writer(wstream, reply_rx, broken));
         match spawned {
-            Ok(t) => threads.push(t),
+            Ok(t) => t,
             Err(e) => return End::Error(format!("cannot start writer thread: {e}")),
         }
-    }
-    for i in 0..workers {
-        let (exec, jobs, replies) = (exec.clone(), job_rx.clone(), reply_tx.clone());
-        match std::thread::Builder::new()
-            .name(format!("nbd-worker-{i}"))
-            .spawn(move || worker(exec, jobs, replies))
-        {
-            Ok(t) => threads.push(t),
-            // Fewer workers still serve correctly; none would not, but the
-            // writer is up, so the loop below still has a way to answer.
-            Err(e) => warn!("cannot start worker thread: {e}"),
-        }
-    }
-    let serving_workers = threads.len() > 1;
-
-    let end = read_loop(
-        rd,
-        &cx,
-        limits,
-        &exec,
-        &job_tx,
-        &reply_tx,
-        &broken,
-        serving_workers,
-    );
-
-    // Let the workers finish what is queued, then the writer drain.
-    drop(job_tx);
+    };
+    let mut pool = Pool::new(exec, reply_tx.clone(), limits.workers);
+    let end = read_loop(rd, &cx, limits, &mut pool, &reply_tx, &broken);
+    // Workers finish what is queued; then, with every sender gone, the
+    // writer drains the replies and stops.
+    pool.finish();
     drop(reply_tx);
-    for t in threads {
-        let _ = t.join();
-    }
+    let _ = writer_thread.join();
     end
 }
 
-#[allow(clippy::too_many_arguments)]
 fn read_loop<B: Backend, R: Read>(
     rd: &mut MsgReader<R>,
     cx: &TransmissionContext,
     limits: &Limits,
-    exec: &Arc<Exec<B>>,
-    job_tx: &mpsc::SyncSender<Job>,
+    pool: &mut Pool<B>,
     reply_tx: &Sender<Reply>,
     broken: &AtomicBool,
-    have_workers: bool,
 ) -> End {
     let mut hb = [0u8; REQUEST_HEADER_LEN];
     loop {
@@ -412,18 +461,8 @@ fn read_loop<B: Backend, R: Read>(
                     payload,
                     permit,
                 };
-                if have_workers {
-                    if job_tx.send(job).is_err() {
-                        return End::Error("workers are gone".into());
-                    }
-                } else {
-                    let mut job = job;
-                    let (head, data) = exec.run(&mut job);
-                    let _ = reply_tx.send(Reply {
-                        head,
-                        data,
-                        _permit: job.permit,
-                    });
+                if let Err(e) = pool.submit(job) {
+                    return End::Error(e.into());
                 }
             }
             Err(rej) => {
