@@ -169,6 +169,95 @@ fn live_snapshot_is_usable_at_once() {
     assert!(v["chunks_used"].as_u64().unwrap() > 0);
 }
 
+/// Contract 2 through the CLI: a snapshot taken with `snapmv snapshot`
+/// while a client writes the origin block by block, in order, holds exactly
+/// a prefix of that write stream: every block is whole, and the blocks
+/// before some boundary carry pass P while the rest still carry pass P-1.
+#[test]
+fn live_snapshot_under_write_load_is_atomic() {
+    if !tools() || !have_tool("python3") {
+        return;
+    }
+    let f = fixture_with_a();
+    let _srv = serve(&f, &[]);
+    let nblocks = ORIGIN_SIZE / 4096;
+    let stop = f.path("stop-writer");
+    // libnbd's pwrite is synchronous: one write in flight, in block order.
+    let writer = r#"
+import nbd, os, struct, sys
+uri, n, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+h = nbd.NBD()
+h.connect_uri(uri)
+p = 0
+while not os.path.exists(stop):
+    p += 1
+    for i in range(n):
+        h.pwrite(struct.pack('<QQ', p, i) * 256, i * 4096)
+h.shutdown()
+"#;
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            writer,
+            &nbd_unix(&f.path("nbd.sock"), "sdb1"),
+            &nblocks.to_string(),
+            s(&stop),
+        ])
+        .spawn()
+        .unwrap();
+    // Killed and reaped on every path, a failed assertion included.
+    let mut child = Reap(child);
+    let mut tags = Vec::new();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for i in 0..6u64 {
+        let t = snapmv(&["snapshot", s(&f.cow), "sdb1"]).ok().stdout;
+        tags.push(t.trim().to_string());
+        std::thread::sleep(std::time::Duration::from_millis(100 + 70 * i));
+    }
+    std::fs::write(&stop, b"").unwrap();
+    let st = child.0.wait().unwrap();
+    assert!(st.success(), "writer failed");
+    let a = pattern(A, ORIGIN_SIZE as usize);
+    let mut saw_writes = false;
+    for t in tags {
+        let img = nbd_read(&f, &format!("sdb1@{t}"));
+        let passes: Vec<u64> = img
+            .chunks(4096)
+            .enumerate()
+            .map(|(i, blk)| {
+                if blk == &a[i * 4096..(i + 1) * 4096] {
+                    return 0;
+                }
+                let p = u64::from_le_bytes(blk[0..8].try_into().unwrap());
+                let idx = u64::from_le_bytes(blk[8..16].try_into().unwrap());
+                assert_eq!(idx, i as u64, "snapshot {t}: block {i} holds block {idx}");
+                assert!(
+                    blk.chunks(16).all(|c| c == &blk[0..16]),
+                    "snapshot {t}: block {i} is torn"
+                );
+                p
+            })
+            .collect();
+        let top = passes[0];
+        let j = passes.iter().take_while(|&&p| p == top).count();
+        assert!(
+            passes[j..].iter().all(|&p| top > 0 && p == top - 1),
+            "snapshot {t} is not a prefix of the write stream: pass {top} up to block {j}, then {:?}",
+            &passes[j..(j + 4).min(passes.len())]
+        );
+        println!("snapshot {t}: pass {top} up to block {j}");
+        saw_writes |= top > 0;
+    }
+    assert!(saw_writes, "the writer never got going");
+}
+
 #[test]
 fn live_rollback_wait() {
     if !tools() {
