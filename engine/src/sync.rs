@@ -62,7 +62,14 @@ mod loom_atomic {
 
     atomic!(AtomicBool, bool, fetch_or, fetch_and);
     atomic!(AtomicU64, u64, fetch_add, fetch_sub, fetch_max, fetch_min);
-    atomic!(AtomicUsize, usize, fetch_add, fetch_sub, fetch_max, fetch_min);
+    atomic!(
+        AtomicUsize,
+        usize,
+        fetch_add,
+        fetch_sub,
+        fetch_max,
+        fetch_min
+    );
 }
 
 #[cfg(not(loom))]

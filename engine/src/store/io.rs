@@ -251,10 +251,14 @@ impl Volume {
     }
 
     fn write_op(&self, offset: u64, data: &[u8]) -> Result<()> {
+        #[cfg(not(snapmv_planted_bug = "no_gate"))]
         let _g = sync::read(&self.o.gate);
         let ps = pieces(offset, data.len(), self.cs());
         let (first, last) = (ps[0].chunk, ps[ps.len() - 1].chunk);
+        #[cfg(not(snapmv_planted_bug = "no_write_lock"))]
         let _locks = self.inner.locks.exclusive_range(self.o.num, first, last);
+        #[cfg(snapmv_planted_bug = "no_write_lock")]
+        let _ = (first, last);
         match self.tag {
             None => self.write_origin(&ps, data),
             Some(_) => self.write_leaf(&ps, data),
