@@ -228,6 +228,9 @@ impl<D: BlockDev> Meta<D> {
     /// Mutable access to a cached page for the open transaction.
     pub(super) fn page_mut(&mut self, block: u64, role: Role) -> Result<&mut Page> {
         debug_assert!(!self.read_only);
+        // Load first: a page that fails to load must not be marked dirty,
+        // or every later commit would look for it in vain.
+        self.page(block, role)?;
         self.dirty.insert(block);
         Ok(&mut self.page(block, role)?.buf)
     }
@@ -359,6 +362,11 @@ impl<D: BlockDev> Meta<D> {
     }
     /// begin/write/end commit, then checkpoint if due, all under `&mut self`.
     pub fn commit(&mut self) -> Result<()> {
+        if self.jn.busy() {
+            return Err(Error::Busy(
+                "commit() while a CommitBatch/CheckpointBatch is outstanding; end it first".into(),
+            ));
+        }
         if let Some(plan) = self.plan_commit()? {
             if let Err(e) = super::journal::write_commit(&*self.dev, &plan) {
                 self.unplan_commit(plan)?;
@@ -404,5 +412,23 @@ impl<D: BlockDev + 'static> Meta<D> {
         Ok(self
             .plan_checkpoint(true)?
             .map(|p| CheckpointBatch::new(dev, p)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send<T: Send>() {}
+    fn sync<T: Sync>() {}
+
+    /// The store moves batches out of the meta lock and shares `Meta` in a
+    /// Mutex across threads.
+    #[test]
+    fn batches_are_send_and_meta_is_send_sync() {
+        send::<CommitBatch>();
+        send::<CheckpointBatch>();
+        send::<Meta<Arc<dyn BlockDev>>>();
+        sync::<Meta<Arc<dyn BlockDev>>>();
     }
 }

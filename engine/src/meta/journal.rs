@@ -98,6 +98,11 @@ impl JournalState {
         (b - 2 - 2 * b.div_ceil(DESC_SLOTS as u64)) as usize
     }
 
+    /// A split-API commit or checkpoint is outstanding.
+    pub(super) fn busy(&self) -> bool {
+        !self.inflight.is_empty() || self.ckpt_outstanding.is_some()
+    }
+
     pub(super) fn used_blocks(&self) -> u64 {
         self.used
     }
