@@ -103,8 +103,38 @@ impl World {
             .unwrap()
     }
 
+    /// Block status: extents tile the range; a Zero extent reads zeros; a
+    /// Shared one reads what the origin holds (unless a rollback is still
+    /// redirecting the origin's reads).
+    fn verify_map(&self, o: usize, tag: u64, content: &[u8]) {
+        use snapmv_engine::store::ExtentKind;
+        let ext = self.vol(o, tag).block_status(0, ORIGIN_SIZE).unwrap();
+        let mut pos = 0;
+        let rb = self.store.status().rollback.is_some();
+        for e in ext {
+            assert_eq!(e.offset, pos, "extents tile the volume");
+            let (a, b) = (e.offset as usize, (e.offset + e.len) as usize);
+            match e.kind {
+                ExtentKind::Zero => assert!(
+                    content[a..b].iter().all(|x| *x == 0),
+                    "zero extent {a}..{b}"
+                ),
+                ExtentKind::Shared if !rb => {
+                    assert!(
+                        content[a..b] == self.model[&(o, 0)][a..b],
+                        "shared extent {a}..{b} of tag {tag}"
+                    )
+                }
+                _ => {}
+            }
+            pos += e.len;
+        }
+        assert_eq!(pos, ORIGIN_SIZE);
+    }
+
     fn verify_all(&self) {
         for ((o, tag), want) in &self.model {
+            self.verify_map(*o, *tag, want);
             let mut got = vec![0u8; ORIGIN_SIZE as usize];
             self.vol(*o, *tag).read(0, &mut got).unwrap();
             if &got != want {

@@ -59,10 +59,10 @@ pub struct Status {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExtentKind {
-    /// Data this version holds on its own: a copied or written chunk
-    /// (for the origin: everything, since it is in place).
+    /// Data held on the COW device: copied there when the origin moved on,
+    /// or written in this version (for the origin: everything, in place).
     Own,
-    /// Shared with another version (inherited); a write here needs space.
+    /// Still the origin's data, read in place and shared with it.
     Shared,
     /// Reads as zeros with no data behind it.
     Zero,

@@ -13,6 +13,9 @@ use crate::sync::{self, Arc, Ordering};
 use crate::vtree::{CleanAction, NodeId, MAX_NODE, RB_MARK};
 use std::collections::HashMap;
 
+/// Chunks the rollback copier brings up to date under one lock set.
+const RB_BATCH: u64 = 64;
+
 impl Inner {
     /// `me` is the `Arc` holding `self` (an `&Arc<Self>` receiver does not
     /// compile with loom's `Arc`).
@@ -72,20 +75,32 @@ impl Inner {
                 o.rb_active.store(false, Ordering::Release);
                 break;
             }
-            let c = rb.cursor;
+            // A batch of chunks under one set of locks: their copies share
+            // one group commit instead of one commit per chunk.
+            let first = rb.cursor;
+            let last = (first + RB_BATCH.min((budget - done) as u64)).min(rb.total) - 1;
             #[cfg(not(snapmv_planted_bug = "no_rb_lock"))]
-            let _l = self.locks.exclusive(o.num, c);
-            let pending = rb_pending(&mut sync::lock(&self.md), o.num, c)?.is_some();
-            if pending {
-                vol.copy_rollback_chunk(c)?;
-            }
+            let _locks = self.locks.exclusive_range(o.num, first, last);
+            let pending = {
+                let mut md = sync::lock(&self.md);
+                let mut v = Vec::new();
+                for c in first..=last {
+                    if rb_pending(&mut md, o.num, c)?.is_some() {
+                        v.push(c);
+                    }
+                }
+                v
+            };
+            vol.copy_rollback_chunks(&pending)?;
             let mut md = sync::lock(&self.md);
-            md.del_exc(o.num, c, RB_MARK)?;
+            for c in first..=last {
+                md.del_exc(o.num, c, RB_MARK)?;
+            }
             if let Some(r) = md.app.rollback.as_mut() {
-                r.cursor = c + 1;
+                r.cursor = last + 1;
             }
             md.save_app()?;
-            done += 1;
+            done += (last + 1 - first) as usize;
         }
         Ok(done)
     }

@@ -61,4 +61,26 @@ impl GroupCommit {
     pub fn failed(&self) -> Option<String> {
         sync::lock(&self.st).failed.clone()
     }
+
+    /// Run `f` with no commit running beside it (for the full checkpoint
+    /// at close, which must not interleave with a commit's journal writes).
+    pub fn exclusive(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let mut st = sync::lock(&self.st);
+        while st.running {
+            st = sync::wait(&self.cv, st);
+        }
+        if let Some(f) = &st.failed {
+            return Err(Error::Poisoned(f.clone()));
+        }
+        st.running = true;
+        drop(st);
+        let r = f();
+        let mut st = sync::lock(&self.st);
+        st.running = false;
+        if let Err(e) = &r {
+            st.failed = Some(e.to_string());
+        }
+        self.cv.notify_all();
+        r
+    }
 }

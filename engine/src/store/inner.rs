@@ -634,7 +634,16 @@ impl Inner {
         for o in sync::read(&self.origins).values() {
             o.dev.flush()?;
         }
-        Ok(())
+        // A full checkpoint empties the journal: after a clean close nothing
+        // depends on the ring, so damage there cannot pass for a torn tail.
+        self.gc.exclusive(|| {
+            let cp = sync::lock(&self.md).meta.begin_checkpoint_all()?;
+            if let Some(cp) = cp {
+                cp.write()?;
+                sync::lock(&self.md).meta.end_checkpoint(cp)?;
+            }
+            Ok(())
+        })
     }
 }
 

@@ -538,10 +538,10 @@ impl Volume {
             }
             let c = pos / cs;
             let next = ((c + 1) * cs).min(end);
-            let kind = match md.get_exc(self.o.num, c, leaf)? {
-                Some(ZERO_CHUNK) => ExtentKind::Zero,
-                Some(_) => ExtentKind::Own,
-                None => ExtentKind::Shared,
+            let kind = match tree.resolve(leaf, c, &mut md.view(self.o.num))? {
+                Source::Exc(_, ZERO_CHUNK) => ExtentKind::Zero,
+                Source::Exc(..) => ExtentKind::Own,
+                Source::Origin => ExtentKind::Shared,
             };
             match out.last_mut() {
                 Some(e) if e.kind == kind => e.len += next - pos,
@@ -558,16 +558,22 @@ impl Volume {
 }
 
 impl Volume {
-    /// Bring chunk `c` of the origin up to the rolled-back snapshot's
-    /// content (the rollback copier's unit of work). Caller holds the
-    /// chunk's exclusive lock and the gate.
-    pub(crate) fn copy_rollback_chunk(&self, c: u64) -> Result<()> {
-        let p = Piece {
-            chunk: c,
-            in_off: 0,
-            len: 0,
-            buf_off: 0,
-        };
-        self.write_origin(&[p], &[])
+    /// Bring chunks of the origin up to the rolled-back snapshot's content
+    /// (the rollback copier's work). Caller holds their exclusive locks and
+    /// the gate. One group commit covers every copy the batch needs.
+    pub(crate) fn copy_rollback_chunks(&self, chunks: &[u64]) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let ps: Vec<Piece> = chunks
+            .iter()
+            .map(|&chunk| Piece {
+                chunk,
+                in_off: 0,
+                len: 0,
+                buf_off: 0,
+            })
+            .collect();
+        self.write_origin(&ps, &[])
     }
 }
