@@ -86,10 +86,12 @@ impl JournalState {
         }
     }
 
-    /// Largest transaction accepted: it must fit in the ring next to what a
-    /// regular (half-full threshold) checkpoint leaves behind.
+    /// Largest transaction accepted: nearly the whole ring. One that does
+    /// not fit behind what is already there gets room from a synchronous
+    /// checkpoint in `make_room` (commits are written one at a time, so
+    /// nothing else holds ring space then).
     fn max_txn_blocks(&self) -> u64 {
-        self.n * 3 / 4
+        self.n - 1
     }
 
     pub(super) fn max_txn_pages(&self) -> usize {
