@@ -261,3 +261,62 @@ fn sequential_and_extreme_keys() {
     assert_eq!(w.m.seek(Tree::Exceptions, 5000, 1 << 64).unwrap(), None);
     w.finish();
 }
+
+/// Throughput smoke test (run with --release --ignored --nocapture).
+#[test]
+#[ignore]
+fn perf_smoke() {
+    use std::time::Instant;
+    let mut w = World::new(11, 1 << 60);
+    let n = 300_000u64;
+    let t0 = Instant::now();
+    let mut keys = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let k = w.key();
+        let _ = i;
+        w.m.insert(Tree::Exceptions, k, &u64::MAX.to_le_bytes())
+            .unwrap();
+        keys.push(k);
+        maybe_commit(&mut w.m).unwrap();
+    }
+    w.m.commit().unwrap();
+    let ins = t0.elapsed();
+    let t1 = Instant::now();
+    for k in &keys {
+        assert!(w.m.get(Tree::Exceptions, *k).unwrap().is_some());
+    }
+    let get = t1.elapsed();
+    let t2 = Instant::now();
+    for k in &keys {
+        assert!(w
+            .m
+            .seek(Tree::Exceptions, *k, k.saturating_add(1 << 20))
+            .unwrap()
+            .is_some());
+    }
+    let seek = t2.elapsed();
+    let t3 = Instant::now();
+    drop(std::mem::replace(
+        &mut w.m,
+        Meta::open(w.dev.clone()).unwrap(),
+    ));
+    let reopen = t3.elapsed();
+    let t4 = Instant::now();
+    let rep = check(w.dev.clone()).unwrap();
+    let chk = t4.elapsed();
+    assert!(
+        rep.errors.is_empty(),
+        "{:#?}",
+        &rep.errors[..rep.errors.len().min(5)]
+    );
+    eprintln!(
+        "{n} keys, height {}: insert {:.0} ns/op, get {:.0} ns/op, seek {:.0} ns/op, reopen {:?}, check {:?} ({} pages)",
+        w.m.tree_root(Tree::Exceptions).1,
+        ins.as_nanos() as f64 / n as f64,
+        get.as_nanos() as f64 / n as f64,
+        seek.as_nanos() as f64 / n as f64,
+        reopen,
+        chk,
+        rep.pages_checked
+    );
+}

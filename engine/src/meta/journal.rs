@@ -434,6 +434,15 @@ impl<D: BlockDev> Meta<D> {
         if self.read_only {
             return Ok(None);
         }
+        if let Some(t) = self.jn.inflight.front() {
+            // Commits are written one at a time: a second one laid out
+            // behind an unfinished (perhaps failed) one would be lost at
+            // replay, which stops at the first incomplete transaction.
+            return Err(Error::Busy(format!(
+                "commit of transaction {} is still outstanding: end_commit or abort_commit it first",
+                t.seq
+            )));
+        }
         if self.state_dirty {
             let b = self.layout.state_block;
             let buf = format::encode_state(&self.st, b);
