@@ -15,6 +15,19 @@
 //! - `CommitBatch::write` first flushes the device (data chunks written for
 //!   new mappings become durable before the mappings do), then writes the
 //!   journal records and flushes again.
+//! - One commit at a time: `begin_commit` returns `Error::Busy` while a
+//!   `CommitBatch` is outstanding. If `write` fails, call `abort_commit`
+//!   (its pages rejoin the open transaction) or treat the store as failed;
+//!   never begin another commit behind a batch that was neither ended nor
+//!   aborted. Likewise `abort_checkpoint` after a failed checkpoint write.
+//! - Commit before `dirty_pages()` exceeds `max_dirty_pages()` (the journal
+//!   ring bounds one transaction: ~250 pages on the smallest devices, 1000+
+//!   from 256 MiB up); a larger one is refused by `begin_commit`.
+//! - After each commit, `begin_checkpoint` returns a batch once the journal
+//!   is half full. For a clean close use `checkpoint()` (or
+//!   `begin_checkpoint_all`), which leaves the journal empty.
+//!
+//! On-disk layout, block formats and checksums: see `crate::format`.
 
 mod btree;
 mod check;
