@@ -30,6 +30,7 @@ pub fn swarm(
     jobs: usize,
     progress: bool,
     stop_on_failure: bool,
+    opts: &RunOpts,
 ) -> SwarmReport {
     let start = Instant::now();
     let next = AtomicU64::new(0);
@@ -53,7 +54,7 @@ pub fn swarm(
     std::thread::scope(|sc| {
         for _ in 0..jobs.max(1) {
             let tx = tx.clone();
-            let (next, stop) = (&next, &stop);
+            let (next, stop, opts) = (&next, &stop, opts);
             sc.spawn(move || loop {
                 if stop.load(Ordering::Relaxed) {
                     break;
@@ -62,7 +63,7 @@ pub fn swarm(
                 if i >= count {
                     break;
                 }
-                let r = run_seed(from.wrapping_add(i), ops, &RunOpts::default());
+                let r = run_seed(from.wrapping_add(i), ops, opts);
                 if tx.send(r).is_err() {
                     break;
                 }
@@ -73,7 +74,7 @@ pub fn swarm(
             rep.seeds += 1;
             rep.stats.add(&r.stats);
             if let Some(f) = &r.failure {
-                bar.println(format!("{f}  replay: {}", f.replay_command("")));
+                bar.println(format!("{f}  replay: {}", f.replay_command(&opts.flags())));
                 rep.failures.push(r);
                 if stop_on_failure {
                     stop.store(true, Ordering::Relaxed);

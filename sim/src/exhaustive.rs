@@ -38,7 +38,7 @@ use crate::harness::{Failure, RunOpts, Stats, World};
 use crate::model::{Model, VKey};
 use crate::simdev::{mix, Event, EventKind, Image, WriteRec};
 use crate::workload::{Config, Generator, Op};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug)]
@@ -422,6 +422,57 @@ pub fn scripts() -> Vec<Script> {
             },
         },
         Script {
+            name: "rollback-twice",
+            about: "rollback T to completion, write T across two chunks, rollback T again",
+            setup: |w, g| {
+                run(w, g, &[wr(o0(), 0, 8 * CS), Op::StoreFlush, Op::Snapshot { origin: 0, of: None }])?;
+                let t1 = last_tag(w);
+                run(w, g, &[wr(snap(t1), CS + 1, 2 * CS), wr(o0(), 0, 4 * CS), Op::StoreFlush])?;
+                run(w, g, &[Op::Rollback { origin: 0, tag: t1 }, Op::Step { budget: 64 }])?;
+                Ok(vec![
+                    wr(snap(t1), CS, 2 * CS),
+                    Op::Rollback { origin: 0, tag: t1 },
+                    Op::Step { budget: 1 },
+                    Op::Step { budget: 64 },
+                ])
+            },
+        },
+        Script {
+            name: "write-snapshot-during-rollback",
+            about: "rollback T, then writes to T and to the origin before the copier reaches them",
+            setup: |w, g| {
+                run(w, g, &[wr(o0(), 0, 8 * CS), Op::StoreFlush, Op::Snapshot { origin: 0, of: None }])?;
+                let t1 = last_tag(w);
+                run(w, g, &[wr(o0(), 2 * CS, 4 * CS), Op::StoreFlush])?;
+                Ok(vec![
+                    Op::Rollback { origin: 0, tag: t1 },
+                    wr(snap(t1), 3 * CS - 4, 8),
+                    wr(o0(), 5 * CS + 2, 4),
+                    Op::Step { budget: 3 },
+                    Op::StoreFlush,
+                    Op::Step { budget: 64 },
+                ])
+            },
+        },
+        Script {
+            name: "delete-parent-of-snapshot",
+            about: "delete a snapshot that has a child (merge), with the cleaner moving chunks",
+            setup: |w, g| {
+                run(w, g, &[Op::Snapshot { origin: 0, of: None }])?;
+                let t1 = last_tag(w);
+                run(w, g, &[wr(snap(t1), 0, 2 * CS), Op::Snapshot { origin: 0, of: Some(t1) }])?;
+                let t2 = last_tag(w);
+                run(w, g, &[wr(snap(t1), CS, 4), wr(o0(), 3 * CS, 4), Op::StoreFlush])?;
+                Ok(vec![
+                    Op::Delete { origin: 0, tag: t1 },
+                    Op::Step { budget: 2 },
+                    wr(snap(t2), 8, 4),
+                    Op::Step { budget: 64 },
+                    Op::StoreFlush,
+                ])
+            },
+        },
+        Script {
             name: "metadata-commit",
             about: "snapshot writes that allocate, then the commit that makes their mappings durable",
             setup: |w, g| {
@@ -457,6 +508,7 @@ pub fn run_script(s: &Script, lim: &Limits, verbose: bool, stop_at_first: bool) 
             verbose,
             no_swarm: true,
             classifier: None,
+            off: Vec::new(),
         };
         let seed = mix(s.name.len() as u64 ^ 0xe4au64);
         let cfg = small_config();
@@ -507,18 +559,18 @@ fn record_and_check(
         .collect();
     // The model for a crash inside call i: calls before i done, call i
     // maybe. `starts[i]` is the index of call i's first event.
-    let mut models: Vec<Model> = Vec::new();
+    let mut models: Vec<(Model, BTreeSet<u64>)> = Vec::new();
     let mut starts: Vec<usize> = Vec::new();
     let base_seq = w.domain.seq();
     w.domain.start_recording();
     for op in ops {
-        models.push(w.interrupted_model(op));
+        models.push((w.interrupted_model(op), w.used_tags().clone()));
         starts.push((w.domain.seq() - base_seq) as usize);
         w.exec(op.clone(), g)?;
         w.op += 1;
     }
     let events = w.domain.stop_recording();
-    let final_model = w.model.clone();
+    let final_model = (w.model.clone(), w.used_tags().clone());
     check_events(
         w,
         &bases,
@@ -537,9 +589,9 @@ fn check_events(
     w: &World,
     bases: &[Base],
     events: &[Event],
-    models: &[Model],
+    models: &[(Model, BTreeSet<u64>)],
     starts: &[usize],
-    final_model: &Model,
+    final_model: &(Model, BTreeSet<u64>),
     lim: &Limits,
     stop_at_first: bool,
     rep: &mut WorkloadReport,
@@ -557,7 +609,7 @@ fn check_events(
     for &p in &points {
         // Which call was running at this point: the last one started at or
         // before event p; at the very end, all calls are done.
-        let model = if p == events.len() {
+        let (model, tags) = if p == events.len() {
             final_model
         } else {
             let i = starts.iter().rposition(|&s| s <= p).unwrap_or(0);
@@ -583,7 +635,7 @@ fn check_events(
                     .map(|(d, &i)| per_dev[d].0[i].img.clone())
                     .collect();
                 rep.checked += 1;
-                match w.check_state(model, images) {
+                match w.check_state(model, tags, images) {
                     Ok(s) => rep.stats.add(&s),
                     Err(f) => {
                         let desc: Vec<String> = idx
@@ -636,25 +688,24 @@ pub fn run_checkpoint(lim: &Limits, verbose: bool, stop_at_first: bool) -> Workl
             verbose,
             no_swarm: true,
             classifier: None,
+            off: Vec::new(),
         };
         let cfg = small_config();
         let mut w = World::new(0xc4ec, cfg.clone(), &opts)?;
         w.auto_power_cuts = false;
         let mut g = Generator::new(cfg);
-        run(
-            &mut w,
-            &mut g,
-            &[
-                Op::Snapshot {
-                    origin: 0,
-                    of: None,
-                },
-                Op::StoreFlush,
-            ],
-        )?;
-        let t1 = last_tag(&w);
         for round in 0..400u64 {
-            let ops = vec![wr(snap(t1), (round * 7) % 250, 6), Op::StoreFlush];
+            // Every round commits metadata (a delete, a snapshot, and the
+            // copy the origin write then needs), so the journal fills.
+            let mut ops = Vec::new();
+            if let Some(t) = w.model.snapshots_of(0).into_iter().max() {
+                ops.push(Op::Delete { origin: 0, tag: t });
+            }
+            ops.push(Op::Snapshot {
+                origin: 0,
+                of: None,
+            });
+            ops.push(wr(o0(), (round * 8) % 256, 8));
             let bases: Vec<Base> = devs(&w)
                 .iter()
                 .map(|d| Base {
@@ -667,7 +718,7 @@ pub fn run_checkpoint(lim: &Limits, verbose: bool, stop_at_first: bool) -> Workl
             let base_seq = w.domain.seq();
             w.domain.start_recording();
             for op in &ops {
-                models.push(w.interrupted_model(op));
+                models.push((w.interrupted_model(op), w.used_tags().clone()));
                 starts.push((w.domain.seq() - base_seq) as usize);
                 w.exec(op.clone(), &mut g)?;
                 w.op += 1;
@@ -682,7 +733,7 @@ pub fn run_checkpoint(lim: &Limits, verbose: bool, stop_at_first: bool) -> Workl
                 } else {
                     "no superblock write seen in 400 commits; enumerated the last".into()
                 };
-                let fm = w.model.clone();
+                let fm = (w.model.clone(), w.used_tags().clone());
                 return check_events(
                     &w,
                     &bases,
@@ -773,4 +824,74 @@ pub fn table(reps: &[WorkloadReport]) -> Vec<String> {
         tot.get("checked").copied().unwrap_or(0)
     ));
     v
+}
+
+/// Run `seed` normally for `at` operations, then record the next `window`
+/// operations (skipping the ones that crash, reboot or inject faults) and
+/// enumerate every crash state inside them. This turns a swarm failure
+/// found by one random crash into the full list of crash states that break
+/// the contract at that point.
+pub fn run_at(
+    seed: u64,
+    at: u64,
+    window: u64,
+    opts: &RunOpts,
+    lim: &Limits,
+    stop_at_first: bool,
+) -> WorkloadReport {
+    let start = Instant::now();
+    let mut rep = WorkloadReport {
+        name: format!("seed {seed} ops {at}..+{window}"),
+        ..Default::default()
+    };
+    crate::harness::install_panic_hook();
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), Failure> {
+        let cfg = crate::harness::config_for(seed, opts);
+        let mut w = World::new(seed, cfg.clone(), opts)?;
+        let mut g = Generator::new(cfg);
+        while w.op < at {
+            w.step(&mut g)?;
+        }
+        w.domain.disarm_power_cut();
+        w.auto_power_cuts = false;
+        let mut ops = Vec::new();
+        while (ops.len() as u64) < window {
+            let op = crate::harness::next_op(&mut w, &mut g);
+            if !matches!(
+                op,
+                Op::Crash
+                    | Op::PowerCut { .. }
+                    | Op::CleanReopen
+                    | Op::Eio { .. }
+                    | Op::Latent { .. }
+                    | Op::Corrupt
+                    | Op::Misdirect
+                    | Op::Fill { .. }
+            ) {
+                ops.push(op);
+            }
+        }
+        if opts.verbose {
+            for o in &ops {
+                println!("recorded: {o}");
+            }
+        }
+        record_and_check(&mut w, &mut g, &ops, lim, stop_at_first, &mut rep)
+    }));
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(f)) => rep.failures.push(("setup/recording".into(), f)),
+        Err(_) => rep.failures.push((
+            "setup/recording".into(),
+            Failure {
+                seed,
+                op: at,
+                clause: crate::harness::Clause::Panic,
+                what: "engine panicked during setup or recording".into(),
+                recent: vec![],
+            },
+        )),
+    }
+    rep.secs = start.elapsed().as_secs_f64();
+    rep
 }

@@ -197,6 +197,23 @@ pub struct RunOpts {
     /// Use `Config::standard()` instead of the seed's swarm member.
     pub no_swarm: bool,
     pub classifier: Option<MetaClassifier>,
+    /// Operation kinds switched off on top of the seed's configuration.
+    pub off: Vec<crate::workload::Kind>,
+}
+
+impl RunOpts {
+    /// The flags that reproduce these options on the command line.
+    pub fn flags(&self) -> String {
+        let mut f = String::new();
+        if self.no_swarm {
+            f.push_str("--no-swarm ");
+        }
+        if !self.off.is_empty() {
+            let names: Vec<String> = self.off.iter().map(|k| k.name()).collect();
+            f.push_str(&format!("--off {} ", names.join(",")));
+        }
+        f
+    }
 }
 
 impl Default for RunOpts {
@@ -205,6 +222,7 @@ impl Default for RunOpts {
             verbose: false,
             no_swarm: false,
             classifier: Some(crate::metaclass::classify),
+            off: Vec::new(),
         }
     }
 }
@@ -319,11 +337,17 @@ impl World {
     /// Check one crash state: boot a machine from `images` and hold it to
     /// `model` (contract 3/4, versions, checker), without touching `self`.
     /// Used by the exhaustive enumerator.
-    pub fn check_state(&self, model: &Model, images: Vec<Image>) -> Result<Stats, Failure> {
+    pub fn check_state(
+        &self,
+        model: &Model,
+        used_tags: &BTreeSet<u64>,
+        images: Vec<Image>,
+    ) -> Result<Stats, Failure> {
         let opts = RunOpts {
             verbose: false,
             no_swarm: true,
             classifier: None,
+            off: Vec::new(),
         };
         let mut w = World::bare(
             self.seed,
@@ -335,7 +359,7 @@ impl World {
             model.clone(),
         );
         w.op = self.op;
-        w.used_tags = self.used_tags.clone();
+        w.used_tags = used_tags.clone();
         w.recent = self.recent.clone();
         w.generation = self.generation + 1;
         w.boot(images)?;
@@ -704,9 +728,15 @@ impl World {
     fn check_nospace(&mut self, v: VKey, lba: u64, n: u64) -> Result<(), Failure> {
         self.stats.nospace += 1;
         let mut buf = vec![0u8; n as usize * SECTOR];
+        let fired = self.faults_fired();
         let r = self
             .volume(v)
             .and_then(|vol| vol.read(lba * SECTOR as u64, &mut buf));
+        if self.faults_fired() > fired {
+            // An armed fault fired in this read-back: nothing to conclude.
+            self.faulted = true;
+            return Ok(());
+        }
         match r {
             Ok(()) => {
                 if let Err(m) = self.model.check_read(v, lba, &buf) {
@@ -725,7 +755,7 @@ impl World {
             Err(_) => {}
         }
         let st = self.store()?.status();
-        if st.chunks_used * 2 < st.chunks_total {
+        if !self.faulted && st.chunks_used * 2 < st.chunks_total {
             return Err(self.fail(
                 Clause::Space,
                 format!(
@@ -942,6 +972,10 @@ impl World {
             img.latent.clear();
             images.push(img);
         }
+        self.note(format!(
+            "reboot ({})",
+            if crash { "crash" } else { "clean" }
+        ));
         if crash {
             self.stats.crashes += 1;
         } else {
@@ -1080,6 +1114,7 @@ impl World {
                 .collect();
             let refs: Vec<&Cands> = crash.iter().collect();
             let mut res = Model::check_after_crash(k, 0, &data, &refs);
+            let mut alt_err: Option<Mismatch> = None;
             if res.is_err() && k.tag.is_none() {
                 // An interrupted rollback onto this origin may have happened.
                 for m in &maybe {
@@ -1089,9 +1124,12 @@ impl World {
                     {
                         if *origin == k.origin {
                             let refs: Vec<&Cands> = content.iter().collect();
-                            if let Ok(seen) = Model::check_after_crash(k, 0, &data, &refs) {
-                                self.note(format!("interrupted rollback onto {k} took effect"));
-                                res = Ok(seen);
+                            match Model::check_after_crash(k, 0, &data, &refs) {
+                                Ok(seen) => {
+                                    self.note(format!("interrupted rollback onto {k} took effect"));
+                                    res = Ok(seen);
+                                }
+                                Err(m2) => alt_err = Some(m2),
                             }
                         }
                     }
@@ -1108,9 +1146,20 @@ impl World {
                 }
                 Err(m) => {
                     let clause = self.crash_clause(&m);
-                    return Err(
-                        self.fail(clause, format!("after reopen: {}", self.model.explain(&m)))
-                    );
+                    let mut what = format!("after reopen: {}", self.model.explain(&m));
+                    if let Some(m2) = alt_err {
+                        what.push_str(&format!(
+                            "; nor does it match the interrupted rollback's content: {}",
+                            self.model.explain(&m2)
+                        ));
+                    }
+                    if let Some(st) = self.store.as_ref().map(|s| s.status()) {
+                        what.push_str(&format!(
+                            " [engine after reopen: rollback {:?}, cleaning {}]",
+                            st.rollback, st.cleaning
+                        ));
+                    }
+                    return Err(self.fail(clause, what));
                 }
             }
         }
@@ -1222,7 +1271,9 @@ impl World {
         let mut imgs = images.to_vec();
         imgs[0] = bad;
         let saved = (self.domain.clone(), self.cow.clone(), self.origins.clone());
-        let outcome = self.probe_inner(imgs, block, &what, must_report.contains(&block));
+        let mut bad_page = vec![0u8; PAGE];
+        imgs[0].read(block * PAGE as u64, &mut bad_page);
+        let outcome = self.probe_inner(imgs, block, &bad_page, &what, must_report.contains(&block));
         // Back to the undamaged machine state for the real reboot.
         self.domain.power_off();
         self.store = None;
@@ -1234,6 +1285,7 @@ impl World {
         &mut self,
         imgs: Vec<Image>,
         block: u64,
+        bad_page: &[u8],
         what: &str,
         must_report: bool,
     ) -> Result<(), Failure> {
@@ -1316,7 +1368,13 @@ impl World {
             Err(_) => true,
         };
         detected |= check_found;
-        let read = self.cow.take_reads().contains(&block) || copy.take_reads().contains(&block);
+        // "Read and accepted" only counts while the block still holds the
+        // damage: journal replay may legitimately rewrite it from a newer
+        // image before anything reads it.
+        let mut now = vec![0u8; PAGE];
+        self.cow.peek(block * PAGE as u64, &mut now);
+        let read = (self.cow.take_reads().contains(&block) || copy.take_reads().contains(&block))
+            && now == bad_page;
         if detected {
             self.stats.damage_detected += 1;
         } else if !read {
@@ -1373,13 +1431,26 @@ pub fn install_panic_hook() {
 
 /// Run one seed for `ops` operations. A panic anywhere is caught and
 /// reported as a failure, never excused.
-pub fn run_seed(seed: u64, ops: u64, opts: &RunOpts) -> RunResult {
-    install_panic_hook();
-    let cfg = if opts.no_swarm {
+/// The configuration a seed runs with under `opts`.
+pub fn config_for(seed: u64, opts: &RunOpts) -> Config {
+    let mut cfg = if opts.no_swarm {
         Config::standard()
     } else {
         Config::swarm(seed)
     };
+    cfg.switch_off(&opts.off);
+    cfg
+}
+
+/// Draw the next operation without executing it (for the exhaustive
+/// mode's "enumerate the crash states of this seed's op N").
+pub fn next_op(w: &mut World, gen: &mut Generator) -> Op {
+    gen.next(&mut w.rng, &w.model)
+}
+
+pub fn run_seed(seed: u64, ops: u64, opts: &RunOpts) -> RunResult {
+    install_panic_hook();
+    let cfg = config_for(seed, opts);
     let config = cfg.summary();
     if opts.verbose {
         println!("seed {seed}: {config}");

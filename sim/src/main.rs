@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use snapmv_sim::exhaustive::{self, Limits};
+use snapmv_sim::workload::Kind;
 use snapmv_sim::{campaign, parse_seed, run_seed, RunOpts};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -32,6 +33,9 @@ enum Cmd {
         /// Use the standard operation mix instead of the seed's swarm member.
         #[arg(long)]
         no_swarm: bool,
+        /// Operation kinds to switch off (comma-separated, e.g. eio,latent).
+        #[arg(long, default_value = "")]
+        off: String,
     },
     /// Run many seeds, each with its own swarm configuration.
     Swarm {
@@ -47,6 +51,9 @@ enum Cmd {
         jobs: Option<usize>,
         #[arg(long)]
         stop_on_failure: bool,
+        /// Operation kinds to switch off (comma-separated, e.g. eio,latent).
+        #[arg(long, default_value = "")]
+        off: String,
     },
     /// Enumerate every crash state of the scripted workloads.
     Exhaustive {
@@ -61,10 +68,42 @@ enum Cmd {
         /// List the workloads and exit.
         #[arg(long)]
         list: bool,
+        /// Instead of the scripted workloads: run this seed (u64 or commit
+        /// id) for --at operations, then enumerate every crash state of the
+        /// next --window operations.
+        #[arg(long)]
+        seed: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        at: u64,
+        #[arg(long, default_value_t = 1)]
+        window: u64,
+        /// With --seed: operation kinds to switch off, as for `run`.
+        #[arg(long, default_value = "")]
+        off: String,
     },
 }
 
+fn seed_or_exit(s: &str) -> Result<u64, ExitCode> {
+    parse_seed(s).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn off_or_exit(s: &str) -> Result<Vec<Kind>, ExitCode> {
+    Kind::parse_list(s).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
 fn main() -> ExitCode {
+    match real_main() {
+        Ok(c) | Err(c) => c,
+    }
+}
+
+fn real_main() -> Result<ExitCode, ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run {
@@ -72,26 +111,22 @@ fn main() -> ExitCode {
             ops,
             verbose,
             no_swarm,
+            off,
         } => {
-            let s = match parse_seed(&seed) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let t = Instant::now();
+            let s = seed_or_exit(&seed)?;
             let opts = RunOpts {
                 verbose,
                 no_swarm,
+                off: off_or_exit(&off)?,
                 ..Default::default()
             };
+            let t = Instant::now();
             let r = run_seed(s, ops, &opts);
             let secs = t.elapsed().as_secs_f64();
             println!("seed {s} ({seed}): {}", r.config);
             println!("{}", r.stats);
             println!(
-                "trace hash {:08x}; {} ops in {:.2}s = {:.0} simulated ops/s",
+                "trace hash {:08x}; {} ops in {:.3}s = {:.0} simulated ops/s",
                 r.trace_hash,
                 r.stats.ops,
                 secs,
@@ -100,13 +135,12 @@ fn main() -> ExitCode {
             match r.failure {
                 None => {
                     println!("PASS");
-                    ExitCode::SUCCESS
+                    Ok(ExitCode::SUCCESS)
                 }
                 Some(f) => {
-                    let flag = if no_swarm { "--no-swarm " } else { "" };
                     print!("{f}");
-                    println!("replay: {}", f.replay_command(flag));
-                    ExitCode::FAILURE
+                    println!("replay: {}", f.replay_command(&opts.flags()));
+                    Ok(ExitCode::FAILURE)
                 }
             }
         }
@@ -116,13 +150,12 @@ fn main() -> ExitCode {
             ops,
             jobs,
             stop_on_failure,
+            off,
         } => {
-            let s = match parse_seed(&from) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(2);
-                }
+            let s = seed_or_exit(&from)?;
+            let opts = RunOpts {
+                off: off_or_exit(&off)?,
+                ..Default::default()
             };
             let jobs = jobs.unwrap_or_else(|| {
                 std::thread::available_parallelism()
@@ -130,10 +163,11 @@ fn main() -> ExitCode {
                     .unwrap_or(1)
             });
             println!(
-                "swarm: seeds {s}..{} ({seeds} seeds), {ops} ops each, {jobs} jobs",
-                s.wrapping_add(seeds)
+                "swarm: seeds {s}..{} ({seeds} seeds), {ops} ops each, {jobs} jobs {}",
+                s.wrapping_add(seeds),
+                opts.flags()
             );
-            let rep = campaign::swarm(s, seeds, ops, jobs, true, stop_on_failure);
+            let rep = campaign::swarm(s, seeds, ops, jobs, true, stop_on_failure, &opts);
             println!("{}", rep.stats);
             println!(
                 "{} seeds, {} ops in {:.1}s = {:.0} simulated ops/s; {} failed",
@@ -146,38 +180,60 @@ fn main() -> ExitCode {
             for r in &rep.failures {
                 if let Some(f) = &r.failure {
                     println!(
-                        "FAILED seed {} op {}: {}: replay: {}",
+                        "FAILED seed {} op {}: {}: {}\n  replay: {}",
                         f.seed,
                         f.op,
                         f.clause,
-                        f.replay_command("")
+                        f.what,
+                        f.replay_command(&opts.flags())
                     );
                 }
             }
-            if rep.failures.is_empty() {
+            Ok(if rep.failures.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
-            }
+            })
         }
         Cmd::Exhaustive {
             workload,
             all_failures,
             verbose,
             list,
+            seed,
+            at,
+            window,
+            off,
         } => {
             if list {
                 for s in exhaustive::scripts() {
                     println!("{:<34} {}", s.name, s.about);
                 }
                 println!(
-                    "{:<34} commit until one checkpoints the journal; enumerate that commit",
+                    "{:<34} commit until one checkpoints the journal; enumerate that round",
                     "checkpoint"
                 );
-                return ExitCode::SUCCESS;
+                return Ok(ExitCode::SUCCESS);
             }
             let lim = Limits::default();
-            let reps = exhaustive::run_all(workload.as_deref(), &lim, verbose, !all_failures);
+            let reps = match &seed {
+                Some(sd) => {
+                    let opts = RunOpts {
+                        verbose,
+                        off: off_or_exit(&off)?,
+                        ..Default::default()
+                    };
+                    vec![exhaustive::run_at(
+                        seed_or_exit(sd)?,
+                        at,
+                        window,
+                        &opts,
+                        &lim,
+                        !all_failures,
+                    )]
+                }
+                None => exhaustive::run_all(workload.as_deref(), &lim, verbose, !all_failures),
+            };
             for l in exhaustive::table(&reps) {
                 println!("{l}");
             }
@@ -189,14 +245,17 @@ fn main() -> ExitCode {
                 for (at, f) in &r.failures {
                     failed = true;
                     println!("FAILED workload {} at {at}:\n{f}", r.name);
-                    println!("replay: cargo run --release -p snapmv-sim -- exhaustive --workload {} --all-failures", r.name);
+                    println!(
+                        "replay: cargo run --release -p snapmv-sim -- exhaustive --workload {} --all-failures",
+                        r.name
+                    );
                 }
             }
-            if failed {
+            Ok(if failed {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
-            }
+            })
         }
     }
 }

@@ -64,6 +64,28 @@ impl Kind {
         Kind::Fill,
     ];
 
+    pub fn name(self) -> String {
+        format!("{self:?}").to_lowercase()
+    }
+
+    /// Parse a comma-separated list of kind names (case-insensitive).
+    pub fn parse_list(s: &str) -> Result<Vec<Kind>, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(|x| {
+                Kind::ALL
+                    .iter()
+                    .copied()
+                    .find(|k| k.name() == x.to_lowercase())
+                    .ok_or_else(|| {
+                        let all: Vec<String> = Kind::ALL.iter().map(|k| k.name()).collect();
+                        format!("unknown operation kind {x:?}; kinds: {}", all.join(","))
+                    })
+            })
+            .collect()
+    }
+
     /// Default weight (per mille-ish), before swarm perturbation.
     fn base(self) -> u32 {
         match self {
@@ -194,6 +216,16 @@ impl Config {
             },
             max_budget: [1, 2, 4, 16][r.gen_range(0..4)],
             max_snapshots: [3, 8, 16, 32][r.gen_range(0..4)],
+        }
+    }
+
+    /// Switch `kinds` off (weight 0), e.g. while an engine bug they
+    /// trigger is open.
+    pub fn switch_off(&mut self, kinds: &[Kind]) {
+        for (k, w) in &mut self.weights {
+            if kinds.contains(k) {
+                *w = 0;
+            }
         }
     }
 
