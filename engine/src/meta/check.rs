@@ -40,6 +40,24 @@ pub fn check<D: BlockDev>(dev: D) -> Result<CheckReport> {
     if let Some(e) = m.jn.damage.take() {
         c.err(format!("journal: {e}"));
     }
+    // Both slots are written at format and alternate at each checkpoint, so
+    // each must be valid. Open falls back to the other one (a torn slot is a
+    // legal crash state, healed by the next checkpoint), but check reports it:
+    // a flipped newest slot would otherwise silently roll the store back.
+    for slot in 0..2u64 {
+        let mut buf = format::new_page();
+        match m.dev.read_at(slot * format::BLOCK, &mut buf[..]) {
+            Ok(()) => {
+                if let Err(e) = format::decode_superblock(&buf[..], slot) {
+                    c.err(format!(
+                        "superblock slot {} (block {slot}): {e}",
+                        ["A", "B"][slot as usize]
+                    ));
+                }
+            }
+            Err(e) => c.err(format!("superblock slot block {slot}: unreadable: {e}")),
+        }
+    }
     match m.load_state() {
         Ok(st) => m.st = st,
         Err(e) => {
