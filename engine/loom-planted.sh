@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Each planted bug removes one protection from the engine (see the
+# `snapmv_planted_bug` cfgs in engine/src/store); the loom model guarding that
+# protection must FAIL. For each bug this rebuilds the engine with
+# `--cfg loom --cfg snapmv_planted_bug="<bug>"`, runs the whole loom suite, and
+# checks that the expected model(s) failed. Exit status is non-zero if any
+# planted bug goes unnoticed.
+#
+# Build cost: RUSTFLAGS stays `--cfg loom` for every bug, and the bug's cfg is
+# added only to workspace crates through a per-bug RUSTC_WORKSPACE_WRAPPER.
+# Cargo hashes the workspace wrapper into the workspace crates' artifact
+# names, so the dependencies (loom, proptest, ...) are built once and shared,
+# and each bug's engine build is cached separately in target/loom-planted.
+#
+#   engine/loom-planted.sh              # every bug
+#   engine/loom-planted.sh no_gate      # only the named ones
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
+# Planted builds only need to run the models, not run them fast: the test
+# profile (opt-level 1) without debug info compiles much quicker.
+export CARGO_PROFILE_TEST_DEBUG=0
+export CARGO_PROFILE_DEV_DEBUG=0
+
+# bug -> models that must fail under it
+declare -A expect=(
+  [no_chunk_lock]="model_read_vs_origin_write"
+  [no_write_lock]="model_two_writers_first_copy"
+  [no_gate]="model_write_vs_snapshot model_write_vs_own_delete"
+  [no_clean_lock]="model_write_vs_delete_clean"
+  [no_flush_barrier]="model_flush_vs_writes"
+  [no_rb_lock]="model_rollback_vs_write"
+  [skip_cow_flush]="model_copy_before_overwrite_crash"
+)
+order=(no_chunk_lock no_write_lock no_gate no_clean_lock no_flush_barrier no_rb_lock skip_cow_flush)
+if [ $# -gt 0 ]; then order=("$@"); fi
+
+target="$PWD/target/loom-planted"
+mkdir -p "$target/wrappers"
+export CARGO_TARGET_DIR="$target"
+export RUSTFLAGS="--cfg loom"
+
+start=$SECONDS
+missed=()
+summary=()
+for bug in "${order[@]}"; do
+  [ -n "${expect[$bug]:-}" ] || { echo "unknown planted bug: $bug" >&2; exit 2; }
+  t0=$SECONDS
+  echo "=== planted bug $bug: expect ${expect[$bug]} to fail"
+  out=$(mktemp)
+  set +e
+  wrap="$target/wrappers/rustc-planted-$bug"
+  cat >"$wrap.tmp" <<WRAP
+#!/bin/sh
+# cargo's RUSTC_WORKSPACE_WRAPPER for loom-planted.sh: \$1 is rustc.
+case " \$* " in
+  *" --crate-name "*) exec "\$@" --cfg 'snapmv_planted_bug="$bug"' ;;
+esac
+exec "\$@"
+WRAP
+  chmod +x "$wrap.tmp"
+  if cmp -s "$wrap.tmp" "$wrap"; then rm -f "$wrap.tmp"; else mv "$wrap.tmp" "$wrap"; fi
+  RUSTC_WORKSPACE_WRAPPER="$wrap" \
+    cargo test -p snapmv-engine --test loom_models -- --test-threads=2 >"$out" 2>&1
+  rc=$?
+  set -e
+  if ! grep -q '^test result:' "$out"; then
+    tail -40 "$out"
+    echo "planted bug $bug: the loom suite did not run (build failure?)" >&2
+    rm -f "$out"
+    exit 1
+  fi
+  failed=$(grep -o '^test model_[a-z_]* \.\.\. FAILED' "$out" | awk '{print $2}' | sort | tr '\n' ' ')
+  ok=1
+  for m in ${expect[$bug]}; do
+    if ! grep -q "^test $m \.\.\. FAILED" "$out"; then ok=0; fi
+  done
+  # The first assertion message of each failing model, to show what broke.
+  grep -A1 "panicked at" "$out" | grep -v '^--' | grep -v 'panicked at' | sort -u | head -4 | sed 's/^/    /'
+  if [ "$ok" = 1 ] && [ "$rc" != 0 ]; then
+    line="$bug: CAUGHT (failing: ${failed}) [$((SECONDS - t0))s]"
+  else
+    line="$bug: MISSED (expected ${expect[$bug]} to fail; failing: ${failed:-none}) [$((SECONDS - t0))s]"
+    missed+=("$bug")
+  fi
+  echo "$line"
+  summary+=("$line")
+  rm -f "$out"
+done
+echo
+echo "loom planted bugs (LOOM_MAX_PREEMPTIONS=$LOOM_MAX_PREEMPTIONS), $((SECONDS - start))s:"
+printf '  %s\n' "${summary[@]}"
+if [ ${#missed[@]} -gt 0 ]; then
+  echo "planted bugs NOT caught: ${missed[*]}" >&2
+  exit 1
+fi
+echo "every planted bug was caught"
