@@ -69,7 +69,10 @@ impl Rig {
     /// previous one is deleted and cleaned. Untimed.
     fn resnapshot(&mut self) {
         self.now += 1;
-        let tag = self.store.snapshot("o", None, "bench", self.now).expect("snapshot");
+        let tag = self
+            .store
+            .snapshot("o", None, "bench", self.now)
+            .expect("snapshot");
         if let Some(old) = self.snap.replace(tag) {
             self.store.delete("o", old).expect("delete");
             while self.store.step_background(4096).expect("clean").more {}
@@ -81,13 +84,7 @@ impl Rig {
 /// [t * PER_THREAD, (t + 1) * PER_THREAD): random chunks and offsets when
 /// `distinct` is false, each chunk at most once (in random order) when true.
 /// Returns the wall time from the common start to the last finish.
-fn timed_round(
-    vol: &Volume,
-    threads: u64,
-    per_thread: u64,
-    distinct: bool,
-    seed: u64,
-) -> Duration {
+fn timed_round(vol: &Volume, threads: u64, per_thread: u64, distinct: bool, seed: u64) -> Duration {
     let start = Barrier::new(threads as usize + 1);
     std::thread::scope(|s| {
         let start = &start;
