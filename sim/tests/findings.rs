@@ -105,7 +105,6 @@ fn rollback_then_write_snapshot_online() {
 /// through the frozen source, shows T's later write.
 /// Swarm: `snapmv-sim run --seed 204 --ops 273 --off eio,latent`.
 #[test]
-#[ignore = "open engine bug F1 (sim/FINDINGS.md)"]
 fn f1_in_place_write_into_uncommitted_cleaner_move() {
     let (s, c, od) = sim_setup(8 << 20, 4 * CS as u64);
     let ov = s.volume("o", None).unwrap();
@@ -142,7 +141,6 @@ fn f1_in_place_write_into_uncommitted_cleaner_move() {
 /// leak durable and `meta::check` reports it.
 /// Swarm: `snapmv-sim run --seed 4 --ops 17`.
 #[test]
-#[ignore = "open engine bug F2 (sim/FINDINGS.md)"]
 fn f2_failed_write_leaks_its_allocation() {
     let (s, c, _od) = sim_setup(8 << 20, 4 * CS as u64);
     let t = s.snapshot("o", None, "t", 2).unwrap();
@@ -182,7 +180,6 @@ fn fill(s: &Store, t: u64, max: usize) -> usize {
 /// that "failed" has zeroed part of its range.
 /// Swarm: `snapmv-sim run --seed 106 --ops 369 --off eio,latent`.
 #[test]
-#[ignore = "open engine bug F3 (sim/FINDINGS.md)"]
 fn f3_write_zeroes_partially_applied_before_enospc() {
     let origin = 256 * CS as u64;
     let (s, _c, _od) = sim_setup(3 << 20, origin);
@@ -213,7 +210,6 @@ fn f3_write_zeroes_partially_applied_before_enospc() {
 /// while `status()` already reports them free.
 /// Swarm: `snapmv-sim run --seed 221 --ops 819 --off eio,latent`.
 #[test]
-#[ignore = "open engine bug F4 (sim/FINDINGS.md)"]
 fn f4_enospc_while_freed_chunks_wait_for_a_commit() {
     let origin = 256 * CS as u64;
     let (s, _c, _od) = sim_setup(3 << 20, origin);

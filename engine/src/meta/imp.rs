@@ -317,6 +317,11 @@ impl<D: BlockDev> Meta<D> {
         Ok(())
     }
     /// Pages dirtied by the open transaction.
+    /// Blocks freed by transactions not yet durable: allocatable after the
+    /// next commit (the store commits before answering ENOSPC).
+    pub fn quarantined_blocks(&self) -> u64 {
+        self.sm.quarantined_blocks()
+    }
     pub fn dirty_pages(&self) -> usize {
         let state_extra = self.state_dirty && !self.dirty.contains(&self.layout.state_block);
         self.dirty.len() + usize::from(state_extra)

@@ -13,6 +13,9 @@ use crate::sync::{self, Arc, Ordering};
 use crate::vtree::{CleanAction, NodeId, MAX_NODE, RB_MARK};
 use std::collections::HashMap;
 
+/// Chunks the cleaner handles under one lock set and one commit.
+const CLEAN_BATCH: usize = 64;
+
 /// Chunks the rollback copier brings up to date under one lock set.
 const RB_BATCH: u64 = 64;
 
@@ -144,29 +147,55 @@ impl Inner {
                         .any(|n| n.flagged && n.flag_gen < pass_gen)
                 })
             });
-            let next_cursor = match (wanted, o) {
-                (true, Some(o)) => {
-                    self.clean_chunk(&o, chunk, pass_gen)?;
-                    done += 1;
-                    exc_key(onum, chunk + 1, 0)
-                }
+            match (wanted, o) {
+                (true, Some(o)) => done += self.clean_batch(&o, chunk, pass_gen, budget - done)?,
                 // Nothing to clean in this origin: skip all of it.
-                _ => match onum.checked_add(1) {
-                    Some(n) => exc_key(n, 0, 0),
-                    None => u128::MAX,
-                },
-            };
-            let mut md = sync::lock(&self.md);
-            md.app.clean_pass = Some((pass_gen, next_cursor));
-            md.save_app()?;
+                _ => {
+                    let next = match onum.checked_add(1) {
+                        Some(n) => exc_key(n, 0, 0),
+                        None => u128::MAX,
+                    };
+                    let mut md = sync::lock(&self.md);
+                    md.app.clean_pass = Some((pass_gen, next));
+                    md.save_app()?;
+                }
+            }
         }
         Ok(done)
     }
 
-    fn clean_chunk(&self, o: &OriginRt, c: u64, pass_gen: u64) -> Result<()> {
+    /// Clean a run of chunks of one origin, from `first`, holding each
+    /// chunk's lock until the batch is durable. A moved exception becomes
+    /// its heir's own chunk, which the heir then writes in place; were the
+    /// move not durable first, a crash could undo it under that in-place
+    /// data, and the node it came from would read another version's write.
+    fn clean_batch(&self, o: &OriginRt, first: u64, pass_gen: u64, max: usize) -> Result<usize> {
         let _g = sync::read(&o.gate);
-        #[cfg(not(snapmv_planted_bug = "no_clean_lock"))]
-        let _l = self.locks.exclusive(o.num, c);
+        let mut locks: Vec<super::locks::ExclusiveGuard<'_>> = Vec::new();
+        let (mut c, mut n) = (first, 0usize);
+        loop {
+            #[cfg(not(snapmv_planted_bug = "no_clean_lock"))]
+            locks.push(self.locks.exclusive(o.num, c));
+            self.clean_chunk(o, c, pass_gen)?;
+            n += 1;
+            let mut md = sync::lock(&self.md);
+            md.app.clean_pass = Some((pass_gen, exc_key(o.num, c + 1, 0)));
+            md.save_app()?;
+            let lo = exc_key(o.num, c + 1, 0);
+            let hi = exc_key(o.num, (1 << 48) - 1, MAX_NODE);
+            match md.meta.seek(Tree::Exceptions, lo, hi)? {
+                Some((k, _)) if n < max.min(CLEAN_BATCH) => c = split_key(k).1,
+                _ => break,
+            }
+        }
+        let gen = sync::lock(&self.md).gen;
+        self.sync_gen(gen)?;
+        drop(locks);
+        Ok(n)
+    }
+
+    /// Apply the cleaner's decisions at one chunk (its lock is held).
+    fn clean_chunk(&self, o: &OriginRt, c: u64, pass_gen: u64) -> Result<()> {
         let tree = sync::read(&o.tree);
         let mut md = sync::lock(&self.md);
         let lo = exc_key(o.num, c, 0);

@@ -265,6 +265,11 @@ impl Inner {
         self.sync_gen(want)
     }
 
+    /// Whether chunks freed by a not-yet-durable transaction wait for a commit.
+    pub fn space_pending(&self) -> bool {
+        sync::lock(&self.md).meta.quarantined_blocks() > 0
+    }
+
     /// Commit early if the open transaction grew large.
     pub fn maybe_commit(&self) -> Result<()> {
         let want = {

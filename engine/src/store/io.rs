@@ -250,18 +250,42 @@ impl Volume {
         Ok(())
     }
 
+    /// One sub-operation. ENOSPC is final only once chunks freed by
+    /// not-yet-durable transactions have been released by a commit.
     fn write_op(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_pieces(&pieces(offset, data.len(), self.cs()), data)
+    }
+
+    /// Write pieces in ascending chunk order (one per chunk) as one
+    /// all-or-nothing operation with respect to space.
+    fn write_pieces(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
+        match self.write_pieces_once(ps, data) {
+            Err(Error::NoSpace) if self.inner.space_pending() => {
+                self.inner.sync_all()?;
+                self.write_pieces_once(ps, data)
+            }
+            r => r,
+        }
+    }
+
+    fn write_pieces_once(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
+        debug_assert!(ps.windows(2).all(|w| w[0].chunk < w[1].chunk));
         #[cfg(not(snapmv_planted_bug = "no_gate"))]
         let _g = sync::read(&self.o.gate);
-        let ps = pieces(offset, data.len(), self.cs());
         let (first, last) = (ps[0].chunk, ps[ps.len() - 1].chunk);
         #[cfg(not(snapmv_planted_bug = "no_write_lock"))]
-        let _locks = self.inner.locks.exclusive_range(self.o.num, first, last);
+        let _locks: Vec<_> = match last - first + 1 == ps.len() as u64 {
+            true => self.inner.locks.exclusive_range(self.o.num, first, last),
+            false => ps
+                .iter()
+                .map(|p| self.inner.locks.exclusive(self.o.num, p.chunk))
+                .collect(),
+        };
         #[cfg(snapmv_planted_bug = "no_write_lock")]
         let _ = (first, last);
         match self.tag {
-            None => self.write_origin(&ps, data),
-            Some(_) => self.write_leaf(&ps, data),
+            None => self.write_origin(ps, data),
+            Some(_) => self.write_leaf(ps, data),
         }
     }
 
@@ -311,16 +335,23 @@ impl Volume {
     fn write_origin(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
         let (plans, rb) = self.plan_origin(ps)?;
         // 1. Preserve the old origin data for the snapshots that share it.
-        let mut copied = false;
-        for (p, pl) in ps.iter().zip(&plans) {
-            if let Some((_, dst)) = pl.copy_to {
-                let old = self.read_full(Source::Origin, p.chunk)?;
-                self.inner
-                    .cow
-                    .write_at(self.inner.geo.chunk_offset(dst), &old)?;
-                copied = true;
+        let copies: Vec<u64> = plans
+            .iter()
+            .filter_map(|p| p.copy_to.map(|c| c.1))
+            .collect();
+        let io = || -> Result<()> {
+            for (p, pl) in ps.iter().zip(&plans) {
+                if let Some((_, dst)) = pl.copy_to {
+                    let old = self.read_full(Source::Origin, p.chunk)?;
+                    self.inner
+                        .cow
+                        .write_at(self.inner.geo.chunk_offset(dst), &old)?;
+                }
             }
-        }
+            Ok(())
+        };
+        self.unless_ok_free(io(), &copies)?;
+        let copied = !copies.is_empty();
         if copied {
             let gen = {
                 let mut md = sync::lock(&self.inner.md);
@@ -386,34 +417,40 @@ impl Volume {
                 .count();
             (leaf, plans, alloc_n(&mut md, need)?.into_iter())
         };
+        let allocated: Vec<u64> = fresh.clone().collect();
         let mut maps = Vec::new();
-        for (p, pl) in ps.iter().zip(&plans) {
-            let piece = &data[p.buf_off..p.buf_off + p.len];
-            match *pl {
-                LeafPlan::InPlace(val) => {
-                    let at = self.inner.geo.chunk_offset(val) + p.in_off as u64;
-                    self.inner.cow.write_at(at, piece)?;
-                }
-                LeafPlan::Fresh { base, .. } => {
-                    let dst = fresh
-                        .next()
-                        .ok_or_else(|| Error::Invalid("allocation count".into()))?;
-                    let mut full = if p.len as u64 == self.cs() {
-                        vec![0u8; self.cs() as usize]
-                    } else {
-                        match base {
-                            Base::Zero => vec![0u8; self.cs() as usize],
-                            Base::From(src) => self.read_full(src, p.chunk)?,
-                        }
-                    };
-                    full[p.in_off..p.in_off + p.len].copy_from_slice(piece);
-                    self.inner
-                        .cow
-                        .write_at(self.inner.geo.chunk_offset(dst), &full)?;
-                    maps.push((p.chunk, dst));
+        let mut io = || -> Result<()> {
+            for (p, pl) in ps.iter().zip(&plans) {
+                let piece = &data[p.buf_off..p.buf_off + p.len];
+                match *pl {
+                    LeafPlan::InPlace(val) => {
+                        let at = self.inner.geo.chunk_offset(val) + p.in_off as u64;
+                        self.inner.cow.write_at(at, piece)?;
+                    }
+                    LeafPlan::Fresh { base, .. } => {
+                        let dst = fresh
+                            .next()
+                            .ok_or_else(|| Error::Invalid("allocation count".into()))?;
+                        let mut full = if p.len as u64 == self.cs() {
+                            vec![0u8; self.cs() as usize]
+                        } else {
+                            match base {
+                                Base::Zero => vec![0u8; self.cs() as usize],
+                                Base::From(src) => self.read_full(src, p.chunk)?,
+                            }
+                        };
+                        full[p.in_off..p.in_off + p.len].copy_from_slice(piece);
+                        self.inner
+                            .cow
+                            .write_at(self.inner.geo.chunk_offset(dst), &full)?;
+                        maps.push((p.chunk, dst));
+                    }
                 }
             }
-        }
+            Ok(())
+        };
+        let r = io();
+        self.unless_ok_free(r, &allocated)?;
         if !maps.is_empty() {
             let mut md = sync::lock(&self.inner.md);
             for (c, dst) in maps {
@@ -421,6 +458,18 @@ impl Volume {
             }
         }
         Ok(())
+    }
+
+    /// A write failed before mapping its fresh chunks: give them back, so
+    /// an I/O error leaks no space.
+    fn unless_ok_free(&self, r: Result<()>, allocated: &[u64]) -> Result<()> {
+        if r.is_err() && !allocated.is_empty() {
+            let mut md = sync::lock(&self.inner.md);
+            for c in allocated {
+                md.meta.free_chunk(*c)?;
+            }
+        }
+        r
     }
 
     pub fn flush(&self) -> Result<()> {
@@ -482,23 +531,34 @@ impl Volume {
         }
         let cs = self.cs();
         let end = offset + len;
-        let (mut head_end, mut tail_start) = (end, end);
-        if self.tag.is_some() {
-            let first = offset.div_ceil(cs) * cs;
-            let last = end / cs * cs;
-            if first < last {
-                self.zero_whole_chunks(offset, len, false)?;
-                head_end = first;
-                tail_start = last;
+        let (first, last) = (offset.div_ceil(cs) * cs, end / cs * cs);
+        if self.tag.is_some() && first < last {
+            // Partial head and tail first, as one operation: if they need
+            // space that is not there, nothing has changed. The whole chunks
+            // in between become zero exceptions, which need no data chunk.
+            let zeros = vec![0u8; cs as usize];
+            let mut ps = Vec::new();
+            for (a, b) in [(offset, first), (last, end)] {
+                if a < b {
+                    ps.push(Piece {
+                        chunk: a / cs,
+                        in_off: (a % cs) as usize,
+                        len: (b - a) as usize,
+                        buf_off: 0,
+                    });
+                }
             }
-        }
-        // Everything not covered by zero exceptions is written as zeros.
-        const STEP: u64 = 4 << 20;
-        let zeros = vec![0u8; STEP.min(len) as usize];
-        for (a, b) in [(offset, head_end), (tail_start, end)] {
-            let mut pos = a;
-            while pos < b {
-                let n = (b - pos).min(STEP);
+            if !ps.is_empty() {
+                self.write_pieces(&ps, &zeros)?;
+            }
+            self.zero_whole_chunks(offset, len, false)?;
+        } else {
+            // The origin (in place), or a range inside one chunk.
+            const STEP: u64 = 4 << 20;
+            let zeros = vec![0u8; STEP.min(len) as usize];
+            let mut pos = offset;
+            while pos < end {
+                let n = (end - pos).min(STEP);
                 self.write(pos, &zeros[..n as usize], false)?;
                 pos += n;
             }
