@@ -9,7 +9,10 @@ use std::sync::Arc;
 
 const CS: u64 = 4096;
 
-fn image() -> (Vec<u8>, Vec<u8>, Vec<(Option<u64>, Vec<u8>)>) {
+/// Every version's full content, by tag (None = the origin).
+type Views = Vec<(Option<u64>, Vec<u8>)>;
+
+fn image() -> (Vec<u8>, Vec<u8>, Views) {
     let cow = Arc::new(MemDev::new(8 << 20));
     let origin = Arc::new(MemDev::new(32 * CS));
     let s = Store::format(
@@ -47,7 +50,7 @@ fn image() -> (Vec<u8>, Vec<u8>, Vec<(Option<u64>, Vec<u8>)>) {
 
 /// Flip one byte, then: check must report damage; open must refuse or
 /// show every version exactly as before.
-fn flip_and_verify(img: &[u8], origin: &[u8], views: &[(Option<u64>, Vec<u8>)], at: usize) -> bool {
+fn flip_and_verify(img: &[u8], origin: &[u8], views: &Views, at: usize) -> bool {
     let cow = Arc::new(MemDev::new(img.len() as u64));
     let mut bad = img.to_vec();
     bad[at] ^= 0x40;
