@@ -22,7 +22,8 @@ per_iter() {
   echo "$v"
 }
 echo
-echo "parallel scaling on $(nproc) cores (one iteration = one 4 KiB write):"
+echo "parallel scaling on $(nproc) cores (one iteration = one 4 KiB write;" \
+  "load average now: $(cut -d' ' -f1-3 /proc/loadavg), so other work on the machine skews the 2-thread case):"
 for case in origin_4k first_copy_4k; do
   f1="$dir/scaling_$case/threads/1/new/estimates.json"
   f2="$dir/scaling_$case/threads/2/new/estimates.json"
