@@ -52,10 +52,10 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            all_subsets: 10,
-            perm_group: 4,
+            all_subsets: 12,
+            perm_group: 5,
             full_tear_sectors: 8,
-            torn_with_subsets: 4,
+            torn_with_subsets: 6,
         }
     }
 }
@@ -308,6 +308,14 @@ pub struct Script {
     pub name: &'static str,
     pub about: &'static str,
     pub setup: fn(&mut World, &mut Generator) -> Result<Vec<Op>, Failure>,
+    /// The machine (default: one 128 KiB origin, 16 KiB chunks, 4 MiB COW).
+    pub config: fn() -> Config,
+    /// Adjust the enumeration limits for this workload (default: as given).
+    pub limits: fn(Limits) -> Limits,
+}
+
+fn same(l: Limits) -> Limits {
+    l
 }
 
 fn small_config() -> Config {
@@ -320,6 +328,19 @@ fn small_config() -> Config {
 }
 
 const CS: u64 = 32; // sectors per 16 KiB chunk
+
+/// Sectors per 64 KiB chunk (the `reuse-after-free` machine).
+const FCS: u64 = 128;
+
+/// A COW device smaller than the origin, so it can be filled; 64 KiB
+/// chunks so the allocator's reserve (64 blocks) is only 4 chunks.
+fn full_config() -> Config {
+    let mut c = small_config();
+    c.chunk_size = 64 << 10;
+    c.origin_sectors = vec![32 * FCS]; // 2 MiB
+    c.cow_bytes = 3 << 20;
+    c
+}
 
 fn o0() -> VKey {
     VKey {
@@ -361,6 +382,8 @@ pub fn scripts() -> Vec<Script> {
         Script {
             name: "snapshot-during-writes",
             about: "unflushed origin writes, then a snapshot, then origin writes over the same chunks",
+            config: small_config,
+            limits: same,
             setup: |w, g| {
                 run(w, g, &[wr(o0(), 0, 8), Op::StoreFlush, wr(o0(), 3, 40), Op::Write { v: o0(), lba: 100, n: 4, fua: true }])?;
                 Ok(vec![Op::Snapshot { origin: 0, of: None }, wr(o0(), 4, 8)])
@@ -369,6 +392,8 @@ pub fn scripts() -> Vec<Script> {
         Script {
             name: "first-origin-write-after-snapshot",
             about: "the first write to chunks a snapshot shares: copy, durable copy + mapping, then overwrite",
+            config: small_config,
+            limits: same,
             setup: |w, g| {
                 run(w, g, &[wr(o0(), 0, 64), Op::Snapshot { origin: 0, of: None }, Op::StoreFlush])?;
                 Ok(vec![wr(o0(), CS - 2, 4), Op::Write { v: o0(), lba: 2 * CS + 5, n: 3, fua: true }])
@@ -377,6 +402,8 @@ pub fn scripts() -> Vec<Script> {
         Script {
             name: "snapshot-write-with-children",
             about: "a write to a snapshot whose child still shares the chunk",
+            config: small_config,
+            limits: same,
             setup: |w, g| {
                 run(w, g, &[Op::Snapshot { origin: 0, of: None }])?;
                 let t1 = last_tag(w);
@@ -388,6 +415,8 @@ pub fn scripts() -> Vec<Script> {
         Script {
             name: "delete-with-cleaner",
             about: "delete a snapshot, step the cleaner, and allocate while it runs",
+            config: small_config,
+            limits: same,
             setup: |w, g| {
                 run(w, g, &[Op::Snapshot { origin: 0, of: None }])?;
                 let t1 = last_tag(w);
@@ -408,6 +437,8 @@ pub fn scripts() -> Vec<Script> {
         Script {
             name: "rollback-midway",
             about: "rollback, a copier step, an origin write to a chunk not yet copied, more steps",
+            config: small_config,
+            limits: same,
             setup: |w, g| {
                 run(w, g, &[wr(o0(), 0, 8 * CS), Op::StoreFlush, Op::Snapshot { origin: 0, of: None }])?;
                 let t1 = last_tag(w);
@@ -424,6 +455,8 @@ pub fn scripts() -> Vec<Script> {
         Script {
             name: "rollback-twice",
             about: "rollback T to completion, write T across two chunks, rollback T again",
+            config: small_config,
+            limits: same,
             setup: |w, g| {
                 run(w, g, &[wr(o0(), 0, 8 * CS), Op::StoreFlush, Op::Snapshot { origin: 0, of: None }])?;
                 let t1 = last_tag(w);
@@ -440,6 +473,8 @@ pub fn scripts() -> Vec<Script> {
         Script {
             name: "write-snapshot-during-rollback",
             about: "rollback T, then writes to T and to the origin before the copier reaches them",
+            config: small_config,
+            limits: same,
             setup: |w, g| {
                 run(w, g, &[wr(o0(), 0, 8 * CS), Op::StoreFlush, Op::Snapshot { origin: 0, of: None }])?;
                 let t1 = last_tag(w);
@@ -457,6 +492,8 @@ pub fn scripts() -> Vec<Script> {
         Script {
             name: "delete-parent-of-snapshot",
             about: "delete a snapshot that has a child (merge), with the cleaner moving chunks",
+            config: small_config,
+            limits: same,
             setup: |w, g| {
                 run(w, g, &[Op::Snapshot { origin: 0, of: None }])?;
                 let t1 = last_tag(w);
@@ -473,8 +510,45 @@ pub fn scripts() -> Vec<Script> {
             },
         },
         Script {
+            name: "reuse-after-free",
+            about: "full device: write_zeroes frees chunks a live snapshot still durably maps; then allocations",
+            config: full_config,
+            // Five one-chunk writes per epoch: a torn one is combined with
+            // none or all of the others (not every subset).
+            limits: |l| Limits {
+                torn_with_subsets: 1,
+                ..l
+            },
+            setup: |w, g| {
+                run(w, g, &[Op::Snapshot { origin: 0, of: None }])?;
+                let t1 = last_tag(w);
+                run(w, g, &[Op::Snapshot { origin: 0, of: None }])?;
+                let t2 = last_tag(w);
+                // Fill the device through t1, one fresh chunk at a time,
+                // until the allocator refuses (it keeps a reserve back).
+                let mut c = 0;
+                while c < 32 && w.stats.nospace == 0 {
+                    run(w, g, &[wr(snap(t1), c * FCS, FCS)])?;
+                    c += 1;
+                }
+                run(w, g, &[Op::StoreFlush])?;
+                // Free five of t1's chunks, then allocate five: the free
+                // chunks past the allocation cursor (the reserve) run out,
+                // and the allocator wraps to the chunks just freed, which
+                // it may only reuse once their free has committed.
+                let mut ops = vec![Op::Zero { v: snap(t1), lba: 0, n: 5 * FCS, fua: false }];
+                for i in 0..5 {
+                    ops.push(wr(snap(t2), (20 + i) * FCS, FCS));
+                }
+                ops.push(Op::StoreFlush);
+                Ok(ops)
+            },
+        },
+        Script {
             name: "metadata-commit",
             about: "snapshot writes that allocate, then the commit that makes their mappings durable",
+            config: small_config,
+            limits: same,
             setup: |w, g| {
                 run(w, g, &[Op::Snapshot { origin: 0, of: None }, Op::StoreFlush])?;
                 let t1 = last_tag(w);
@@ -511,12 +585,13 @@ pub fn run_script(s: &Script, lim: &Limits, verbose: bool, stop_at_first: bool) 
             off: Vec::new(),
         };
         let seed = mix(s.name.len() as u64 ^ 0xe4au64);
-        let cfg = small_config();
+        let cfg = (s.config)();
         let mut w = World::new(seed, cfg.clone(), &opts)?;
         w.auto_power_cuts = false;
         let mut g = Generator::new(cfg);
         let ops = (s.setup)(&mut w, &mut g)?;
-        record_and_check(&mut w, &mut g, &ops, lim, stop_at_first, &mut rep)
+        let lim = (s.limits)(*lim);
+        record_and_check(&mut w, &mut g, &ops, &lim, stop_at_first, &mut rep)
     }));
     match res {
         Ok(Ok(())) => {}
@@ -894,4 +969,21 @@ pub fn run_at(
     }
     rep.secs = start.elapsed().as_secs_f64();
     rep
+}
+
+/// Run the workloads in order and stop at the first one that fails (for
+/// the planted-bug self-test, where one caught bug is the point and the
+/// rest may be slow: a missing flush makes epochs, and so states, explode).
+pub fn run_until_failure(lim: &Limits) -> Vec<WorkloadReport> {
+    let mut out = Vec::new();
+    for s in scripts() {
+        let r = run_script(&s, lim, false, true);
+        let failed = !r.failures.is_empty();
+        out.push(r);
+        if failed {
+            return out;
+        }
+    }
+    out.push(run_checkpoint(lim, false, true));
+    out
 }

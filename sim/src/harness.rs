@@ -982,12 +982,24 @@ impl World {
             self.stats.clean_reopens += 1;
         }
         self.generation += 1;
-        if let Some(kind) = self.pending_damage.take() {
-            self.damaged_probe(kind, &images)?;
-        }
+        // The damage probe runs after the strict check of the undamaged
+        // state, against the model as it was before that check settled it:
+        // wrong data in the probe is then the damage's doing, not a crash
+        // bug that the strict check would report under its own clause.
+        let probe = self.pending_damage.take().map(|k| {
+            (
+                k,
+                images.clone(),
+                self.model.clone(),
+                self.used_tags.clone(),
+            )
+        });
         self.boot(images)?;
         self.verify_after_reboot()?;
         self.run_checker()?;
+        if let Some((kind, imgs, model, tags)) = probe {
+            self.damaged_probe(kind, &imgs, model, tags)?;
+        }
         self.model.maybe.clear();
         self.faulted = false;
         Ok(())
@@ -1234,7 +1246,13 @@ impl World {
     /// read, is correct; wrong data, a wrong set of versions, a panic, or
     /// a damaged block that the engine read and accepted are failures.
     /// The probe runs on a copy: the real reboot then proceeds undamaged.
-    fn damaged_probe(&mut self, kind: DamageKind, images: &[Image]) -> Result<(), Failure> {
+    fn damaged_probe(
+        &mut self,
+        kind: DamageKind,
+        images: &[Image],
+        model: Model,
+        used_tags: BTreeSet<u64>,
+    ) -> Result<(), Failure> {
         let Some(classify) = self.classifier else {
             return Ok(());
         };
@@ -1270,14 +1288,35 @@ impl World {
         self.note(format!("damage probe: {what}"));
         let mut imgs = images.to_vec();
         imgs[0] = bad;
-        let saved = (self.domain.clone(), self.cow.clone(), self.origins.clone());
         let mut bad_page = vec![0u8; PAGE];
         imgs[0].read(block * PAGE as u64, &mut bad_page);
-        let outcome = self.probe_inner(imgs, block, &bad_page, &what, must_report.contains(&block));
-        // Back to the undamaged machine state for the real reboot.
-        self.domain.power_off();
-        self.store = None;
-        (self.domain, self.cow, self.origins) = saved;
+        // A separate machine, so the live store is untouched.
+        let opts = RunOpts {
+            verbose: self.verbose,
+            no_swarm: true,
+            classifier: None,
+            off: Vec::new(),
+        };
+        let mut pw = World::bare(
+            self.seed,
+            self.cfg.clone(),
+            &opts,
+            Domain::new(),
+            self.cow.clone(),
+            self.origins.clone(),
+            model,
+        );
+        pw.op = self.op;
+        pw.used_tags = used_tags;
+        pw.recent = self.recent.clone();
+        pw.generation = self.generation + 1000;
+        let outcome = pw.probe_inner(imgs, block, &bad_page, &what, must_report.contains(&block));
+        pw.domain.power_off();
+        pw.store = None;
+        self.stats.damage_detected += pw.stats.damage_detected;
+        self.stats.damage_unread += pw.stats.damage_unread;
+        let t = pw.trace;
+        self.fold(&t.to_le_bytes());
         outcome
     }
 
@@ -1289,13 +1328,10 @@ impl World {
         what: &str,
         must_report: bool,
     ) -> Result<(), Failure> {
-        match self.try_boot(imgs)? {
-            Err(e) => {
-                self.stats.damage_detected += 1;
-                self.note(format!("damage probe: open refused: {e}"));
-                return Ok(());
-            }
-            Ok(()) => {}
+        if let Err(e) = self.try_boot(imgs)? {
+            self.stats.damage_detected += 1;
+            self.note(format!("damage probe: open refused: {e}"));
+            return Ok(());
         }
         let mut detected = false;
         let listed = self.listed_versions()?;

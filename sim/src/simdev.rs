@@ -57,7 +57,10 @@ pub struct Image {
 
 impl Image {
     pub fn zeroed(size: u64) -> Self {
-        assert!(size % SECTOR == 0, "device size must be a multiple of 512");
+        assert!(
+            size.is_multiple_of(SECTOR),
+            "device size must be a multiple of 512"
+        );
         let n = (size as usize).div_ceil(PAGE);
         Image {
             size,
