@@ -810,6 +810,8 @@ impl World {
             origin,
             tag: Some(tag),
         };
+        // A handle taken before the delete, to check it is refused after.
+        let stale = self.volume(key).ok();
         let r = self.store()?.delete(&id, tag);
         let what = format!("delete {key}");
         match self.classify(r, fired, &what)? {
@@ -823,6 +825,29 @@ impl World {
                         return Err(self.fail(
                             Clause::Isolation,
                             format!("{key} is still live after delete returned"),
+                        ));
+                    }
+                }
+                // A stale handle must refuse I/O: a write accepted there
+                // could land in a chunk the cleaner frees and reuses for
+                // another version. (The data written is garbage to the
+                // model, so an accepted write would also show up later.)
+                if let Some(v) = stale {
+                    let mut b = [0u8; SECTOR];
+                    let fired = self.faults_fired();
+                    let w = v.write(0, &[0xEE; SECTOR], false);
+                    let rd = v.read(0, &mut b);
+                    if self.faults_fired() == fired && (w.is_ok() || rd.is_ok()) {
+                        return Err(self.fail(
+                            Clause::Isolation,
+                            format!(
+                                "a handle to {key} still {} after delete returned",
+                                if w.is_ok() {
+                                    "accepts writes"
+                                } else {
+                                    "serves reads"
+                                }
+                            ),
                         ));
                     }
                 }
