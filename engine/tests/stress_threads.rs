@@ -720,10 +720,9 @@ fn stress_threads() {
 /// Contract 2 for a write larger than the engine's 256-chunk sub-operation
 /// (`OP_CHUNKS` in store/io.rs): one thread rewrites 300 chunks with a new
 /// fill byte each time while snapshots are taken; each snapshot must hold one
-/// fill byte throughout. Fails today: `Volume::write` takes the origin gate
-/// per sub-operation, so a snapshot can land between two of them.
+/// fill byte throughout. (It failed while `Volume::write` took the origin
+/// gate per sub-operation, letting a snapshot land between two of them.)
 #[test]
-#[ignore = "engine bug: write() takes the gate per 256-chunk sub-operation, so a snapshot can split a large write"]
 fn large_write_vs_snapshot() {
     const N: u64 = 300;
     let cow = Arc::new(MemDev::new(256 << 20));

@@ -232,9 +232,24 @@ impl Volume {
         if self.inner.read_only {
             return Err(Error::ReadOnly);
         }
-        // Bounded sub-operations: each maps at most OP_CHUNKS chunks, so its
-        // metadata always fits one journal transaction, and the set of chunk
-        // locks held at once stays small.
+        {
+            // The gate is held across every sub-operation, so a snapshot sees
+            // the whole write or none of it (contract 2).
+            #[cfg(not(snapmv_planted_bug = "no_gate"))]
+            let _g = sync::read(&self.o.gate);
+            self.write_gated(offset, data)?;
+        }
+        if fua {
+            self.inner.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// The write, with the origin's gate held by the caller. Bounded
+    /// sub-operations: each maps at most OP_CHUNKS chunks, so its metadata
+    /// always fits one journal transaction, and the set of chunk locks held
+    /// at once stays small.
+    fn write_gated(&self, offset: u64, data: &[u8]) -> Result<()> {
         let step = (OP_CHUNKS * self.cs()) as usize;
         let mut done = 0usize;
         while done < data.len() {
@@ -243,9 +258,6 @@ impl Volume {
             self.write_op(pos, &data[done..done + n])?;
             self.inner.maybe_commit()?;
             done += n;
-        }
-        if fua {
-            self.inner.sync_all()?;
         }
         Ok(())
     }
@@ -270,8 +282,6 @@ impl Volume {
 
     fn write_pieces_once(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
         debug_assert!(ps.windows(2).all(|w| w[0].chunk < w[1].chunk));
-        #[cfg(not(snapmv_planted_bug = "no_gate"))]
-        let _g = sync::read(&self.o.gate);
         let (first, last) = (ps[0].chunk, ps[ps.len() - 1].chunk);
         #[cfg(not(snapmv_planted_bug = "no_write_lock"))]
         let _locks: Vec<_> = match last - first + 1 == ps.len() as u64 {
@@ -486,7 +496,6 @@ impl Volume {
         if first >= end {
             return Ok(());
         }
-        let _g = sync::read(&self.o.gate);
         // Bounded batches keep the lock set small for huge ranges.
         let mut c = first;
         while c < end {
@@ -519,6 +528,7 @@ impl Volume {
         }
         // The origin's data is in place and shared; a trim there is a no-op.
         if self.tag.is_some() {
+            let _g = sync::read(&self.o.gate);
             self.zero_whole_chunks(offset, len, true)?;
         }
         Ok(())
@@ -529,6 +539,17 @@ impl Volume {
         if self.inner.read_only {
             return Err(Error::ReadOnly);
         }
+        {
+            let _g = sync::read(&self.o.gate);
+            self.write_zeroes_gated(offset, len)?;
+        }
+        if fua {
+            self.inner.sync_all()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes_gated(&self, offset: u64, len: u64) -> Result<()> {
         let cs = self.cs();
         let end = offset + len;
         let (first, last) = (offset.div_ceil(cs) * cs, end / cs * cs);
@@ -559,14 +580,11 @@ impl Volume {
             let mut pos = offset;
             while pos < end {
                 let n = (end - pos).min(STEP);
-                self.write(pos, &zeros[..n as usize], false)?;
+                self.write_gated(pos, &zeros[..n as usize])?;
                 pos += n;
             }
         }
         self.inner.maybe_commit()?;
-        if fua {
-            self.inner.sync_all()?;
-        }
         Ok(())
     }
 
