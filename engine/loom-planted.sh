@@ -50,7 +50,8 @@ for bug in "${order[@]}"; do
   out=$(mktemp)
   set +e
   wrap="$target/wrappers/rustc-planted-$bug"
-  cat >"$wrap.tmp" <<WRAP
+  tmp=$(mktemp "$wrap.XXXXXX")
+  cat >"$tmp" <<WRAP
 #!/bin/sh
 # cargo's RUSTC_WORKSPACE_WRAPPER for loom-planted.sh: \$1 is rustc.
 case " \$* " in
@@ -58,8 +59,9 @@ case " \$* " in
 esac
 exec "\$@"
 WRAP
-  chmod +x "$wrap.tmp"
-  if cmp -s "$wrap.tmp" "$wrap"; then rm -f "$wrap.tmp"; else mv "$wrap.tmp" "$wrap"; fi
+  chmod +x "$tmp"
+  # Rewrite only on change: the wrapper's mtime is part of cargo's cache key.
+  if cmp -s "$tmp" "$wrap"; then rm -f "$tmp"; else mv "$tmp" "$wrap"; fi
   RUSTC_WORKSPACE_WRAPPER="$wrap" \
     cargo test -p snapmv-engine --test loom_models -- --test-threads=2 >"$out" 2>&1
   rc=$?
