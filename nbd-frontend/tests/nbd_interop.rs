@@ -328,7 +328,8 @@ def extents():
     h.block_status(1 << 20, 0, lambda m, o, e, err: ext.extend(e) or 0)
     return ext
 ext = extents()
-assert ext[1] & 1 == 1, ("nothing of the snapshot's own yet", ext)
+assert ext[:2] == [65536, 0], ("the origin's overwrite copied chunk 0 out: data", ext)
+assert ext[3] & 1 == 1, ("the rest is still the origin's, shared: hole", ext)
 h.pwrite(b"\x42" * 4096, 8192, nbd.CMD_FLAG_FUA)
 ext = extents()
 assert ext[0] == 65536 and ext[1] == 0, ("the written chunk is its own", ext)
