@@ -58,6 +58,13 @@ impl GroupCommit {
         }
     }
 
+    /// Stop the store: every later operation fails until a reopen.
+    pub fn stop(&self, why: String) {
+        let mut st = sync::lock(&self.st);
+        st.failed.get_or_insert(why);
+        self.cv.notify_all();
+    }
+
     pub fn failed(&self) -> Option<String> {
         sync::lock(&self.st).failed.clone()
     }

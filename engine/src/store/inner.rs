@@ -45,6 +45,8 @@ pub struct Md {
     pub own_dirty: HashSet<NodeId>,
     /// Bumped by every change; group commit waits on it.
     pub gen: u64,
+    /// Stopped when a metadata update fails half-way.
+    pub gc: Arc<GroupCommit>,
     pub app: AppState,
 }
 
@@ -54,7 +56,7 @@ pub struct Inner {
     pub md: Mutex<Md>,
     pub origins: RwLock<BTreeMap<u32, Arc<OriginRt>>>,
     pub locks: ChunkLocks,
-    pub gc: GroupCommit,
+    pub gc: Arc<GroupCommit>,
     pub read_only: bool,
     /// Serialises admin operations store-wide (ids, tags, rollback checks).
     pub admin: Mutex<()>,
@@ -96,6 +98,19 @@ impl Md {
         MdView { md: self, origin }
     }
 
+    /// A metadata update that failed half-way leaves the open transaction
+    /// in an unknown state. Stop the store, as jbd2 aborts its journal: the
+    /// durable state is the last commit, and a reopen recovers it.
+    pub fn guard<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if !matches!(e, Error::NoSpace) {
+                self.gc
+                    .stop(format!("a metadata update failed ({e}); reopen to recover"));
+            }
+        }
+        r
+    }
+
     pub fn bump(&mut self) -> u64 {
         self.gen += 1;
         self.gen
@@ -108,8 +123,10 @@ impl Md {
     /// Map (o, c, n) -> val; returns the value it replaced.
     pub fn put_exc(&mut self, o: u32, c: u64, n: NodeId, val: u64) -> Result<Option<u64>> {
         let prev = self.get_exc(o, c, n)?;
-        self.meta
-            .insert(Tree::Exceptions, exc_key(o, c, n), &val.to_le_bytes())?;
+        let r = self
+            .meta
+            .insert(Tree::Exceptions, exc_key(o, c, n), &val.to_le_bytes());
+        self.guard(r)?;
         if prev.is_none() && n != vtree::RB_MARK {
             *self.own.entry(n).or_insert(0) += 1;
             self.own_dirty.insert(n);
@@ -121,7 +138,8 @@ impl Md {
     pub fn del_exc(&mut self, o: u32, c: u64, n: NodeId) -> Result<Option<u64>> {
         let prev = self.get_exc(o, c, n)?;
         if prev.is_some() {
-            self.meta.remove(Tree::Exceptions, exc_key(o, c, n))?;
+            let r = self.meta.remove(Tree::Exceptions, exc_key(o, c, n));
+            self.guard(r)?;
             if n != vtree::RB_MARK {
                 let e = self.own.entry(n).or_insert(0);
                 *e = e.saturating_sub(1);
@@ -134,22 +152,26 @@ impl Md {
 
     pub fn free_val(&mut self, val: u64) -> Result<()> {
         if val != ZERO_CHUNK {
-            self.meta.free_chunk(val)?;
+            let r = self.meta.free_chunk(val);
+            self.guard(r)?;
         }
         Ok(())
     }
 
     pub fn save_app(&mut self) -> Result<()> {
         let b = encode_app(&self.app);
-        self.meta.set_app_state(&b)?;
+        let r = self.meta.set_app_state(&b);
+        self.guard(r)?;
         self.bump();
         Ok(())
     }
 
     pub fn put_node(&mut self, origin: u32, n: &Node) -> Result<()> {
         let own = self.own.get(&n.id).copied().unwrap_or(0);
-        self.meta
-            .insert(Tree::Nodes, u128::from(n.id), &encode_node(origin, n, own))?;
+        let r = self
+            .meta
+            .insert(Tree::Nodes, u128::from(n.id), &encode_node(origin, n, own));
+        self.guard(r)?;
         self.own_dirty.remove(&n.id);
         self.bump();
         Ok(())
@@ -157,7 +179,8 @@ impl Md {
 
     pub fn apply_changes(&mut self, origin: u32, tree: &VTree, ch: &vtree::Changes) -> Result<()> {
         for id in &ch.removed {
-            self.meta.remove(Tree::Nodes, u128::from(*id))?;
+            let r = self.meta.remove(Tree::Nodes, u128::from(*id));
+            self.guard(r)?;
             self.own.remove(id);
             self.own_dirty.remove(id);
         }
@@ -175,10 +198,13 @@ impl Md {
     fn flush_own(&mut self) -> Result<()> {
         let ids: Vec<NodeId> = self.own_dirty.drain().collect();
         for id in ids {
-            if let Some(mut rec) = self.meta.get(Tree::Nodes, u128::from(id))? {
+            // The dirty set is already drained: a failure here must stop the store.
+            let r = self.meta.get(Tree::Nodes, u128::from(id));
+            if let Some(mut rec) = self.guard(r)? {
                 let own = self.own.get(&id).copied().unwrap_or(0);
                 rec[OWN_AT..OWN_AT + 8].copy_from_slice(&own.to_le_bytes());
-                self.meta.insert(Tree::Nodes, u128::from(id), &rec)?;
+                let r = self.meta.insert(Tree::Nodes, u128::from(id), &rec);
+                self.guard(r)?;
             }
         }
         Ok(())
@@ -319,10 +345,13 @@ impl Inner {
         read_only: bool,
     ) -> Inner {
         let geo = meta.geometry();
+        let gc = Arc::new(GroupCommit::default());
         Inner {
             cow,
             geo,
+            gc: gc.clone(),
             md: Mutex::new(Md {
+                gc,
                 meta,
                 own,
                 own_dirty: HashSet::new(),
@@ -331,7 +360,6 @@ impl Inner {
             }),
             origins: RwLock::new(origins),
             locks: ChunkLocks::default(),
-            gc: GroupCommit::default(),
             read_only,
             admin: Mutex::new(()),
         }
@@ -426,8 +454,10 @@ impl Inner {
                 id: id.to_string(),
                 path: path.to_string(),
             };
-            md.meta
-                .insert(Tree::Origins, u128::from(num), &encode_origin(&rec))?;
+            let r = md
+                .meta
+                .insert(Tree::Origins, u128::from(num), &encode_origin(&rec));
+            md.guard(r)?;
             md.save_app()?;
             sync::write(&self.origins)
                 .insert(num, Arc::new(new_origin(rec, dev, VTree::default())));
@@ -455,7 +485,8 @@ impl Inner {
         }
         let gen = {
             let mut md = sync::lock(&self.md);
-            md.meta.remove(Tree::Origins, u128::from(o.num))?;
+            let r = md.meta.remove(Tree::Origins, u128::from(o.num));
+            md.guard(r)?;
             o.bound.store(false, Ordering::Release);
             sync::write(&self.origins).remove(&o.num);
             md.bump()

@@ -73,7 +73,8 @@ fn alloc_n(md: &mut Md, n: usize) -> Result<Vec<u64>> {
             Ok(c) => got.push(c),
             Err(e) => {
                 for c in got {
-                    md.meta.free_chunk(c)?;
+                    let r = md.meta.free_chunk(c);
+                    md.guard(r)?;
                 }
                 return Err(e);
             }
@@ -476,7 +477,8 @@ impl Volume {
         if r.is_err() && !allocated.is_empty() {
             let mut md = sync::lock(&self.inner.md);
             for c in allocated {
-                md.meta.free_chunk(*c)?;
+                let r = md.meta.free_chunk(*c);
+                md.guard(r)?;
             }
         }
         r
