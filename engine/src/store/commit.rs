@@ -7,7 +7,7 @@
 //! otherwise it waits for one that covers it.
 
 use crate::error::{Error, Result};
-use crate::sync::{self, Condvar, Mutex};
+use crate::sync::{self, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 
 #[derive(Default)]
 struct State {
@@ -21,6 +21,10 @@ struct State {
 pub struct GroupCommit {
     st: Mutex<State>,
     cv: Condvar,
+    /// Mirrors `st.failed.is_some()` so the data path checks it lock-free.
+    stopped: AtomicBool,
+    /// Metadata changes so far (a lock-free hint for "commit early?").
+    changes: AtomicU64,
 }
 
 impl GroupCommit {
@@ -52,7 +56,10 @@ impl GroupCommit {
             st.running = false;
             match r {
                 Ok(gen) => st.done = st.done.max(gen),
-                Err(e) => st.failed = Some(e.to_string()),
+                Err(e) => {
+                    st.failed = Some(e.to_string());
+                    self.stopped.store(true, Ordering::Release);
+                }
             }
             self.cv.notify_all();
         }
@@ -62,7 +69,21 @@ impl GroupCommit {
     pub fn stop(&self, why: String) {
         let mut st = sync::lock(&self.st);
         st.failed.get_or_insert(why);
+        self.stopped.store(true, Ordering::Release);
         self.cv.notify_all();
+    }
+
+    /// Lock-free: has the store stopped?
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    pub fn note_change(&self) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
     }
 
     pub fn failed(&self) -> Option<String> {
@@ -86,6 +107,7 @@ impl GroupCommit {
         st.running = false;
         if let Err(e) = &r {
             st.failed = Some(e.to_string());
+            self.stopped.store(true, Ordering::Release);
         }
         self.cv.notify_all();
         r

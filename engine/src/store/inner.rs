@@ -10,7 +10,7 @@ use super::records::*;
 use crate::error::{Error, Result};
 use crate::meta::{FormatOptions, Geometry, Meta, Tree, ZERO_CHUNK};
 use crate::store::api::*;
-use crate::sync::{self, Arc, AtomicBool, Mutex, Ordering, RwLock};
+use crate::sync::{self, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
 use crate::vtree::{self, ExcView, Node, NodeId, VTree, SPINE_BIT};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -60,6 +60,8 @@ pub struct Inner {
     pub read_only: bool,
     /// Serialises admin operations store-wide (ids, tags, rollback checks).
     pub admin: Mutex<()>,
+    /// `gc.changes()` when `maybe_commit` last looked at the dirty pages.
+    pub last_look: AtomicU64,
 }
 
 /// An `ExcView` over one origin's exceptions in the B+tree.
@@ -112,6 +114,7 @@ impl Md {
     }
 
     pub fn bump(&mut self) -> u64 {
+        self.gc.note_change();
         self.gen += 1;
         self.gen
     }
@@ -230,6 +233,9 @@ impl Inner {
     }
 
     pub fn check_ok(&self) -> Result<()> {
+        if !self.gc.is_stopped() {
+            return Ok(());
+        }
         match self.gc.failed() {
             Some(f) => Err(Error::Poisoned(f)),
             None => Ok(()),
@@ -298,6 +304,13 @@ impl Inner {
 
     /// Commit early if the open transaction grew large.
     pub fn maybe_commit(&self) -> Result<()> {
+        // Lock-free pre-check: fewer than 16 changes since the last look
+        // cannot have dirtied enough pages to matter.
+        let now = self.gc.changes();
+        if now.saturating_sub(self.last_look.load(Ordering::Relaxed)) < 16 {
+            return Ok(());
+        }
+        self.last_look.store(now, Ordering::Relaxed);
         let want = {
             let md = sync::lock(&self.md);
             let limit = DIRTY_LIMIT.min(md.meta.max_dirty_pages() / 2);
@@ -362,6 +375,7 @@ impl Inner {
             locks: ChunkLocks::default(),
             read_only,
             admin: Mutex::new(()),
+            last_look: AtomicU64::new(0),
         }
     }
 

@@ -302,6 +302,15 @@ impl Volume {
 
     fn plan_origin(&self, ps: &[Piece]) -> Result<(Vec<OPlan>, Option<RollbackState>)> {
         let tree = sync::read(&self.o.tree);
+        // No live snapshot and no rollback: nothing to copy, and no need for
+        // the metadata lock (the gate keeps both facts stable meanwhile).
+        if !self.o.rb_active.load(Ordering::Acquire) && tree.copy_target().is_none() {
+            let none = |_: &Piece| OPlan {
+                copy_to: None,
+                rb_src: None,
+            };
+            return Ok((ps.iter().map(none).collect(), None));
+        }
         let mut md = sync::lock(&self.inner.md);
         let mut plans = Vec::with_capacity(ps.len());
         let mut rb_seen = None;
