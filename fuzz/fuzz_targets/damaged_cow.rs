@@ -17,7 +17,7 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use snapmv_engine::format::PAGE_SIZE;
+use snapmv_engine::format::{self, BlockKind, PAGE_SIZE};
 use snapmv_engine::store::{self, Dev, Store};
 use snapmv_engine::store::Volume;
 use snapmv_engine::MemDev;
@@ -157,6 +157,46 @@ enum Mutation {
     Zero { sel: u16 },
     /// Any byte of the device.
     Raw { off: u32, val: u8 },
+    /// Structure-aware: the value of entry `entry` of an exceptions-tree
+    /// leaf (a data chunk number) replaced by an interesting chunk number.
+    ExcValue { sel: u16, entry: u8, val: ChunkVal },
+    /// Structure-aware: a B+tree entry's key (leaf or internal) or an
+    /// internal node's child pointer replaced.
+    TreeField { sel: u16, entry: u8, child: bool, val: u64 },
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum ChunkVal {
+    /// Fixed area: superblocks, state page, journal, bitmap.
+    Fixed(u8),
+    /// Somewhere in the allocation area (may hold tree pages).
+    Area(u16),
+    /// Just past the end of the device, or far past it.
+    PastEnd(u8),
+    Raw(u64),
+}
+
+fn chunk_val(v: ChunkVal, dev_chunks: u64) -> u64 {
+    match v {
+        ChunkVal::Fixed(c) => u64::from(c) % 8,
+        ChunkVal::Area(c) => u64::from(c) % dev_chunks,
+        ChunkVal::PastEnd(c) => dev_chunks + u64::from(c),
+        ChunkVal::Raw(c) => c,
+    }
+}
+
+/// The B+tree pages among `meta`: (block, tree id, level, count, value size).
+fn tree_pages(img: &[u8], meta: &[usize]) -> Vec<(usize, u32, u32, usize, usize)> {
+    meta.iter()
+        .filter_map(|&b| {
+            let p = &img[b * PAGE_SIZE..(b + 1) * PAGE_SIZE];
+            let kind = format::rd_u32(p, 0);
+            (kind == BlockKind::Leaf as u32 || kind == BlockKind::Internal as u32).then(|| {
+                let count = (format::rd_u32(p, 32) as usize).min(255);
+                (b, format::rd_u32(p, 24), format::rd_u32(p, 28), count, format::rd_u32(p, 36) as usize)
+            })
+        })
+        .collect()
 }
 
 #[derive(Arbitrary, Debug)]
@@ -198,6 +238,28 @@ fn apply(img: &mut [u8], meta: &[usize], m: &Mutation) {
             let n = img.len();
             img[off as usize % n] = val;
         }
+        Mutation::ExcValue { sel, entry, val } => {
+            let leaves: Vec<_> = tree_pages(img, meta)
+                .into_iter()
+                .filter(|t| t.1 == 0 && t.2 == 0 && t.3 > 0 && t.4 == 8)
+                .collect();
+            if let Some(&(b, _, _, count, _)) = leaves.get(sel as usize % leaves.len().max(1)) {
+                let at = b * PAGE_SIZE + 64 + 24 * (entry as usize % count) + 16;
+                let v = chunk_val(val, (img.len() / CHUNK as usize) as u64);
+                img[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Mutation::TreeField { sel, entry, child, val } => {
+            let pages: Vec<_> = tree_pages(img, meta).into_iter().filter(|t| t.3 > 0).collect();
+            if let Some(&(b, _, level, count, vs)) = pages.get(sel as usize % pages.len().max(1)) {
+                let esz = 16 + if level == 0 { vs.clamp(1, 4000) } else { 8 };
+                let e = b * PAGE_SIZE + 64 + esz * (entry as usize % count);
+                let at = if child && level > 0 { e + 16 } else { e + if val & 1 == 0 { 0 } else { 8 } };
+                if at + 8 <= (b + 1) * PAGE_SIZE {
+                    img[at..at + 8].copy_from_slice(&val.to_le_bytes());
+                }
+            }
+        }
     }
 }
 
@@ -228,6 +290,8 @@ fn exercise(s: &Store, writes: u8, rw: bool) {
             _ => break,
         }
     }
+    // Admin operations on the damaged trees and counters.
+    let snaps: Vec<_> = versions.iter().filter(|v| v.tag.is_some()).collect();
     if writes & 0x80 != 0 {
         if let Some(v) = versions.first() {
             if let Ok(t) = s.snapshot(&v.origin, v.tag, "fuzz", 7) {
@@ -235,14 +299,48 @@ fn exercise(s: &Store, writes: u8, rw: bool) {
             }
         }
     }
+    if writes & 0x40 != 0 {
+        if let Some(v) = snaps.first() {
+            if let Ok(t) = s.snapshot(&v.origin, v.tag, "fuzz-ss", 8) {
+                if let Ok(vol) = s.volume(&v.origin, Some(t)) {
+                    read_all(&vol);
+                    let _ = vol.write(0, &pattern(4096.min(vol.size() as usize), 3), false);
+                }
+            }
+        }
+    }
+    if writes & 0x20 != 0 {
+        if let Some(v) = snaps.get(1) {
+            let _ = s.delete(&v.origin, v.tag.unwrap_or(0));
+        }
+    }
+    if writes & 0x10 != 0 {
+        if let Some(v) = snaps.last() {
+            let _ = s.rollback(&v.origin, v.tag.unwrap_or(0));
+        }
+    }
+    for _ in 0..8 {
+        match s.step_background(16) {
+            Ok(r) if r.more => {}
+            _ => break,
+        }
+    }
+    for v in s.versions() {
+        if let Ok(vol) = s.volume(&v.origin, v.tag) {
+            read_all(&vol);
+        }
+    }
     let _ = s.flush();
 }
 
-fuzz_target!(|data: &[u8]| {
+fn one(data: &[u8]) {
     let u = Unstructured::new(data);
     let Ok(input) = Input::arbitrary_take_rest(u) else {
         return;
     };
+    if std::env::var_os("SNAPMV_FUZZ_DEBUG").is_some() {
+        eprintln!("{input:#?}");
+    }
     let bases = bases();
     let b = &bases[input.base as usize % bases.len()];
     let mut img = b.cow.clone();
@@ -281,18 +379,24 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    // Read-write open.
+    // Read-write open, through a guard that refuses anything but valid
+    // superblocks and state pages on blocks 0..3.
     let cow = dev_from_image(&img);
+    let guarded: Dev = Arc::new(GuardDev(cow.clone()));
     let o = origins();
     let mut r = resolver(&o, input.fallback_origin);
-    if let Ok(s) = Store::open(cow.clone() as Dev, &mut r) {
+    if let Ok(s) = Store::open(guarded.clone(), &mut r) {
         exercise(&s, input.writes, true);
         let _ = s.close();
         // Reopen after our own writes on a damaged device: still no panic.
         let mut r = resolver(&o, input.fallback_origin);
-        if let Ok(s) = Store::open(cow.clone() as Dev, &mut r) {
+        if let Ok(s) = Store::open(guarded.clone(), &mut r) {
             exercise(&s, 0, false);
         }
-        let _ = store::check(cow as Dev);
+        let _ = store::check(guarded);
     }
+}
+
+fuzz_target!(|data: &[u8]| {
+    run_ignoring_known(|| one(data));
 });

@@ -387,6 +387,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(ops) = Vec::<Op>::arbitrary_take_rest(u) else {
         return;
     };
+    if std::env::var_os("SNAPMV_FUZZ_DEBUG").is_some() {
+        eprintln!("{ops:#?}");
+    }
     let mut w = World::new();
     for op in ops.iter().take(200) {
         w.run(op);

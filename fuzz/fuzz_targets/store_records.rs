@@ -27,6 +27,17 @@ fn node_id(sel: u8) -> NodeId {
     }
 }
 
+/// A value of the store's next_node counter when it hands out ids: read
+/// from the (possibly damaged) app state, so anything up to MAX_PLAIN,
+/// including 0 (the next_node() check only bounds it from above).
+fn counter_id(sel: u8) -> NodeId {
+    match sel % 20 {
+        18 => vtree::MAX_PLAIN - 1,
+        19 => 0,
+        s => u64::from(s),
+    }
+}
+
 #[derive(Arbitrary, Debug)]
 struct Rec {
     id: u8,
@@ -44,8 +55,11 @@ struct Rec {
 #[derive(Arbitrary, Debug)]
 enum TreeOp {
     Resolve { tag: u8, chunk: u8 },
-    SnapOrigin { spine: u8, leaf: u8, tag: u8 },
-    SnapOf { of: u8, cont: u8, leaf: u8, tag: u8 },
+    /// Ids as the store draws them: `a` from the (possibly damaged)
+    /// next_node counter, the spine `SPINE_BIT | a`, the leaf `a + 1`.
+    SnapOrigin { a: u8, tag: u8 },
+    /// Continuation leaf `a`, new leaf `a + 1`, as the store does.
+    SnapOf { of: u8, a: u8, tag: u8 },
     Delete { tag: u8, gen: u8 },
     Clean { chunk: u8, gen: u8 },
     FinishPass { gen: u8 },
@@ -98,6 +112,9 @@ fn node_from(r: &Rec) -> Option<(u32, Node, u64)> {
 }
 
 fn tree_case(input: TreeInput) {
+    if std::env::var_os("SNAPMV_FUZZ_DEBUG").is_some() {
+        eprintln!("{input:#?}");
+    }
     let mut nodes = Vec::new();
     for r in input.recs.iter().take(64) {
         if let Some((_, n, _)) = node_from(r) {
@@ -145,16 +162,13 @@ fn tree_case(input: TreeInput) {
                     }
                 }
             }
-            TreeOp::SnapOrigin { spine, leaf, tag } => {
-                let _ = t.snapshot_origin(node_id(spine), node_id(leaf), u64::from(tag % 12));
+            TreeOp::SnapOrigin { a, tag } => {
+                let a = counter_id(a);
+                let _ = t.snapshot_origin(SPINE_BIT | a, a + 1, u64::from(tag % 12));
             }
-            TreeOp::SnapOf { of, cont, leaf, tag } => {
-                let _ = t.snapshot_of(
-                    u64::from(of % 8),
-                    node_id(cont),
-                    node_id(leaf),
-                    u64::from(tag % 12),
-                );
+            TreeOp::SnapOf { of, a, tag } => {
+                let a = counter_id(a);
+                let _ = t.snapshot_of(u64::from(of % 8), a, a + 1, u64::from(tag % 12));
             }
             TreeOp::Delete { tag, gen } => {
                 let _ = t.delete(u64::from(tag % 12), u64::from(gen % 4));
