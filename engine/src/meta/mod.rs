@@ -89,8 +89,10 @@ pub struct Geometry {
 }
 
 impl Geometry {
+    /// Byte offset of a chunk. Saturates: a value from a damaged index
+    /// then fails the device's range check instead of wrapping around.
     pub fn chunk_offset(&self, chunk: u64) -> u64 {
-        chunk * self.chunk_size as u64
+        chunk.saturating_mul(self.chunk_size as u64)
     }
 }
 

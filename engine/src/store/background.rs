@@ -204,7 +204,8 @@ impl Inner {
         for (k, v) in md.meta.range(Tree::Exceptions, lo, hi, usize::MAX)? {
             let node = split_key(k).2;
             if node != RB_MARK {
-                exc.push((node, super::inner::val_u64(&v)?));
+                let val = md.checked(k, super::inner::val_u64(&v)?)?;
+                exc.push((node, val));
             }
         }
         for a in tree.clean_chunk(&exc, pass_gen) {

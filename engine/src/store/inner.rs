@@ -72,15 +72,16 @@ pub struct MdView<'a> {
 
 impl ExcView for MdView<'_> {
     fn get(&mut self, chunk: u64, node: NodeId) -> Result<Option<u64>> {
-        self.md
-            .meta
-            .get_u64(Tree::Exceptions, exc_key(self.origin, chunk, node))
+        self.md.get_exc(self.origin, chunk, node)
     }
     fn seek_spine(&mut self, chunk: u64, from: NodeId) -> Result<Option<(NodeId, u64)>> {
         let lo = exc_key(self.origin, chunk, from.max(SPINE_BIT));
         let hi = exc_key(self.origin, chunk, vtree::MAX_NODE);
         match self.md.meta.seek(Tree::Exceptions, lo, hi)? {
-            Some((k, v)) => Ok(Some((split_key(k).2, val_u64(&v)?))),
+            Some((k, v)) => {
+                let val = self.md.checked(k, val_u64(&v)?)?;
+                Ok(Some((split_key(k).2, val)))
+            }
             None => Ok(None),
         }
     }
@@ -120,7 +121,30 @@ impl Md {
     }
 
     pub fn get_exc(&mut self, o: u32, c: u64, n: NodeId) -> Result<Option<u64>> {
-        self.meta.get_u64(Tree::Exceptions, exc_key(o, c, n))
+        let key = exc_key(o, c, n);
+        match self.meta.get_u64(Tree::Exceptions, key)? {
+            Some(v) => Ok(Some(self.checked(key, v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// An exception value must name a chunk of the allocation area (or be
+    /// the zero marker). A page can pass its checksum and still carry a bad
+    /// value (written by a bug, or crafted): never follow it.
+    pub fn checked(&self, key: u128, val: u64) -> Result<u64> {
+        if val == ZERO_CHUNK || self.meta.chunk_in_area(val) {
+            return Ok(val);
+        }
+        let (o, c, n) = split_key(key);
+        Err(Error::CorruptTree {
+            tree: "exceptions",
+            block: 0,
+            key_lo: key,
+            key_hi: key,
+            reason: format!(
+                "origin {o} chunk {c} node {n:#x} maps to chunk {val}, outside the allocation area"
+            ),
+        })
     }
 
     /// Map (o, c, n) -> val; returns the value it replaced.
