@@ -578,65 +578,71 @@ impl Inner {
         Ok(tag)
     }
 
-    pub fn delete(&self, id: &str, tag: u64) -> Result<()> {
+    /// Run an admin operation on snapshot `tag` of origin `id` with the
+    /// admin lock, the origin's gate (exclusive: no I/O in flight) and its
+    /// tree held, after checking the tag names a visible snapshot. `f`
+    /// returns the metadata generation to make durable before returning.
+    fn on_snapshot(
+        &self,
+        id: &str,
+        tag: u64,
+        f: impl FnOnce(&OriginRt, &mut VTree) -> Result<u64>,
+    ) -> Result<()> {
         self.check_writable()?;
         let _a = sync::lock(&self.admin);
         let o = self.origin_by_id(id)?;
         let _g = sync::write(&o.gate);
-        let mut tree = sync::write(&o.tree);
-        if !visible(&tree, tag) {
-            return Err(no_snap(id, tag));
-        }
-        let mut md = sync::lock(&self.md);
-        let ch = tree.delete(tag, md.app.clean_gen)?;
-        md.apply_changes(o.num, &tree, &ch)?;
-        let gen = md.gen;
-        drop(md);
-        drop(tree);
+        let gen = {
+            let mut tree = sync::write(&o.tree);
+            if !visible(&tree, tag) {
+                return Err(no_snap(id, tag));
+            }
+            f(&o, &mut tree)?
+        };
         self.sync_gen(gen)
     }
 
+    pub fn delete(&self, id: &str, tag: u64) -> Result<()> {
+        self.on_snapshot(id, tag, |o, tree| {
+            let mut md = sync::lock(&self.md);
+            let ch = tree.delete(tag, md.app.clean_gen)?;
+            md.apply_changes(o.num, tree, &ch)?;
+            Ok(md.gen)
+        })
+    }
+
     pub fn rollback(&self, id: &str, tag: u64) -> Result<()> {
-        self.check_writable()?;
-        let _a = sync::lock(&self.admin);
-        let o = self.origin_by_id(id)?;
-        let _g = sync::write(&o.gate);
-        let mut tree = sync::write(&o.tree);
-        if !visible(&tree, tag) {
-            return Err(no_snap(id, tag));
-        }
-        let mut md = sync::lock(&self.md);
-        if let Some(rb) = md.app.rollback {
-            return Err(Error::Busy(format!(
-                "a rollback (snapshot {}) is already in progress",
-                rb.tag
-            )));
-        }
-        // Freeze the snapshot's content now: an internal snapshot of it is
-        // the copier's source, so later writes to `tag` stay out of the origin.
-        let src = md.app.next_tag;
-        md.app.next_tag += 1;
-        let (a, b) = (md.next_node()?, md.next_node()?);
-        let ch = tree.snapshot_of(tag, a, b, src)?;
-        if let Some(leaf) = tree.nodes.get_mut(&b) {
-            leaf.hidden = true;
-            leaf.memo = format!("rollback source of {tag}");
-        }
-        md.apply_changes(o.num, &tree, &ch)?;
-        md.app.rollback = Some(RollbackState {
-            origin: o.num,
-            tag,
-            src,
-            cursor: 0,
-            total: o.chunks(self.chunk_size()),
-        });
-        md.save_app()?;
-        o.rb_active.store(true, Ordering::Release);
-        let gen = md.gen;
-        drop(md);
-        drop(tree);
-        o.dirty.store(true, Ordering::Release);
-        self.sync_gen(gen)
+        self.on_snapshot(id, tag, |o, tree| {
+            let mut md = sync::lock(&self.md);
+            if let Some(rb) = md.app.rollback {
+                return Err(Error::Busy(format!(
+                    "a rollback (snapshot {}) is already in progress",
+                    rb.tag
+                )));
+            }
+            // Freeze the snapshot's content now: an internal snapshot of it is
+            // the copier's source, so later writes to `tag` stay out of the origin.
+            let src = md.app.next_tag;
+            md.app.next_tag += 1;
+            let (a, b) = (md.next_node()?, md.next_node()?);
+            let ch = tree.snapshot_of(tag, a, b, src)?;
+            if let Some(leaf) = tree.nodes.get_mut(&b) {
+                leaf.hidden = true;
+                leaf.memo = format!("rollback source of {tag}");
+            }
+            md.apply_changes(o.num, tree, &ch)?;
+            md.app.rollback = Some(RollbackState {
+                origin: o.num,
+                tag,
+                src,
+                cursor: 0,
+                total: o.chunks(self.chunk_size()),
+            });
+            md.save_app()?;
+            o.rb_active.store(true, Ordering::Release);
+            o.dirty.store(true, Ordering::Release);
+            Ok(md.gen)
+        })
     }
 
     pub fn status(&self) -> Status {
