@@ -6,7 +6,7 @@
 
 use super::api::Dev;
 use super::inner::{scan, val_u64};
-use super::records::{decode_app, decode_node, decode_origin, split_key};
+use super::records::{decode_app, decode_node, decode_origin, node_id_from_key, split_key};
 use crate::error::Result;
 use crate::meta::{self, CheckReport, Meta, Tree, ZERO_CHUNK};
 use crate::vtree::{Node, NodeId, VTree, RB_MARK};
@@ -54,7 +54,7 @@ fn semantic(m: &mut Meta<Dev>, errors: &mut Vec<String>) -> Result<()> {
     let mut per_origin: BTreeMap<u32, Vec<Node>> = BTreeMap::new();
     let mut own_rec: HashMap<NodeId, u64> = HashMap::new();
     for (k, v) in scan(m, Tree::Nodes)? {
-        match decode_node(k as u64, &v) {
+        match node_id_from_key(k).and_then(|id| decode_node(id, &v)) {
             Ok((o, n, own)) => {
                 own_rec.insert(n.id, own);
                 per_origin.entry(o).or_default().push(n);

@@ -413,7 +413,7 @@ impl Inner {
         let mut per_origin: BTreeMap<u32, Vec<Node>> = BTreeMap::new();
         let mut own = HashMap::new();
         for (k, v) in scan(&mut meta, Tree::Nodes)? {
-            let id = k as u64;
+            let id = node_id_from_key(k)?;
             let (o, n, c) = decode_node(id, &v)?;
             own.insert(id, c);
             per_origin.entry(o).or_default().push(n);

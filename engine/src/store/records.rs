@@ -75,8 +75,27 @@ pub fn encode_node(origin: u32, n: &Node, own: u64) -> Vec<u8> {
     b
 }
 
+/// A node id read back as a B+tree key: must fit the 48 bits the
+/// exception key gives it, and be neither the origin nor the rollback mark.
+pub fn node_id_from_key(k: u128) -> Result<NodeId> {
+    match u64::try_from(k) {
+        Ok(id)
+            if id != crate::vtree::ORIGIN
+                && id != crate::vtree::RB_MARK
+                && id <= crate::vtree::MAX_NODE =>
+        {
+            Ok(id)
+        }
+        _ => Err(bad(
+            "node record",
+            format!("key {k:#x} is not a valid node id"),
+        )),
+    }
+}
+
 /// Returns (origin number, node, own chunks).
 pub fn decode_node(id: NodeId, b: &[u8]) -> Result<(u32, Node, u64)> {
+    node_id_from_key(u128::from(id))?;
     if b.len() != NODE_REC_SIZE || b[0] != REC_VERSION {
         return Err(bad(
             "node record",
