@@ -194,8 +194,15 @@ impl VTree {
         }
         for id in &ids {
             let n = &t.nodes[id];
-            if n.kind == Kind::Leaf && !n.deleted && t.tags.insert(n.tag, *id).is_some() {
-                return Err(corrupt(format!("tag {} on two leaves", n.tag)));
+            if n.kind == Kind::Leaf && !n.deleted {
+                if n.flagged || n.tag == 0 {
+                    return Err(corrupt(format!(
+                        "live leaf {id:#x} is flagged or has tag 0"
+                    )));
+                }
+                if t.tags.insert(n.tag, *id).is_some() {
+                    return Err(corrupt(format!("tag {} on two leaves", n.tag)));
+                }
             }
         }
         // Live counts bottom-up: a bounded walk from every live leaf.
@@ -451,10 +458,10 @@ impl VTree {
             .get_mut(&leaf)
             .ok_or_else(|| corrupt("leaf missing".into()))?;
         n.deleted = true;
-        debug_assert!(!n.flagged, "a live leaf is never flagged");
+        // from_records refuses a live leaf that is flagged; stay exact anyway.
+        self.flagged += usize::from(!n.flagged);
         n.flagged = true;
         n.flag_gen = gen;
-        self.flagged += 1;
         ch.updated.push(leaf);
         let mut child = leaf;
         for _ in 0..=self.nodes.len() {
