@@ -68,6 +68,8 @@ fn fio_16_connections_verify_under_snapshots() {
         "--verify=crc32c",
         "--verify_backlog=64",
         "--verify_fatal=1",
+        // No verify-state files in the working directory.
+        "--verify_state_save=0",
         "--time_based",
         &format!("--runtime={runtime}"),
         "--group_reporting",
