@@ -26,11 +26,46 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use snapmv_engine::dev::BlockDev;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 const ORIGIN_SIZE: usize = 64 * 4096 + 1000;
 const EXPORTS: [&str; 4] = ["o", "o@1", "o@2", ""];
+
+/// The COW device of one case. Once the client has seen the server close
+/// the connection and the store is closed, nothing may write to it: a late
+/// write means a server thread still runs requests of a finished session.
+struct Cow {
+    dev: Arc<snapmv_engine::MemDev>,
+    sealed: AtomicBool,
+    /// The case's input and how the client saw the session end, for the
+    /// report of a late write (which fires during a later case).
+    info: Mutex<String>,
+}
+
+impl BlockDev for Cow {
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> snapmv_engine::Result<()> {
+        self.dev.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> snapmv_engine::Result<()> {
+        assert!(
+            !self.sealed.load(Ordering::SeqCst),
+            "write of {} bytes at {offset} after the session ended and the store was closed; \
+             that session: {}",
+            buf.len(),
+            self.info.lock().unwrap()
+        );
+        self.dev.write_at(offset, buf)
+    }
+    fn flush(&self) -> snapmv_engine::Result<()> {
+        self.dev.flush()
+    }
+}
 
 /// The catalogue the server sees: whatever store the current case installed.
 #[derive(Default)]
@@ -121,11 +156,27 @@ fn handshake(name: &str) -> Vec<u8> {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // A session runs on several server threads, so a finding can depend on
+    // timing: SNAPMV_FUZZ_REPEAT=N replays each input N times in-process.
+    let repeat = std::env::var("SNAPMV_FUZZ_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1usize);
+    for _ in 0..repeat {
+        session(data);
+    }
+});
+
+fn session(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
     let f = fixture();
-    let cow = dev_from_image(&f.cow);
+    let cow = Arc::new(Cow {
+        dev: dev_from_image(&f.cow),
+        sealed: AtomicBool::new(false),
+        info: Mutex::new(String::new()),
+    });
     let origins = vec![("o".to_string(), dev_from_image(&f.origin))];
     let store = Store::open(cow.clone() as Dev, &mut resolver(&origins, false)).expect("open fixture");
     *f.current.0.lock().unwrap() = Some(StoreExports::new(vec![store.clone()], mode & 1 != 0));
@@ -146,21 +197,29 @@ fuzz_target!(|data: &[u8]| {
     });
     let mut rd = &sock;
     let mut buf = vec![0u8; 256 << 10];
-    loop {
+    let mut got = 0usize;
+    let end = loop {
         match rd.read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
+            Ok(0) => break "EOF".to_string(),
+            Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
                 panic!("NBD server did not close the connection within 20 s after the client half-closed")
             }
-            Err(_) => break, // reset by the server: fine
+            // libFuzzer's SIGALRM (the -timeout watchdog) interrupts reads.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break format!("read error {e}"), // reset by the server: fine
         }
-    }
+    };
     writer.join().unwrap();
+    *cow.info.lock().unwrap() = format!(
+        "ended by {end} after {got} reply bytes; input {}",
+        data.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
     drop(sock);
     *f.current.0.lock().unwrap() = None;
     // Whatever the client sent, the store it wrote through stays consistent.
     store.close().expect("close the store after a session");
-    let rep = snapmv_engine::store::check(cow as Dev).expect("check");
+    cow.sealed.store(true, Ordering::SeqCst);
+    let rep = snapmv_engine::store::check(cow.dev.clone() as Dev).expect("check");
     assert!(rep.errors.is_empty(), "store damaged by an NBD session: {:?}", rep.errors);
-});
+}
