@@ -4,7 +4,7 @@
 //! output either way.
 
 use crate::control::{Client, Reply, Request};
-use crate::lock::{self, CowLock, LockMode};
+use crate::lock::{self, CowLock, LockMode, SocketCandidate};
 use crate::status::StatusWire;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -21,6 +21,8 @@ const STEP_BUDGET: usize = 256;
 /// How long an admin command waits for a lock held by a short-lived
 /// command (not a server) before giving up.
 const LOCK_RETRY: Duration = Duration::from_secs(3);
+/// How long a control socket candidate may take to answer the hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Wall clock in Unix seconds; the engine reads no clock, so creation
 /// times come from here.
@@ -62,51 +64,127 @@ enum Route {
 /// cannot do for us (format, bind, unbind, check).
 fn route(cow: &Path, mode: LockMode, live_ok: bool) -> Result<Route> {
     let canon = lock::canonical(cow)?;
-    let sock = lock::socket_path(cow)?;
+    let cands = lock::socket_candidates(cow)?;
     let start = Instant::now();
     loop {
         if let Some(l) = lock::try_lock(cow, mode)? {
             return Ok(Route::Offline(l));
         }
-        match server_hello(&sock) {
-            Ok((client, pid, served)) => {
-                if Path::new(&served) != canon {
-                    bail!(
-                        "control socket {} belongs to a server of {served}, not {}",
-                        sock.display(),
-                        canon.display()
-                    );
-                }
+        if !live_ok {
+            // No need to reach the server just to refuse.
+            if let Some(pid) = serving_holder(cow) {
+                bail!(
+                    "COW device {} is in use by a running server (pid {pid}); stop it first",
+                    cow.display()
+                );
+            }
+        }
+        match find_server(&canon, &cands) {
+            Ok(found) => {
                 if !live_ok {
                     bail!(
-                        "COW device {} is in use by a running server (pid {pid}); stop it first",
-                        cow.display()
+                        "COW device {} is in use by a running server (pid {}); stop it first",
+                        cow.display(),
+                        found.pid
                     );
                 }
-                tracing::debug!(pid, socket = %sock.display(), "using the running server");
-                return Ok(Route::Live(client));
+                tracing::debug!(pid = found.pid, socket = %found.path.display(), "using the running server");
+                return Ok(Route::Live(found.client));
             }
-            Err(e) if start.elapsed() >= LOCK_RETRY => {
-                bail!(
-                    "COW device {} is locked by another process, and no snapmv server answers on {} ({e:#})",
-                    cow.display(),
-                    sock.display()
-                );
+            Err(tried) if start.elapsed() >= LOCK_RETRY => {
+                let paths = tried_list(&tried);
+                match serving_holder(cow) {
+                    Some(pid) if !live_ok => bail!(
+                        "COW device {} is in use by a running server (pid {pid}); stop it first",
+                        cow.display()
+                    ),
+                    Some(pid) => bail!(
+                        "COW device {} is in use by a running server (pid {pid}) that has no control \
+                         socket (its log says why; or it is still starting up), so this cannot be done \
+                         while it runs; tried {paths}",
+                        cow.display()
+                    ),
+                    None => bail!(
+                        "COW device {} is locked by another process, and no snapmv server answers on {paths}",
+                        cow.display()
+                    ),
+                }
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
 }
 
-fn server_hello(sock: &Path) -> Result<(Client, u32, String)> {
-    let mut c = Client::connect(sock)?;
-    match c.call(&Request::Hello)? {
-        Reply::Hello { pid, cow, .. } => Ok((c, pid, cow)),
-        other => bail!(
-            "unexpected reply to hello from {}: {other:?}",
-            sock.display()
-        ),
+/// The pid of the `snapmv serve` holding `cow`, if that is who holds it.
+pub fn serving_holder(cow: &Path) -> Option<u32> {
+    lock::exclusive_holder(cow).filter(|&pid| lock::is_snapmv_server(pid))
+}
+
+/// A server answering for a COW device.
+pub struct Found {
+    pub client: Client,
+    pub pid: u32,
+    pub path: PathBuf,
+}
+
+/// Try the control socket candidates of canonical COW path `canon` in
+/// order and return the first server that answers the hello, runs as root,
+/// as us or as the COW device's owner, and serves `canon`. Otherwise every
+/// path tried, each with why it was passed over.
+pub fn find_server(
+    canon: &Path,
+    cands: &[SocketCandidate],
+) -> std::result::Result<Found, Vec<(PathBuf, String)>> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(canon).map(|m| m.uid()).ok();
+    let mut tried = Vec::new();
+    for c in cands {
+        match probe(c, canon, owner) {
+            Ok((client, pid)) => {
+                return Ok(Found {
+                    client,
+                    pid,
+                    path: c.path.clone(),
+                })
+            }
+            Err(e) => tried.push((c.path.clone(), e.root_cause().to_string())),
+        }
     }
+    Err(tried)
+}
+
+fn probe(c: &SocketCandidate, canon: &Path, owner: Option<u32>) -> Result<(Client, u32)> {
+    c.check()?;
+    let mut client = Client::connect(&c.path)?;
+    // Before telling it anything: a socket in a shared directory may have
+    // been planted by someone else.
+    match client.peer_uid() {
+        Some(uid) if uid == 0 || uid == lock::euid() || Some(uid) == owner => {}
+        Some(uid) => bail!(
+            "served by uid {uid}, which is neither root, us, nor the COW device's owner; not trusted"
+        ),
+        None => bail!("cannot tell who serves it; not trusted"),
+    }
+    // A server answers hello at once; something that accepts but never
+    // answers must not hold up the next candidate for long.
+    client.set_timeout(Some(HELLO_TIMEOUT))?;
+    match client.call(&Request::Hello)? {
+        Reply::Hello { pid, cow, .. } if Path::new(&cow) == canon => {
+            client.set_timeout(None)?;
+            Ok((client, pid))
+        }
+        Reply::Hello { cow, .. } => bail!("it belongs to a server of {cow}"),
+        other => bail!("unexpected reply to hello: {other:?}"),
+    }
+}
+
+/// `A (why), B (why)` for an error message.
+pub fn tried_list(tried: &[(PathBuf, String)]) -> String {
+    tried
+        .iter()
+        .map(|(p, why)| format!("{} ({why})", p.display()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn file_dev(path: &Path, read_only: bool) -> snapmv_engine::Result<Dev> {

@@ -108,6 +108,39 @@ fn short_addr(path: &Path) -> Result<(PathBuf, Option<OwnedFd>)> {
     Ok((p, Some(fd)))
 }
 
+/// Make way for a new socket at `path`: remove a dead socket left by a
+/// crashed server; refuse (and leave alone) anything else.
+fn clear_stale(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let p = path.display();
+    let m = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {p}")),
+    };
+    let ft = m.file_type();
+    if !ft.is_socket() {
+        let what = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_symlink() {
+            "a symlink"
+        } else if ft.is_file() {
+            "a regular file"
+        } else {
+            "not a socket"
+        };
+        bail!("{p} exists and is {what}; not removing it");
+    }
+    let (addr, _dirfd) = short_addr(path)?;
+    if UnixStream::connect(&addr).is_ok() {
+        bail!("{p} is a socket another live process answers on; not replacing it");
+    }
+    std::fs::remove_file(path)
+        .with_context(|| format!("cannot remove stale control socket {p}"))?;
+    tracing::info!(path = %p, "removed stale control socket");
+    Ok(())
+}
+
 /// A connected client.
 pub struct Client {
     reader: BufReader<UnixStream>,
@@ -115,6 +148,21 @@ pub struct Client {
 }
 
 impl Client {
+    /// Wait at most `d` for each reply from now on (`None`: the default,
+    /// long enough for a snapshot under heavy write load).
+    pub fn set_timeout(&mut self, d: Option<Duration>) -> Result<()> {
+        let d = d.unwrap_or(CLIENT_TIMEOUT);
+        let s = self.reader.get_ref();
+        s.set_read_timeout(Some(d))?;
+        s.set_write_timeout(Some(d))?;
+        Ok(())
+    }
+
+    /// The uid of the process serving this socket, if the kernel says.
+    pub fn peer_uid(&self) -> Option<u32> {
+        peer_uid(self.reader.get_ref())
+    }
+
     pub fn connect(path: &Path) -> Result<Client> {
         let (addr, _dirfd) = short_addr(path)?;
         let s = UnixStream::connect(&addr)
@@ -189,37 +237,53 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Bind `path` (replacing a stale socket: the caller holds the COW lock,
-    /// so no live server can own it) and serve `store` on it.
+    /// Bind `path` and serve `store` on it. Its directory must exist. A
+    /// stale socket there is replaced (the caller holds the COW lock, so no
+    /// server of this COW device can own it), but nothing else is: not a
+    /// directory or file in the way, and not a socket some live process
+    /// still answers on. The new socket is tested by connecting to it, since
+    /// some filesystems (FUSE) accept the bind but cannot pass connections.
     pub fn start(path: PathBuf, cow: String, store: Store) -> Result<ControlServer> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create directory {}", dir.display()))?;
-        }
-        match std::fs::remove_file(&path) {
-            Ok(()) => tracing::info!(path = %path.display(), "removed stale control socket"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("cannot remove stale control socket {}", path.display())
-                })
-            }
-        }
+        clear_stale(&path)?;
         let (addr, _dirfd) = short_addr(&path)?;
         let listener = UnixListener::bind(&addr)
             .with_context(|| format!("cannot bind control socket {}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot restrict control socket {}", path.display()))?;
-        // Non-blocking accept polled against the stop flag keeps shutdown
-        // simple: no self-connect trick, no signal-interrupted syscalls.
-        listener.set_nonblocking(true)?;
+        // From here on the socket file is ours: remove it on any failure.
+        let ready = (|| -> Result<()> {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot restrict control socket {}", path.display()))?;
+            // The test connection waits in the backlog; the accept loop
+            // takes it and sees it close at once.
+            UnixStream::connect(&addr).with_context(|| {
+                format!(
+                    "control socket {} was bound but does not take connections",
+                    path.display()
+                )
+            })?;
+            // Non-blocking accept polled against the stop flag keeps
+            // shutdown simple: no self-connect trick, no signal-interrupted
+            // syscalls.
+            listener.set_nonblocking(true)?;
+            Ok(())
+        })();
+        if let Err(e) = ready {
+            drop(listener);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
         let p = path.clone();
         let thread = std::thread::Builder::new()
             .name("snapmv-control".into())
-            .spawn(move || accept_loop(listener, p, cow, store, st))
-            .context("cannot start the control thread")?;
+            .spawn(move || accept_loop(listener, p, cow, store, st));
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e).context("cannot start the control thread");
+            }
+        };
         Ok(ControlServer {
             stop,
             thread: Some(thread),
@@ -484,6 +548,40 @@ mod tests {
         assert!(matches!(read_line(&mut r, 10).unwrap(), Line::Eof));
         let mut r = std::io::Cursor::new(vec![b'x'; 100]);
         assert!(matches!(read_line(&mut r, 10).unwrap(), Line::TooLong));
+    }
+
+    #[test]
+    fn stale_socket_is_removed_but_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing there: fine.
+        clear_stale(&dir.path().join("none.sock")).unwrap();
+        // A dead socket (its listener gone): removed.
+        let dead = dir.path().join("dead.sock");
+        drop(UnixListener::bind(&dead).unwrap());
+        assert!(dead.exists());
+        clear_stale(&dead).unwrap();
+        assert!(!dead.exists());
+        // A live socket: left alone.
+        let live = dir.path().join("live.sock");
+        let _l = UnixListener::bind(&live).unwrap();
+        let e = format!("{:#}", clear_stale(&live).unwrap_err());
+        assert!(e.contains("live process"), "{e}");
+        assert!(live.exists());
+        // A directory (with something in it), a file, a symlink: refused and kept.
+        let d = dir.path().join("cow.img.snapmv.sock");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("keep"), b"x").unwrap();
+        let e = format!("{:#}", clear_stale(&d).unwrap_err());
+        assert!(e.contains("is a directory; not removing it"), "{e}");
+        assert!(d.join("keep").exists());
+        let f = dir.path().join("file.sock");
+        std::fs::write(&f, b"x").unwrap();
+        assert!(format!("{:#}", clear_stale(&f).unwrap_err()).contains("regular file"));
+        assert!(f.exists());
+        let l = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&dead, &l).unwrap();
+        assert!(format!("{:#}", clear_stale(&l).unwrap_err()).contains("symlink"));
+        assert!(std::fs::symlink_metadata(&l).is_ok());
     }
 
     #[test]

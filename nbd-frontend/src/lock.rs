@@ -11,23 +11,42 @@
 //! several readers may run at once, but never beside a writer.
 //!
 //! # Control socket path rule
-//! - COW device is a regular file: `<canonical COW path>.snapmv.sock`, next
-//!   to the file (e.g. `/srv/cow.img` -> `/srv/cow.img.snapmv.sock`).
-//! - anything else (a block device): `/run/snapmv/<escaped canonical
-//!   path>.sock`, where `%` becomes `%25` and `/` becomes `%2F`
-//!   (e.g. `/dev/sdc1` -> `/run/snapmv/%2Fdev%2Fsdc1.sock`), because `/dev`
-//!   is no place for sockets.
+//! A server binds the first of these candidates that works, and the admin
+//! commands try them in the same order ([`socket_candidates`]):
+//! 1. only if the COW device is a regular file: `<canonical COW
+//!    path>.snapmv.sock`, next to the file (e.g. `/srv/cow.img` ->
+//!    `/srv/cow.img.snapmv.sock`);
+//! 2. `<runtime dir>/<escaped canonical path>.sock` in each runtime
+//!    directory, where `%` becomes `%25` and `/` becomes `%2F` (e.g.
+//!    `/dev/sdc1` -> `/run/snapmv/%2Fdev%2Fsdc1.sock`), because `/dev` is no
+//!    place for sockets, and a COW file may sit on a filesystem that cannot
+//!    hold one (read-only, FUSE, some network filesystems). A name that
+//!    would not fit in a Unix socket address is shortened to a hash of the
+//!    path plus its tail ([`runtime_name`]).
+//!
+//! The runtime directories, in order ([`runtime_dirs`]): `/run/snapmv` if
+//! we are root or may write it; `$XDG_RUNTIME_DIR/snapmv` if that variable
+//! holds an absolute path; `<temp dir>/snapmv-<euid>` (`$TMPDIR` or `/tmp`).
+//! The per-user ones are created mode 0700 and used only if they are real
+//! directories (not symlinks) owned by us that nobody else may enter.
 //!
 //! Canonicalising first means every spelling of the device (relative path,
 //! symlink such as `/dev/disk/by-id/...`) finds the same socket.
 
 use anyhow::{bail, Context, Result};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-/// Directory for the control sockets of block-device COWs.
+/// The system-wide runtime directory for control sockets.
 pub const RUN_DIR: &str = "/run/snapmv";
+/// Longest socket file name placed in a runtime directory: even through the
+/// `/proc/self/fd/<fd>/` detour that control.rs takes for long paths, the
+/// address then stays within the 107 bytes a Unix socket path may have.
+pub const MAX_RUNTIME_NAME: usize = 80;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LockMode {
@@ -69,19 +88,263 @@ pub fn try_lock(cow: &Path, mode: LockMode) -> Result<Option<CowLock>> {
     }
 }
 
-/// The control socket of the server that would hold `cow` (see the module
-/// docs for the rule). `cow` must exist.
-pub fn socket_path(cow: &Path) -> Result<PathBuf> {
+/// The pid holding the exclusive lock on `cow`, as `/proc/locks` shows it
+/// (`None` if nobody does, or it cannot be told).
+pub fn exclusive_holder(cow: &Path) -> Option<u32> {
+    let m = std::fs::metadata(cow).ok()?;
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    parse_proc_locks(&text, m.dev(), m.ino())
+}
+
+/// Find the granted exclusive flock on (`dev`, `ino`) in `/proc/locks`
+/// text. Lines look like `3: FLOCK  ADVISORY  WRITE 1234 08:02:131 0 EOF`
+/// (device numbers in hex, inode in decimal); waiters carry a `->` marker.
+fn parse_proc_locks(text: &str, dev: u64, ino: u64) -> Option<u32> {
+    let (maj, min) = (u64::from(libc::major(dev)), u64::from(libc::minor(dev)));
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            [_, "FLOCK", _, "WRITE", pid, id, ..] => {
+                let mut parts = id.split(':');
+                let lmaj = u64::from_str_radix(parts.next()?, 16).ok()?;
+                let lmin = u64::from_str_radix(parts.next()?, 16).ok()?;
+                let lino: u64 = parts.next()?.parse().ok()?;
+                (lmaj == maj && lmin == min && lino == ino)
+                    .then(|| pid.parse::<u32>().ok())
+                    .flatten()
+            }
+            _ => None,
+        }
+    })
+}
+
+/// Whether process `pid` is a `snapmv serve`.
+pub fn is_snapmv_server(pid: u32) -> bool {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
+    if args.get(1).copied() != Some(&b"serve"[..]) {
+        return false;
+    }
+    let named = args
+        .first()
+        .and_then(|a| Path::new(OsStr::from_bytes(a)).file_name())
+        .is_some_and(|n| n.as_bytes().starts_with(b"snapmv"));
+    let same_exe = match (
+        std::fs::read_link(format!("/proc/{pid}/exe")),
+        std::fs::read_link("/proc/self/exe"),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    named || same_exe
+}
+
+/// Our effective uid.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// A directory that may hold control sockets (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeDir {
+    pub path: PathBuf,
+    /// Private to this user: created 0700, and used only if it is ours and
+    /// closed to everyone else. The system-wide [`RUN_DIR`] may belong to
+    /// root and be readable by all (the sockets themselves are 0600).
+    pub per_user: bool,
+}
+
+impl RuntimeDir {
+    /// Server side: create the directory if missing, then [`Self::check`].
+    pub fn prepare(&self) -> Result<()> {
+        let mode = if self.per_user { 0o700 } else { 0o755 };
+        match std::fs::DirBuilder::new().mode(mode).create(&self.path) {
+            Ok(()) => {
+                tracing::info!(dir = %self.path.display(), "created runtime directory")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot create runtime directory {}", self.path.display())
+                })
+            }
+        }
+        self.check()
+    }
+
+    /// The directory exists and is safe to put a socket in, or to trust a
+    /// socket found in: a real directory (not a symlink), owned by us (or
+    /// root, for [`RUN_DIR`]), that no other user may write (or, if per
+    /// user, enter).
+    pub fn check(&self) -> Result<()> {
+        let p = self.path.display();
+        let m = std::fs::symlink_metadata(&self.path)
+            .with_context(|| format!("runtime directory {p}"))?;
+        if m.file_type().is_symlink() {
+            bail!("runtime directory {p} is a symlink; not using it");
+        }
+        if !m.is_dir() {
+            bail!("runtime directory {p} is not a directory; not using it");
+        }
+        let me = euid();
+        if m.uid() != me && (self.per_user || m.uid() != 0) {
+            bail!(
+                "runtime directory {p} belongs to uid {}, not to us (uid {me}); not using it",
+                m.uid()
+            );
+        }
+        let open_to_others = if self.per_user { 0o077 } else { 0o022 };
+        if m.mode() & open_to_others != 0 {
+            bail!(
+                "runtime directory {p} is open to other users (mode {:04o}); not using it",
+                m.mode() & 0o7777
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One place where the control socket of a COW device may be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketCandidate {
+    pub path: PathBuf,
+    /// The runtime directory holding it; `None` for the path next to the
+    /// COW file, whose directory is the user's business.
+    pub runtime_dir: Option<RuntimeDir>,
+}
+
+impl SocketCandidate {
+    /// Server side: make the place ready for binding.
+    pub fn prepare(&self) -> Result<()> {
+        self.runtime_dir
+            .as_ref()
+            .map_or(Ok(()), RuntimeDir::prepare)
+    }
+
+    /// Client side: whether a socket found here may be trusted.
+    pub fn check(&self) -> Result<()> {
+        self.runtime_dir.as_ref().map_or(Ok(()), RuntimeDir::check)
+    }
+}
+
+/// The runtime directories for this process, in order (module docs).
+pub fn runtime_dirs() -> Vec<RuntimeDir> {
+    let me = euid();
+    runtime_dirs_from(
+        me,
+        me == 0 || may_write(Path::new(RUN_DIR)),
+        std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+        &std::env::temp_dir(),
+    )
+}
+
+/// [`runtime_dirs`] with its inputs given: our euid, whether [`RUN_DIR`]
+/// is usable, `$XDG_RUNTIME_DIR`, and the temp directory.
+pub fn runtime_dirs_from(
+    uid: u32,
+    run_dir_usable: bool,
+    xdg: Option<&OsStr>,
+    tmp: &Path,
+) -> Vec<RuntimeDir> {
+    let mut v = Vec::new();
+    if run_dir_usable {
+        v.push(RuntimeDir {
+            path: PathBuf::from(RUN_DIR),
+            per_user: false,
+        });
+    }
+    if let Some(x) = xdg.map(Path::new).filter(|p| p.is_absolute()) {
+        v.push(RuntimeDir {
+            path: x.join("snapmv"),
+            per_user: true,
+        });
+    }
+    let tmp = if tmp.is_absolute() {
+        tmp
+    } else {
+        Path::new("/tmp")
+    };
+    let t = tmp.join(format!("snapmv-{uid}"));
+    if !v.iter().any(|d| d.path == t) {
+        v.push(RuntimeDir {
+            path: t,
+            per_user: true,
+        });
+    }
+    v
+}
+
+fn may_write(p: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: faccessat reads the NUL-terminated path `c`, which outlives
+    // the call.
+    unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::W_OK | libc::X_OK,
+            libc::AT_EACCESS,
+        ) == 0
+    }
+}
+
+/// Every place the control socket of `cow` may be, in order (module docs).
+/// `cow` must exist.
+pub fn socket_candidates(cow: &Path) -> Result<Vec<SocketCandidate>> {
     let canon = canonical(cow)?;
     let meta = std::fs::metadata(&canon)
         .with_context(|| format!("cannot stat COW device {}", canon.display()))?;
-    if meta.is_file() {
-        let mut s = canon.into_os_string();
+    Ok(candidates_from(&canon, meta.is_file(), &runtime_dirs()))
+}
+
+/// [`socket_candidates`] for canonical path `canon` and runtime directories
+/// `dirs`.
+pub fn candidates_from(canon: &Path, is_file: bool, dirs: &[RuntimeDir]) -> Vec<SocketCandidate> {
+    let mut v = Vec::new();
+    if is_file {
+        let mut s = canon.as_os_str().to_os_string();
         s.push(".snapmv.sock");
-        Ok(PathBuf::from(s))
-    } else {
-        Ok(Path::new(RUN_DIR).join(format!("{}.sock", escape(&canon.to_string_lossy()))))
+        v.push(SocketCandidate {
+            path: PathBuf::from(s),
+            runtime_dir: None,
+        });
     }
+    let name = runtime_name(canon);
+    v.extend(dirs.iter().map(|d| SocketCandidate {
+        path: d.path.join(&name),
+        runtime_dir: Some(d.clone()),
+    }));
+    v
+}
+
+/// The socket's file name in a runtime directory: the escaped canonical
+/// path plus `.sock`, or, if that is longer than [`MAX_RUNTIME_NAME`], a
+/// hash of the whole path followed by the escaped path's tail.
+pub fn runtime_name(canon: &Path) -> String {
+    const EXT: &str = ".sock";
+    let bytes = canon.as_os_str().as_bytes();
+    let esc = escape(bytes);
+    if esc.len() + EXT.len() <= MAX_RUNTIME_NAME {
+        return format!("{esc}{EXT}");
+    }
+    let keep = MAX_RUNTIME_NAME - EXT.len() - 17;
+    let mut start = esc.len() - keep;
+    while !esc.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("{:016x}-{}{EXT}", fnv1a64(bytes), &esc[start..])
+}
+
+/// FNV-1a: stable across builds and versions, unlike std's hasher.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Canonical path of an existing COW device, with a clear error if missing.
@@ -97,45 +360,243 @@ pub fn canonical(cow: &Path) -> Result<PathBuf> {
     }
 }
 
-fn escape(p: &str) -> String {
-    p.replace('%', "%25").replace('/', "%2F")
+/// `%` -> `%25`, `/` -> `%2F`. A path that is not UTF-8 also has every byte
+/// from 0x80 up escaped, so it can never meet a UTF-8 path's name.
+fn escape(p: &[u8]) -> String {
+    match std::str::from_utf8(p) {
+        Ok(s) => s.replace('%', "%25").replace('/', "%2F"),
+        Err(_) => p
+            .iter()
+            .map(|&b| match b {
+                b'%' | b'/' | 0x80.. => format!("%{b:02X}"),
+                _ => char::from(b).to_string(),
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
-    #[test]
-    fn socket_next_to_regular_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let cow = dir.path().join("cow.img");
-        std::fs::write(&cow, b"x").unwrap();
-        let s = socket_path(&cow).unwrap();
-        assert_eq!(
-            s,
-            std::fs::canonicalize(dir.path())
-                .unwrap()
-                .join("cow.img.snapmv.sock")
-        );
-        // A relative spelling finds the same socket.
-        let rel = dir.path().join(".").join("cow.img");
-        assert_eq!(socket_path(&rel).unwrap(), s);
+    fn user_dir(p: &str) -> RuntimeDir {
+        RuntimeDir {
+            path: PathBuf::from(p),
+            per_user: true,
+        }
+    }
+
+    fn run_dir() -> RuntimeDir {
+        RuntimeDir {
+            path: PathBuf::from(RUN_DIR),
+            per_user: false,
+        }
+    }
+
+    fn paths(c: &[SocketCandidate]) -> Vec<PathBuf> {
+        c.iter().map(|c| c.path.clone()).collect()
     }
 
     #[test]
-    fn block_device_socket_under_run() {
-        assert_eq!(escape("/dev/sd%1"), "%2Fdev%2Fsd%251");
+    fn regular_file_candidates_beside_first_then_runtime_dirs() {
+        let dirs = [
+            run_dir(),
+            user_dir("/run/user/0/snapmv"),
+            user_dir("/tmp/snapmv-0"),
+        ];
+        let c = candidates_from(Path::new("/srv/cow.img"), true, &dirs);
+        assert_eq!(
+            paths(&c),
+            [
+                "/srv/cow.img.snapmv.sock",
+                "/run/snapmv/%2Fsrv%2Fcow.img.sock",
+                "/run/user/0/snapmv/%2Fsrv%2Fcow.img.sock",
+                "/tmp/snapmv-0/%2Fsrv%2Fcow.img.sock",
+            ]
+            .map(PathBuf::from)
+        );
+        assert_eq!(c[0].runtime_dir, None);
+        assert_eq!(c[1].runtime_dir.as_ref(), Some(&dirs[0]));
+        assert_eq!(c[3].runtime_dir.as_ref(), Some(&dirs[2]));
+    }
+
+    #[test]
+    fn block_device_candidates_only_in_runtime_dirs() {
+        let dirs = [run_dir(), user_dir("/tmp/snapmv-0")];
+        let c = candidates_from(Path::new("/dev/sd%c1"), false, &dirs);
+        assert_eq!(
+            paths(&c),
+            [
+                "/run/snapmv/%2Fdev%2Fsd%25c1.sock",
+                "/tmp/snapmv-0/%2Fdev%2Fsd%25c1.sock"
+            ]
+            .map(PathBuf::from)
+        );
+    }
+
+    #[test]
+    fn runtime_dir_order() {
+        let tmp = Path::new("/tmp");
+        let xdg = Some(OsStr::new("/run/user/1000"));
+        // Root (or anyone who may write /run/snapmv): /run/snapmv first.
+        assert_eq!(
+            runtime_dirs_from(0, true, xdg, tmp),
+            [
+                run_dir(),
+                user_dir("/run/user/1000/snapmv"),
+                user_dir("/tmp/snapmv-0")
+            ]
+        );
+        // An ordinary user: $XDG_RUNTIME_DIR, then the temp dir.
+        assert_eq!(
+            runtime_dirs_from(1000, false, xdg, tmp),
+            [
+                user_dir("/run/user/1000/snapmv"),
+                user_dir("/tmp/snapmv-1000")
+            ]
+        );
+        // No (or a relative, hence invalid) $XDG_RUNTIME_DIR.
+        for x in [None, Some(OsStr::new("run/user")), Some(OsStr::new(""))] {
+            assert_eq!(
+                runtime_dirs_from(1000, false, x, Path::new("/var/tmp")),
+                [user_dir("/var/tmp/snapmv-1000")]
+            );
+        }
+        // A relative temp dir is not trusted either.
+        assert_eq!(
+            runtime_dirs_from(7, false, None, Path::new("tmp")),
+            [user_dir("/tmp/snapmv-7")]
+        );
+    }
+
+    #[test]
+    fn live_candidates_for_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cow = dir.path().join("cow.img");
+        std::fs::write(&cow, b"x").unwrap();
+        let canon_dir = std::fs::canonicalize(dir.path()).unwrap();
+        let c = socket_candidates(&cow).unwrap();
+        assert_eq!(c[0].path, canon_dir.join("cow.img.snapmv.sock"));
+        assert_eq!(c.len(), 1 + runtime_dirs().len());
+        let name = runtime_name(&canon_dir.join("cow.img"));
+        assert!(name.starts_with("%2F") && name.ends_with("%2Fcow.img.sock"));
+        for (cand, d) in c[1..].iter().zip(runtime_dirs()) {
+            assert_eq!(cand.path, d.path.join(&name));
+        }
+        // A relative spelling finds the same sockets.
+        let rel = dir.path().join(".").join("cow.img");
+        assert_eq!(socket_candidates(&rel).unwrap(), c);
+    }
+
+    #[test]
+    fn char_device_has_no_beside_candidate() {
         if Path::new("/dev/null").exists() {
-            // A character device takes the non-file branch too.
-            let s = socket_path(Path::new("/dev/null")).unwrap();
-            assert_eq!(s, Path::new("/run/snapmv/%2Fdev%2Fnull.sock"));
+            let c = socket_candidates(Path::new("/dev/null")).unwrap();
+            assert_eq!(c.len(), runtime_dirs().len());
+            assert!(c.iter().all(|c| c.runtime_dir.is_some()));
+            assert!(c.iter().all(|c| c.path.ends_with("%2Fdev%2Fnull.sock")));
         }
     }
 
     #[test]
+    fn long_runtime_names_are_hashed_and_bounded() {
+        let short = Path::new("/dev/sdc1");
+        assert_eq!(runtime_name(short), "%2Fdev%2Fsdc1.sock");
+        let a = PathBuf::from(format!("/mnt/{}/é/cow-a.img", "d".repeat(100)));
+        let b = PathBuf::from(format!("/mnt/{}/é/cow-b.img", "d".repeat(100)));
+        let (na, nb) = (runtime_name(&a), runtime_name(&b));
+        for n in [&na, &nb] {
+            assert!(n.len() <= MAX_RUNTIME_NAME, "{n}");
+            assert!(!n.contains('/'), "{n}");
+        }
+        assert!(na.ends_with("%2Fcow-a.img.sock"), "{na}");
+        assert_ne!(na, nb);
+        assert_eq!(runtime_name(&a), na, "stable");
+        // Exactly at the limit: still plain.
+        let edge = "x".repeat(MAX_RUNTIME_NAME - ".sock".len() - 3);
+        assert_eq!(
+            runtime_name(&Path::new("/").join(&edge)),
+            format!("%2F{edge}.sock")
+        );
+        let over = format!("{edge}x");
+        assert_ne!(
+            runtime_name(&Path::new("/").join(&over)),
+            format!("%2F{over}.sock")
+        );
+    }
+
+    #[test]
+    fn escaping() {
+        assert_eq!(escape(b"/dev/sd%1"), "%2Fdev%2Fsd%251");
+        // Not UTF-8: high bytes escaped too, so no lossy collisions.
+        assert_eq!(escape(b"/a\xff"), "%2Fa%FF");
+        assert_ne!(escape(b"/a\xff"), escape(b"/a\xfe"));
+    }
+
+    #[test]
     fn missing_cow_is_named() {
-        let e = socket_path(Path::new("/nonexistent/cow.img")).unwrap_err();
+        let e = socket_candidates(Path::new("/nonexistent/cow.img")).unwrap_err();
         assert!(format!("{e:#}").contains("/nonexistent/cow.img does not exist"));
+    }
+
+    #[test]
+    fn per_user_runtime_dir_is_created_private_and_checked() {
+        let base = tempfile::tempdir().unwrap();
+        let d = RuntimeDir {
+            path: base.path().join("snapmv-x"),
+            per_user: true,
+        };
+        assert!(d.check().is_err(), "missing dir must not be trusted");
+        d.prepare().unwrap();
+        let m = std::fs::symlink_metadata(&d.path).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.mode() & 0o077, 0, "mode {:o}", m.mode());
+        assert_eq!(m.uid(), euid());
+        d.prepare().unwrap(); // existing and fine: reused
+        d.check().unwrap();
+
+        // Open to others: refused, not "fixed" behind the user's back.
+        std::fs::set_permissions(&d.path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = format!("{:#}", d.prepare().unwrap_err());
+        assert!(e.contains("open to other users"), "{e}");
+
+        // A symlink to a perfectly good directory: refused.
+        let real = base.path().join("real");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&real)
+            .unwrap();
+        let link = RuntimeDir {
+            path: base.path().join("link"),
+            per_user: true,
+        };
+        std::os::unix::fs::symlink(&real, &link.path).unwrap();
+        let e = format!("{:#}", link.prepare().unwrap_err());
+        assert!(e.contains("symlink"), "{e}");
+
+        // A file in the way: refused.
+        let file = RuntimeDir {
+            path: base.path().join("file"),
+            per_user: true,
+        };
+        std::fs::write(&file.path, b"").unwrap();
+        assert!(file.prepare().is_err());
+
+        // Someone else's directory: refused (root can stage that).
+        if euid() == 0 {
+            let theirs = RuntimeDir {
+                path: base.path().join("theirs"),
+                per_user: true,
+            };
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&theirs.path)
+                .unwrap();
+            std::os::unix::fs::chown(&theirs.path, Some(4242), None).unwrap();
+            let e = format!("{:#}", theirs.prepare().unwrap_err());
+            assert!(e.contains("belongs to uid 4242"), "{e}");
+        }
     }
 
     #[test]
@@ -147,9 +608,36 @@ mod tests {
         assert!(a.is_some());
         assert!(try_lock(&cow, LockMode::Shared).unwrap().is_some());
         assert!(try_lock(&cow, LockMode::Exclusive).unwrap().is_none());
+        assert_eq!(exclusive_holder(&cow), None, "shared locks are not holders");
         drop(a);
         let x = try_lock(&cow, LockMode::Exclusive).unwrap();
         assert!(x.is_some());
         assert!(try_lock(&cow, LockMode::Shared).unwrap().is_none());
+        if Path::new("/proc/locks").exists() {
+            assert_eq!(exclusive_holder(&cow), Some(std::process::id()));
+            // The test binary is no `snapmv serve`.
+            assert!(!is_snapmv_server(std::process::id()));
+        }
+        drop(x);
+        assert_eq!(exclusive_holder(&cow), None);
+    }
+
+    #[test]
+    fn proc_locks_parsing() {
+        let dev = libc::makedev(0x103, 0x2a);
+        let text = "\
+1: POSIX  ADVISORY  WRITE 11 103:2a:77 0 EOF
+2: FLOCK  ADVISORY  READ 12 103:2a:77 0 EOF
+2: -> FLOCK  ADVISORY  WRITE 13 103:2a:77 0 EOF
+3: FLOCK  ADVISORY  WRITE 14 103:2a:78 0 EOF
+4: FLOCK  ADVISORY  WRITE 15 08:02:77 0 EOF
+5: OFDLCK ADVISORY  WRITE -1 103:2a:77 0 EOF
+garbage
+6: FLOCK  ADVISORY  WRITE 16 103:2a:77 0 EOF
+";
+        assert_eq!(parse_proc_locks(text, dev, 77), Some(16));
+        assert_eq!(parse_proc_locks(text, dev, 78), Some(14));
+        assert_eq!(parse_proc_locks(text, dev, 79), None);
+        assert_eq!(parse_proc_locks(text, libc::makedev(8, 2), 77), Some(15));
     }
 }

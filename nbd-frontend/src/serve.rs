@@ -117,13 +117,9 @@ fn run(served: &[Served], args: &ServeArgs, sigs: libc::sigset_t) -> Result<()> 
             );
         }
         // Control sockets last: a connectable socket tells scripts (and the
-        // tests) that the server is fully up.
-        for s in served {
-            let path = lock::socket_path(&s.cow)?;
-            let c = ControlServer::start(path, s.canon.clone(), s.store.clone())?;
-            tracing::info!(cow = %s.canon, socket = %c.path().display(), "control socket ready");
-            controls.push(c);
-        }
+        // tests) that the server is fully up. Never fatal: without one the
+        // NBD exports still work.
+        controls.extend(served.iter().filter_map(start_control));
         Ok(())
     })();
 
@@ -154,6 +150,48 @@ fn run(served: &[Served], args: &ServeArgs, sigs: libc::sigset_t) -> Result<()> 
     }
     drop(server);
     run_result
+}
+
+/// Bind the control socket of `s` at the first candidate path that works
+/// (`lock` has the rule), saying why each earlier one did not. `None`, with
+/// an error logged, if none does.
+fn start_control(s: &Served) -> Option<ControlServer> {
+    let cands = match lock::socket_candidates(&s.cow) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(cow = %s.canon, error = %format!("{e:#}"),
+                "no control socket: cannot work out where it goes; snapshot, delete, rollback \
+                 and list cannot reach this server, which keeps serving NBD");
+            return None;
+        }
+    };
+    let mut tried: Vec<(PathBuf, String)> = Vec::new();
+    for (i, c) in cands.iter().enumerate() {
+        let started = c
+            .prepare()
+            .and_then(|()| ControlServer::start(c.path.clone(), s.canon.clone(), s.store.clone()));
+        match started {
+            Ok(cs) => {
+                tracing::info!(cow = %s.canon, socket = %cs.path().display(), "control socket ready");
+                return Some(cs);
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                match cands.get(i + 1) {
+                    Some(next) => tracing::warn!(cow = %s.canon, socket = %c.path.display(),
+                        error = %why, next = %next.path.display(),
+                        "cannot use this control socket path; falling back to the next"),
+                    None => tracing::warn!(cow = %s.canon, socket = %c.path.display(),
+                        error = %why, "cannot use this control socket path"),
+                }
+                tried.push((c.path.clone(), why));
+            }
+        }
+    }
+    tracing::error!(cow = %s.canon, tried = %crate::admin::tried_list(&tried),
+        "no control socket: snapshot, delete, rollback and list cannot reach this server, \
+         which keeps serving NBD");
+    None
 }
 
 /// Advance the cleaner and rollback copier, and flush periodically; the
@@ -254,17 +292,18 @@ fn lock_for_serve(cow: &Path) -> Result<CowLock> {
     if let Some(l) = lock::try_lock(cow, LockMode::Exclusive)? {
         return Ok(l);
     }
-    let who = lock::socket_path(cow)
-        .ok()
-        .and_then(|s| {
-            let mut c = crate::control::Client::connect(&s).ok()?;
-            match c.call(&crate::control::Request::Hello).ok()? {
-                crate::control::Reply::Hello { pid, .. } => {
-                    Some(format!("a running server (pid {pid})"))
-                }
-                _ => None,
-            }
-        })
+    // Name the holder: the server answering on a control socket, else a
+    // server seen holding the lock, else whoever it is.
+    let answering = || -> Option<u32> {
+        let canon = lock::canonical(cow).ok()?;
+        let cands = lock::socket_candidates(cow).ok()?;
+        crate::admin::find_server(&canon, &cands)
+            .ok()
+            .map(|f| f.pid)
+    };
+    let who = answering()
+        .or_else(|| crate::admin::serving_holder(cow))
+        .map(|pid| format!("a running server (pid {pid})"))
         .unwrap_or_else(|| "another snapmv process".to_string());
     bail!("COW device {} is in use by {who}", cow.display())
 }
