@@ -78,10 +78,22 @@ pub use std::sync::{
     Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
 };
 
-/// Lock a mutex, treating poisoning as fatal for the engine: a panic while a
-/// lock was held means an engine invariant already broke, and carrying on
-/// could corrupt data. (loom's `lock` has the same signature.)
+/// Lock a mutex. A poisoned lock means a panic unwound while it was held,
+/// so the structure behind it may be half-updated: never go on over it.
+/// This panics too; every engine entry point holds a `PanicStop`, so the
+/// panic stops the store (as a failed commit does) and the caller gets an
+/// error from then on. (loom's and shuttle's `lock` have this signature.)
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(_) => poisoned(),
+    }
+}
+
+/// Lock a mutex whose state stays consistent at every instant (the group
+/// commit's own flags), so that stopping the store works even after a
+/// panic. Only for such state.
+pub fn lock_consistent<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
@@ -91,20 +103,26 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     match m.read() {
         Ok(g) => g,
-        Err(p) => p.into_inner(),
+        Err(_) => poisoned(),
     }
 }
 
 pub fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     match m.write() {
         Ok(g) => g,
-        Err(p) => p.into_inner(),
+        Err(_) => poisoned(),
     }
 }
 
+/// Wait on a condition variable guarding state of the `lock_consistent` kind.
 pub fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
     match cv.wait(g) {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     }
+}
+
+#[cold]
+fn poisoned() -> ! {
+    panic!("an engine lock was poisoned by an earlier panic; the store is stopped")
 }

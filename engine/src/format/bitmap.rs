@@ -22,11 +22,11 @@ pub fn init_bitmap(buf: &mut Page, block: u64) {
 
 /// Word `i` (0..BITMAP_WORDS) of a bitmap page.
 pub fn word(buf: &Page, i: usize) -> u64 {
-    debug_assert!(i < BITMAP_WORDS);
+    assert!(i < BITMAP_WORDS);
     super::rd_u64(buf, HEADER_SIZE + i * 8)
 }
 
 pub fn set_word(buf: &mut Page, i: usize, w: u64) {
-    debug_assert!(i < BITMAP_WORDS);
+    assert!(i < BITMAP_WORDS);
     super::wr_u64(buf, HEADER_SIZE + i * 8, w);
 }

@@ -41,7 +41,7 @@ pub struct CommitRec {
 }
 
 pub fn encode_descriptor(d: &Descriptor, block: u64) -> Box<Page> {
-    debug_assert!(d.homes.len() + d.revokes.len() <= DESC_SLOTS);
+    assert!(d.homes.len() + d.revokes.len() <= DESC_SLOTS);
     let mut p = new_page();
     init_header(&mut p, BlockKind::JournalDesc, block, d.seq);
     wr_u64(&mut p[..], 24, d.uuid);

@@ -135,7 +135,7 @@ pub fn rd_u128(buf: &[u8], off: usize) -> u128 {
 
 fn wr(buf: &mut [u8], off: usize, bytes: &[u8]) {
     let end = off.saturating_add(bytes.len());
-    debug_assert!(end <= buf.len(), "write past end of block");
+    assert!(end <= buf.len(), "write past end of block");
     if let Some(s) = buf.get_mut(off..end) {
         s.copy_from_slice(bytes);
     }
@@ -176,7 +176,7 @@ pub fn init_header(buf: &mut Page, kind: BlockKind, block: u64, seq: u64) {
 /// edited freely and sealed only when captured.
 pub fn seal(buf: &mut Page) {
     let kind = BlockKind::from_u32(rd_u32(buf, 0));
-    debug_assert!(kind.is_some(), "sealing a page with no valid type");
+    assert!(kind.is_some(), "sealing a page with no valid type");
     if let Some(kind) = kind {
         let crc = block_crc(kind, buf);
         wr_u32(buf, 4, crc);

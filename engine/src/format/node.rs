@@ -132,7 +132,7 @@ pub fn value_at(buf: &Page, i: usize, esz: usize) -> &[u8] {
 }
 
 pub fn set_value(buf: &mut Page, i: usize, esz: usize, val: &[u8]) {
-    debug_assert_eq!(val.len(), esz - KEY);
+    assert_eq!(val.len(), esz - KEY);
     let start = off(i, esz) + KEY;
     if let Some(s) = buf.get_mut(start..start + val.len()) {
         s.copy_from_slice(val);
@@ -146,7 +146,7 @@ pub fn entries(buf: &Page, from: usize, to: usize, esz: usize) -> &[u8] {
 
 /// Replace all entries with `bytes` (a whole number of entries).
 pub fn set_entries(buf: &mut Page, bytes: &[u8], esz: usize) {
-    debug_assert_eq!(bytes.len() % esz, 0);
+    assert_eq!(bytes.len() % esz, 0);
     let n = bytes.len() / esz;
     if let Some(s) = buf.get_mut(HEADER_SIZE..HEADER_SIZE + bytes.len()) {
         s.copy_from_slice(bytes);
@@ -177,7 +177,7 @@ pub fn search(
 /// Internal node: the child whose range holds `key` (the last entry whose
 /// key is <= `key`, or the first one when `key` is below them all).
 pub fn child_index(buf: &Page, count: usize, key: u128) -> usize {
-    debug_assert!(count > 0);
+    assert!(count > 0);
     match search(buf, count, KEY + CHILD, key) {
         Ok(i) => i,
         Err(i) => i.saturating_sub(1),
@@ -188,7 +188,7 @@ pub fn child_index(buf: &Page, count: usize, key: u128) -> usize {
 pub fn insert_at(buf: &mut Page, i: usize, entry: &[u8]) {
     let esz = entry.len();
     let n = count(buf);
-    debug_assert!(i <= n && n < (PAGE_SIZE - HEADER_SIZE) / esz);
+    assert!(i <= n && n < (PAGE_SIZE - HEADER_SIZE) / esz);
     buf.copy_within(off(i, esz)..off(n, esz), off(i + 1, esz));
     buf[off(i, esz)..off(i + 1, esz)].copy_from_slice(entry);
     set_count(buf, n + 1);
@@ -196,7 +196,7 @@ pub fn insert_at(buf: &mut Page, i: usize, entry: &[u8]) {
 
 pub fn remove_at(buf: &mut Page, i: usize, esz: usize) {
     let n = count(buf);
-    debug_assert!(i < n);
+    assert!(i < n);
     buf.copy_within(off(i + 1, esz)..off(n, esz), off(i, esz));
     let end = off(n, esz);
     buf[end - esz..end].fill(0);

@@ -40,7 +40,7 @@ pub struct StateRec {
 }
 
 pub fn encode_state(s: &StateRec, block: u64) -> Box<Page> {
-    debug_assert!(s.app_state.len() <= APP_STATE_CAP);
+    assert!(s.app_state.len() <= APP_STATE_CAP);
     let mut p = new_page();
     init_header(&mut p, BlockKind::State, block, 0);
     for (i, r) in s.roots.iter().enumerate() {

@@ -40,7 +40,7 @@ pub fn has_magic(buf: &[u8]) -> bool {
 }
 
 pub fn encode_superblock(sb: &Superblock, slot: u64) -> Box<Page> {
-    debug_assert!(slot < 2);
+    assert!(slot < 2);
     let l = &sb.layout;
     let mut p = new_page();
     init_header(&mut p, BlockKind::Superblock, slot, sb.seq);

@@ -292,7 +292,7 @@ impl<D: BlockDev> Meta<D> {
         let vs = if level == 0 { t.value_size() } else { 8 };
         let p = self.page_mut(cur, node_role(t, level))?;
         let n = node::count(p);
-        debug_assert_eq!(n, node::capacity(level, vs));
+        assert_eq!(n, node::capacity(level, vs));
         let mut all = Vec::with_capacity((n + 1) * esz);
         all.extend_from_slice(node::entries(p, 0, pos, esz));
         all.extend_from_slice(entry);

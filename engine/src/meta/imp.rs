@@ -2,6 +2,7 @@
 //! sibling modules: `btree` (trees), `spacemap` (allocator), `journal`
 //! (commit, checkpoint, recovery), `check` (the checker).
 
+pub use super::spacemap::Reserved;
 use super::spacemap::SpaceState;
 use super::*;
 use crate::dev::BlockDev;
@@ -227,7 +228,7 @@ impl<D: BlockDev> Meta<D> {
 
     /// Mutable access to a cached page for the open transaction.
     pub(super) fn page_mut(&mut self, block: u64, role: Role) -> Result<&mut Page> {
-        debug_assert!(!self.read_only);
+        assert!(!self.read_only);
         // Load first: a page that fails to load must not be marked dirty,
         // or every later commit would look for it in vain.
         self.page(block, role)?;
@@ -291,10 +292,32 @@ impl<D: BlockDev> Meta<D> {
     pub fn remove(&mut self, t: Tree, key: u128) -> Result<bool> {
         self.tree_remove(t, key)
     }
-    /// Allocate one data chunk. `Error::NoSpace` when none is free (a small
-    /// reserve is kept back for metadata so commits can always complete).
+    /// Allocate one data chunk in the open transaction: `reserve_chunk`
+    /// and `claim_chunk` at once. `Error::NoSpace` when none is free (a
+    /// small reserve is kept back for metadata so commits always complete).
     pub fn alloc_chunk(&mut self) -> Result<u64> {
-        self.sm_alloc_chunk()
+        let r = self.sm_reserve_chunk()?;
+        self.sm_claim_chunk(r)
+    }
+    /// Set a free data chunk aside without allocating it: nothing a commit
+    /// writes changes, but no other reservation or tree page gets it.
+    /// `Error::NoSpace` as for `alloc_chunk`.
+    pub fn reserve_chunk(&mut self) -> Result<Reserved> {
+        self.sm_reserve_chunk()
+    }
+    /// Allocate a reserved chunk in the open transaction. Call it in the
+    /// same critical section as the insert that maps the chunk, so both
+    /// become durable in one transaction.
+    pub fn claim_chunk(&mut self, r: Reserved) -> Result<u64> {
+        self.sm_claim_chunk(r)
+    }
+    /// Give a reservation back.
+    pub fn release_chunk(&mut self, r: Reserved) -> Result<()> {
+        self.sm_release_chunk(r)
+    }
+    /// Chunks reserved and not yet claimed or released.
+    pub fn reserved_chunks(&self) -> u64 {
+        self.sm.reserved_chunks()
     }
     pub fn free_chunk(&mut self, chunk: u64) -> Result<()> {
         self.sm_free_chunk(chunk)

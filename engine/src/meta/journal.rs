@@ -536,7 +536,7 @@ impl<D: BlockDev> Meta<D> {
             hi += take_h;
             ri += take_r;
         }
-        debug_assert!(hi == images.len() && ri == revokes.len());
+        assert!(hi == images.len() && ri == revokes.len());
         let commit = CommitRec {
             seq,
             uuid,
@@ -544,7 +544,7 @@ impl<D: BlockDev> Meta<D> {
             data_crc: crc,
         };
         bytes.extend_from_slice(&format::encode_commit(&commit, self.layout.ring_block(pos))[..]);
-        debug_assert_eq!(bytes.len() as u64, len * BLOCK);
+        assert_eq!(bytes.len() as u64, len * BLOCK);
         // Split at the end of the ring.
         let first = (self.jn.n - start).min(len) as usize * PAGE_SIZE;
         let base = self.layout.journal_start * BLOCK;

@@ -9,6 +9,10 @@
 //! - Mutations (insert/remove/alloc/free/set_app_state) join the open
 //!   transaction. `begin_commit` closes it and captures its page images;
 //!   mutations made after that join the next transaction.
+//! - A data chunk is reserved (`reserve_chunk`, in memory only) while its
+//!   data is written, and allocated (`claim_chunk`) in the same critical
+//!   section as the insert that maps it, so an allocation never becomes
+//!   durable without its mapping. Frees likewise go with their unmapping.
 //! - A chunk freed in transaction N is not handed out by `alloc_chunk` until
 //!   N's commit has been written (`end_commit`): otherwise a crash could
 //!   leave a durable mapping pointing at another version's data.
@@ -35,7 +39,7 @@ mod imp;
 mod journal;
 mod spacemap;
 
-pub use imp::{check, CheckReport, CheckpointBatch, CommitBatch, Meta};
+pub use imp::{check, CheckReport, CheckpointBatch, CommitBatch, Meta, Reserved};
 
 /// The trees the store keeps. Keys are u128; values have a fixed size per tree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -35,6 +35,25 @@ pub(super) struct SpaceState {
     /// A full scan found no free chunk; nothing was released since. Keeps a
     /// full device from rescanning the whole bitmap on every failing write.
     no_free_chunk: bool,
+    /// Data chunks reserved and not yet claimed or released.
+    reserved: HashSet<u64>,
+    /// Planted bug `alloc_early`: reservations already allocated.
+    #[cfg(snapmv_planted_bug = "alloc_early")]
+    claimed_early: HashSet<u64>,
+}
+
+/// A data chunk set aside for one operation, not yet allocated in the space
+/// map (see the module docs). Neither `Clone` nor `Copy`: each reservation
+/// is claimed or released exactly once.
+#[must_use = "a reservation must be claimed (with its mapping) or released"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reserved(u64);
+
+impl Reserved {
+    /// The chunk's number (where the operation may write its data).
+    pub fn chunk(&self) -> u64 {
+        self.0
+    }
 }
 
 impl SpaceState {
@@ -48,7 +67,14 @@ impl SpaceState {
             open_freed: Vec::new(),
             open_revoked: Vec::new(),
             no_free_chunk: false,
+            reserved: HashSet::new(),
+            #[cfg(snapmv_planted_bug = "alloc_early")]
+            claimed_early: HashSet::new(),
         }
+    }
+
+    pub(super) fn reserved_chunks(&self) -> u64 {
+        self.reserved.len() as u64
     }
 
     fn quarantine(&mut self, f: Freed) {
@@ -102,11 +128,14 @@ impl SpaceState {
     }
 
     fn block_usable(&self, b: u64) -> bool {
-        !self.q_blocks.contains(&b) && !self.q_chunks.contains(&(b / self.bpc))
+        let c = b / self.bpc;
+        !self.q_blocks.contains(&b) && !self.q_chunks.contains(&c) && !self.reserved.contains(&c)
     }
 
     fn chunk_usable(&self, c: u64) -> bool {
-        !self.q_chunks.contains(&c) && !self.q_blocks_in_chunk.contains_key(&c)
+        !self.q_chunks.contains(&c)
+            && !self.q_blocks_in_chunk.contains_key(&c)
+            && !self.reserved.contains(&c)
     }
 
     pub(super) fn quarantined_blocks(&self) -> u64 {
@@ -116,7 +145,7 @@ impl SpaceState {
 
 /// Mask of `n` bits starting at bit `shift` (n in 1..=64, shift + n <= 64).
 fn mask(shift: u64, n: u64) -> u64 {
-    debug_assert!(n >= 1 && shift + n <= 64);
+    assert!(n >= 1 && shift + n <= 64);
     let ones = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
     ones << shift
 }
@@ -131,7 +160,7 @@ impl<D: BlockDev> Meta<D> {
 
     /// The 64 bits for blocks `wb..wb+64` (`wb` a multiple of 64).
     pub(super) fn bm_word(&mut self, wb: u64) -> Result<u64> {
-        debug_assert_eq!(wb % 64, 0);
+        assert_eq!(wb % 64, 0);
         let (pb, w) = self.bm_pos(wb);
         Ok(bitmap::word(&self.page(pb, Role::Bitmap)?.buf, w))
     }
@@ -183,11 +212,12 @@ impl<D: BlockDev> Meta<D> {
         }
     }
 
-    /// Blocks free now and not in quarantine.
+    /// Blocks free now, not in quarantine and not reserved.
     pub(super) fn available_blocks(&self) -> u64 {
         self.st
             .free_blocks
             .saturating_sub(self.sm.quarantined_blocks())
+            .saturating_sub(self.sm.reserved_chunks() * self.layout.bpc)
     }
 
     /// First usable free block at or after `start`, wrapping once.
@@ -254,7 +284,9 @@ impl<D: BlockDev> Meta<D> {
         Ok(None)
     }
 
-    pub(super) fn sm_alloc_chunk(&mut self) -> Result<u64> {
+    /// Set a wholly free data chunk aside. Changes nothing that a commit
+    /// writes: the cursor moves in memory only (it is a hint).
+    pub(super) fn sm_reserve_chunk(&mut self) -> Result<Reserved> {
         self.writable()?;
         let bpc = self.layout.bpc;
         if self.sm.no_free_chunk || self.available_blocks() < bpc + self.layout.reserve_blocks {
@@ -264,13 +296,64 @@ impl<D: BlockDev> Meta<D> {
             self.sm.no_free_chunk = true;
             return Err(Error::NoSpace);
         };
-        debug_assert!(self.layout.chunk_in_area(c));
+        assert!(
+            self.layout.chunk_in_area(c),
+            "reserved chunk {c} outside the area"
+        );
+        assert!(self.sm.reserved.insert(c), "chunk {c} reserved twice");
+        self.st.data_cursor = c + 1;
+        #[cfg(snapmv_planted_bug = "alloc_early")]
+        {
+            self.mark_chunk_allocated(c)?;
+            self.sm.claimed_early.insert(c);
+        }
+        Ok(Reserved(c))
+    }
+
+    /// Turn a reservation into an allocation in the open transaction. The
+    /// caller maps the chunk in the same critical section.
+    pub(super) fn sm_claim_chunk(&mut self, r: Reserved) -> Result<u64> {
+        let c = r.0;
+        assert!(
+            self.sm.reserved.remove(&c),
+            "claim of chunk {c}, which is not reserved"
+        );
+        // Planted bug (simulator self-test): the allocation joins the open
+        // transaction at reservation time, as before reservations existed.
+        #[cfg(snapmv_planted_bug = "alloc_early")]
+        if self.sm.claimed_early.remove(&c) {
+            return Ok(c);
+        }
+        self.mark_chunk_allocated(c)?;
+        Ok(c)
+    }
+
+    /// Give a reservation back (its operation failed before mapping).
+    pub(super) fn sm_release_chunk(&mut self, r: Reserved) -> Result<()> {
+        assert!(
+            self.sm.reserved.remove(&r.0),
+            "release of chunk {}, which is not reserved",
+            r.0
+        );
+        self.sm.no_free_chunk = false;
+        #[cfg(snapmv_planted_bug = "alloc_early")]
+        if self.sm.claimed_early.remove(&r.0) {
+            return self.sm_free_chunk(r.0);
+        }
+        Ok(())
+    }
+
+    fn mark_chunk_allocated(&mut self, c: u64) -> Result<()> {
+        let bpc = self.layout.bpc;
+        // Reserved chunks are skipped by both allocators, so its bits are
+        // still clear; anything else is a broken allocator invariant.
+        let (_, any) = self.chunk_bits(c)?;
+        assert!(!any, "claimed chunk {c} is no longer free in the space map");
         self.bm_update(c * bpc, bpc, true)?;
         self.st.data_chunks += 1;
         self.st.free_blocks -= bpc;
-        self.st.data_cursor = c + 1;
         self.state_dirty = true;
-        Ok(c)
+        Ok(())
     }
 
     pub(super) fn sm_free_chunk(&mut self, c: u64) -> Result<()> {

@@ -210,9 +210,23 @@ impl Inner {
         }
         for a in tree.clean_chunk(&exc, pass_gen) {
             match a {
+                // The unmapping and the free join one transaction: the md
+                // lock is held across both, and commits capture under it.
                 CleanAction::Free { node, val } => {
-                    md.del_exc(o.num, c, node)?;
-                    md.free_val(val)?;
+                    #[cfg(snapmv_planted_bug = "clean_free_early")]
+                    {
+                        // Planted bug: the free may be committed before the
+                        // unmapping (another thread's commit runs between).
+                        md.free_val(val)?;
+                        drop(md);
+                        md = sync::lock(&self.md);
+                        md.del_exc(o.num, c, node)?;
+                    }
+                    #[cfg(not(snapmv_planted_bug = "clean_free_early"))]
+                    {
+                        md.del_exc(o.num, c, node)?;
+                        md.free_val(val)?;
+                    }
                 }
                 CleanAction::Move { from, to, val } => {
                     md.del_exc(o.num, c, from)?;

@@ -8,7 +8,7 @@ use super::commit::GroupCommit;
 use super::locks::ChunkLocks;
 use super::records::*;
 use crate::error::{Error, Result};
-use crate::meta::{FormatOptions, Geometry, Meta, Tree, ZERO_CHUNK};
+use crate::meta::{FormatOptions, Geometry, Meta, Reserved, Tree, ZERO_CHUNK};
 use crate::store::api::*;
 use crate::sync::{self, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
 use crate::vtree::{self, ExcView, Node, NodeId, VTree, SPINE_BIT};
@@ -177,6 +177,30 @@ impl Md {
         Ok(prev)
     }
 
+    /// Map (o, c, n) to a reserved chunk: the allocation and the mapping
+    /// join the open transaction together. (o, c, n) must have had no data
+    /// chunk (none, or a zero exception): the caller planned it so under the
+    /// chunk's lock, and a data chunk replaced here would leak.
+    pub fn map_fresh(&mut self, o: u32, c: u64, n: NodeId, r: Reserved) -> Result<()> {
+        let claimed = self.meta.claim_chunk(r);
+        let val = self.guard(claimed)?;
+        let prev = self.put_exc(o, c, n, val)?;
+        assert!(
+            matches!(prev, None | Some(ZERO_CHUNK)),
+            "fresh chunk mapped over a data exception: origin {o} chunk {c} node {n:#x}"
+        );
+        Ok(())
+    }
+
+    /// Give back reservations whose operation failed before mapping them.
+    pub fn release_all(&mut self, rs: Vec<Reserved>) -> Result<()> {
+        for r in rs {
+            let released = self.meta.release_chunk(r);
+            self.guard(released)?;
+        }
+        Ok(())
+    }
+
     pub fn free_val(&mut self, val: u64) -> Result<()> {
         if val != ZERO_CHUNK {
             let r = self.meta.free_chunk(val);
@@ -319,6 +343,25 @@ impl Inner {
         self.check_ok()?;
         let want = sync::lock(&self.md).bump();
         self.sync_gen(want)
+    }
+
+    /// A write (or write-zeroes, or trim) has completed: if a FLUSH is open,
+    /// its reply may go out after this write's, so make this write durable
+    /// before it returns (see commit.rs, "Flush cover").
+    pub fn write_completed(&self) -> Result<()> {
+        if self.gc.flush_open() {
+            self.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// A FLUSH: everything completed so far is durable when it returns, and
+    /// writes completing until the hold is dropped make themselves durable.
+    pub fn flush_hold(me: &Arc<Inner>) -> Result<FlushHold> {
+        me.gc.open_flush();
+        let hold = FlushHold { inner: me.clone() };
+        me.sync_all()?;
+        Ok(hold)
     }
 
     /// Whether chunks freed by a not-yet-durable transaction wait for a commit.
@@ -724,6 +767,20 @@ impl Inner {
             }
             Ok(())
         })
+    }
+}
+
+/// An open FLUSH (see commit.rs, "Flush cover"). Keep it until the FLUSH's
+/// reply is sent: until then every write that completes is made durable
+/// before it returns, so the reply covers every write replied before it.
+#[must_use = "the flush is covered only while the hold lives"]
+pub struct FlushHold {
+    inner: Arc<Inner>,
+}
+
+impl Drop for FlushHold {
+    fn drop(&mut self) {
+        self.inner.gc.close_flush();
     }
 }
 

@@ -7,11 +7,11 @@
 //! An origin write that had to copy waits for the copy and its mapping to
 //! be durable (group commit) before it overwrites the origin in place.
 
-use super::inner::{no_snap, Inner, Md, OriginRt};
+use super::inner::{no_snap, FlushHold, Inner, Md, OriginRt};
 use super::records::RollbackState;
 use crate::dev::check_range;
 use crate::error::{Error, Result};
-use crate::meta::ZERO_CHUNK;
+use crate::meta::{Reserved, ZERO_CHUNK};
 use crate::store::api::*;
 use crate::sync::{self, Arc, Ordering};
 use crate::vtree::{Base, LeafPlan, NodeId, Source, VTree, RB_MARK};
@@ -65,17 +65,17 @@ pub(crate) fn rb_pending(md: &mut Md, o: u32, c: u64) -> Result<Option<RollbackS
     }
 }
 
-/// Allocate `n` chunks or none: on ENOSPC, give back what was taken.
-fn alloc_n(md: &mut Md, n: usize) -> Result<Vec<u64>> {
+/// Reserve `n` chunks or none: on ENOSPC, give back what was taken.
+/// Reservations change nothing a commit writes; each becomes an allocation
+/// only with its mapping (`Md::map_fresh`), so a commit by another thread
+/// while this operation does its I/O cannot make the allocation durable alone.
+fn reserve_n(md: &mut Md, n: usize) -> Result<Vec<Reserved>> {
     let mut got = Vec::with_capacity(n);
     for _ in 0..n {
-        match md.meta.alloc_chunk() {
-            Ok(c) => got.push(c),
+        match md.meta.reserve_chunk() {
+            Ok(r) => got.push(r),
             Err(e) => {
-                for c in got {
-                    let r = md.meta.free_chunk(c);
-                    md.guard(r)?;
-                }
+                md.release_all(got)?;
                 return Err(e);
             }
         }
@@ -86,7 +86,7 @@ fn alloc_n(md: &mut Md, n: usize) -> Result<Vec<u64>> {
 /// An origin piece's plan.
 struct OPlan {
     /// Spine node that must receive a copy of the old origin chunk.
-    copy_to: Option<(NodeId, u64)>,
+    copy_to: Option<NodeId>,
     /// Rollback not yet done here: the rolled-back snapshot's source.
     rb_src: Option<Source>,
 }
@@ -149,6 +149,7 @@ impl Volume {
     }
 
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _stop = self.inner.gc.panic_stop();
         self.check(offset, buf.len() as u64)?;
         let _g = sync::read(&self.o.gate);
         let leaf = match self.tag {
@@ -229,6 +230,7 @@ impl Volume {
     }
 
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let _stop = self.inner.gc.panic_stop();
         self.check(offset, data.len() as u64)?;
         if self.inner.read_only {
             return Err(Error::ReadOnly);
@@ -240,10 +242,10 @@ impl Volume {
             let _g = sync::read(&self.o.gate);
             self.write_gated(offset, data)?;
         }
-        if fua {
-            self.inner.sync_all()?;
+        match fua {
+            true => self.inner.sync_all(),
+            false => self.inner.write_completed(),
         }
-        Ok(())
     }
 
     /// The write, with the origin's gate held by the caller. Bounded
@@ -282,7 +284,7 @@ impl Volume {
     }
 
     fn write_pieces_once(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
-        debug_assert!(ps.windows(2).all(|w| w[0].chunk < w[1].chunk));
+        assert!(ps.windows(2).all(|w| w[0].chunk < w[1].chunk));
         let (first, last) = (ps[0].chunk, ps[ps.len() - 1].chunk);
         #[cfg(not(snapmv_planted_bug = "no_write_lock"))]
         let _locks: Vec<_> = match last - first + 1 == ps.len() as u64 {
@@ -300,7 +302,13 @@ impl Volume {
         }
     }
 
-    fn plan_origin(&self, ps: &[Piece]) -> Result<(Vec<OPlan>, Option<RollbackState>)> {
+    /// Plans for an origin write, with one reservation per copy (in piece
+    /// order) and the rollback state if one is pending here.
+    #[allow(clippy::type_complexity)]
+    fn plan_origin(
+        &self,
+        ps: &[Piece],
+    ) -> Result<(Vec<OPlan>, Vec<Reserved>, Option<RollbackState>)> {
         let tree = sync::read(&self.o.tree);
         // No live snapshot and no rollback: nothing to copy, and no need for
         // the metadata lock (the gate keeps both facts stable meanwhile).
@@ -309,7 +317,7 @@ impl Volume {
                 copy_to: None,
                 rb_src: None,
             };
-            return Ok((ps.iter().map(none).collect(), None));
+            return Ok((ps.iter().map(none).collect(), Vec::new(), None));
         }
         let mut md = sync::lock(&self.inner.md);
         let mut plans = Vec::with_capacity(ps.len());
@@ -333,52 +341,44 @@ impl Volume {
                 false => None,
             };
             plans.push(OPlan {
-                copy_to: target.map(|t| (t, 0)),
+                copy_to: target,
                 rb_src,
             });
         }
         let need = plans.iter().filter(|p| p.copy_to.is_some()).count();
-        let mut got = alloc_n(&mut md, need)?.into_iter();
-        for pl in plans.iter_mut() {
-            if let Some((t, _)) = pl.copy_to {
-                let c = got
-                    .next()
-                    .ok_or_else(|| Error::Invalid("allocation count".into()))?;
-                pl.copy_to = Some((t, c));
-            }
-        }
-        Ok((plans, rb_seen))
+        let reserved = reserve_n(&mut md, need)?;
+        Ok((plans, reserved, rb_seen))
     }
 
     /// Origin write of `ps` (all chunk locks held). Also the rollback
     /// copier's path, with empty pieces that only bring a chunk up to date.
     fn write_origin(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
-        let (plans, rb) = self.plan_origin(ps)?;
-        // 1. Preserve the old origin data for the snapshots that share it.
-        let copies: Vec<u64> = plans
-            .iter()
-            .filter_map(|p| p.copy_to.map(|c| c.1))
-            .collect();
+        let (plans, reserved, rb) = self.plan_origin(ps)?;
+        // 1. Preserve the old origin data for the snapshots that share it,
+        // in reserved chunks (nothing a commit writes has changed yet).
+        let copy_pieces = || ps.iter().zip(&plans).filter(|(_, pl)| pl.copy_to.is_some());
         let io = || -> Result<()> {
-            for (p, pl) in ps.iter().zip(&plans) {
-                if let Some((_, dst)) = pl.copy_to {
-                    let old = self.read_full(Source::Origin, p.chunk)?;
-                    self.inner
-                        .cow
-                        .write_at(self.inner.geo.chunk_offset(dst), &old)?;
-                }
+            for ((p, _), r) in copy_pieces().zip(&reserved) {
+                let old = self.read_full(Source::Origin, p.chunk)?;
+                self.inner
+                    .cow
+                    .write_at(self.inner.geo.chunk_offset(r.chunk()), &old)?;
             }
             Ok(())
         };
-        self.unless_ok_free(io(), &copies)?;
-        let copied = !copies.is_empty();
+        let r = io();
+        let copied = !reserved.is_empty();
         if copied {
             let gen = {
                 let mut md = sync::lock(&self.inner.md);
-                for (p, pl) in ps.iter().zip(&plans) {
-                    if let Some((node, dst)) = pl.copy_to {
-                        md.put_exc(self.o.num, p.chunk, node, dst)?;
-                    }
+                if r.is_err() {
+                    md.release_all(reserved)?;
+                    return r;
+                }
+                // Each copy's allocation and mapping join one transaction.
+                for ((p, pl), res) in copy_pieces().zip(reserved) {
+                    let node = pl.copy_to.expect("filtered on copy_to");
+                    md.map_fresh(self.o.num, p.chunk, node, res)?;
                 }
                 md.gen
             };
@@ -389,6 +389,7 @@ impl Volume {
             #[cfg(snapmv_planted_bug = "skip_cow_flush")]
             let _ = gen;
         }
+        r?;
         // 3. Overwrite in place (whole chunk where a rollback is still pending).
         for (p, pl) in ps.iter().zip(&plans) {
             let piece = &data[p.buf_off..p.buf_off + p.len];
@@ -414,7 +415,7 @@ impl Volume {
             let mut md = sync::lock(&self.inner.md);
             for (p, pl) in ps.iter().zip(&plans) {
                 if pl.rb_src.is_some() {
-                    debug_assert!(p.chunk >= rb.cursor);
+                    assert!(p.chunk >= rb.cursor);
                     md.put_exc(self.o.num, p.chunk, RB_MARK, ZERO_CHUNK)?;
                 }
             }
@@ -423,7 +424,7 @@ impl Volume {
     }
 
     fn write_leaf(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
-        let (leaf, plans, mut fresh) = {
+        let (leaf, plans, reserved) = {
             let tree = sync::read(&self.o.tree);
             let leaf = self.leaf(&tree)?;
             let mut md = sync::lock(&self.inner.md);
@@ -435,66 +436,76 @@ impl Volume {
                 .iter()
                 .filter(|p| matches!(p, LeafPlan::Fresh { .. }))
                 .count();
-            (leaf, plans, alloc_n(&mut md, need)?.into_iter())
+            (leaf, plans, reserve_n(&mut md, need)?)
         };
-        let allocated: Vec<u64> = fresh.clone().collect();
-        let mut maps = Vec::new();
-        let mut io = || -> Result<()> {
-            for (p, pl) in ps.iter().zip(&plans) {
-                let piece = &data[p.buf_off..p.buf_off + p.len];
-                match *pl {
-                    LeafPlan::InPlace(val) => {
-                        let at = self.inner.geo.chunk_offset(val) + p.in_off as u64;
-                        self.inner.cow.write_at(at, piece)?;
-                    }
-                    LeafPlan::Fresh { base, .. } => {
-                        let dst = fresh
-                            .next()
-                            .ok_or_else(|| Error::Invalid("allocation count".into()))?;
-                        let mut full = if p.len as u64 == self.cs() {
-                            vec![0u8; self.cs() as usize]
-                        } else {
-                            match base {
-                                Base::Zero => vec![0u8; self.cs() as usize],
-                                Base::From(src) => self.read_full(src, p.chunk)?,
-                            }
-                        };
-                        full[p.in_off..p.in_off + p.len].copy_from_slice(piece);
-                        self.inner
-                            .cow
-                            .write_at(self.inner.geo.chunk_offset(dst), &full)?;
-                        maps.push((p.chunk, dst));
-                    }
-                }
-            }
-            Ok(())
-        };
-        let r = io();
-        self.unless_ok_free(r, &allocated)?;
-        if !maps.is_empty() {
-            let mut md = sync::lock(&self.inner.md);
-            for (c, dst) in maps {
-                md.put_exc(self.o.num, c, leaf, dst)?;
-            }
+        let r = self.write_leaf_data(ps, &plans, &reserved, data);
+        let mut md = sync::lock(&self.inner.md);
+        if r.is_err() {
+            // Nothing was mapped: the reservations go back, and no commit
+            // ever saw them.
+            md.release_all(reserved)?;
+            return r;
+        }
+        let fresh = ps
+            .iter()
+            .zip(&plans)
+            .filter(|(_, pl)| matches!(pl, LeafPlan::Fresh { .. }));
+        for ((p, _), res) in fresh.zip(reserved) {
+            md.map_fresh(self.o.num, p.chunk, leaf, res)?;
         }
         Ok(())
     }
 
-    /// A write failed before mapping its fresh chunks: give them back, so
-    /// an I/O error leaks no space.
-    fn unless_ok_free(&self, r: Result<()>, allocated: &[u64]) -> Result<()> {
-        if r.is_err() && !allocated.is_empty() {
-            let mut md = sync::lock(&self.inner.md);
-            for c in allocated {
-                let r = md.meta.free_chunk(*c);
-                md.guard(r)?;
+    /// The data I/O of a leaf write, with no global lock held: in place
+    /// into chunks the leaf owns, or whole chunks into the reservations
+    /// (taken in piece order by the `Fresh` plans).
+    fn write_leaf_data(
+        &self,
+        ps: &[Piece],
+        plans: &[LeafPlan],
+        reserved: &[Reserved],
+        data: &[u8],
+    ) -> Result<()> {
+        let mut fresh = reserved.iter();
+        for (p, pl) in ps.iter().zip(plans) {
+            let piece = &data[p.buf_off..p.buf_off + p.len];
+            match *pl {
+                LeafPlan::InPlace(val) => {
+                    let at = self.inner.geo.chunk_offset(val) + p.in_off as u64;
+                    self.inner.cow.write_at(at, piece)?;
+                }
+                LeafPlan::Fresh { base, .. } => {
+                    let dst = fresh.next().expect("one reservation per fresh plan");
+                    let mut full = if p.len as u64 == self.cs() {
+                        vec![0u8; self.cs() as usize]
+                    } else {
+                        match base {
+                            Base::Zero => vec![0u8; self.cs() as usize],
+                            Base::From(src) => self.read_full(src, p.chunk)?,
+                        }
+                    };
+                    full[p.in_off..p.in_off + p.len].copy_from_slice(piece);
+                    self.inner
+                        .cow
+                        .write_at(self.inner.geo.chunk_offset(dst.chunk()), &full)?;
+                }
             }
         }
-        r
+        assert!(fresh.next().is_none(), "unused reservation");
+        Ok(())
     }
 
+    /// Make every write completed so far durable (on every version).
     pub fn flush(&self) -> Result<()> {
-        self.inner.sync_all()
+        self.flush_hold().map(drop)
+    }
+
+    /// As `flush`, for a server: keep the hold until the FLUSH's reply is
+    /// sent, so the reply covers every write replied before it, on every
+    /// connection (NBD's rule for `NBD_CMD_FLUSH`).
+    pub fn flush_hold(&self) -> Result<FlushHold> {
+        let _stop = self.inner.gc.panic_stop();
+        Inner::flush_hold(&self.inner)
     }
 
     /// Whole chunks of a snapshot in `[offset, offset+len)` become zero
@@ -533,6 +544,7 @@ impl Volume {
     }
 
     pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        let _stop = self.inner.gc.panic_stop();
         self.check(offset, len)?;
         if self.inner.read_only {
             return Err(Error::ReadOnly);
@@ -542,10 +554,11 @@ impl Volume {
             let _g = sync::read(&self.o.gate);
             self.zero_whole_chunks(offset, len, true)?;
         }
-        Ok(())
+        self.inner.write_completed()
     }
 
     pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let _stop = self.inner.gc.panic_stop();
         self.check(offset, len)?;
         if self.inner.read_only {
             return Err(Error::ReadOnly);
@@ -554,10 +567,10 @@ impl Volume {
             let _g = sync::read(&self.o.gate);
             self.write_zeroes_gated(offset, len)?;
         }
-        if fua {
-            self.inner.sync_all()?;
+        match fua {
+            true => self.inner.sync_all(),
+            false => self.inner.write_completed(),
         }
-        Ok(())
     }
 
     fn write_zeroes_gated(&self, offset: u64, len: u64) -> Result<()> {
@@ -600,6 +613,7 @@ impl Volume {
     }
 
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let _stop = self.inner.gc.panic_stop();
         self.check(offset, len)?;
         let end = offset + len;
         if len == 0 {

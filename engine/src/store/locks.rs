@@ -92,14 +92,13 @@ impl ChunkLocks {
         let s = self.shard(key);
         let mut map = sync::lock(&s.map);
         let Some(e) = map.get_mut(&key) else {
-            debug_assert!(false, "released a chunk lock that is not held");
-            return;
+            panic!("released a chunk lock that is not held: {key:?}");
         };
         if exclusive {
-            debug_assert!(e.writer);
+            assert!(e.writer);
             e.writer = false;
         } else {
-            debug_assert!(e.readers > 0);
+            assert!(e.readers > 0);
             e.readers -= 1;
         }
         let (idle, waiters) = (!e.writer && e.readers == 0, e.waiting > 0);
@@ -130,7 +129,7 @@ impl ChunkLocks {
 
     /// Exclusive locks on a run of chunks, taken in ascending order.
     pub fn exclusive_range(&self, origin: u32, first: u64, last: u64) -> Vec<ExclusiveGuard<'_>> {
-        debug_assert!(first <= last);
+        assert!(first <= last);
         (first..=last).map(|c| self.exclusive(origin, c)).collect()
     }
 

@@ -12,6 +12,7 @@ pub mod records;
 
 pub use api::*;
 pub use check::check;
+pub use inner::FlushHold;
 pub use io::Volume;
 
 use crate::error::Result;
@@ -49,11 +50,13 @@ impl Store {
 
     /// Bind an origin device under `id`; `path` is recorded for later opens.
     pub fn bind(&self, id: &str, path: &str, dev: Dev, now: i64) -> Result<()> {
+        let _stop = self.inner.gc.panic_stop();
         self.inner.bind(id, path, dev, now)
     }
 
     /// Unbind; refused while the origin has snapshots.
     pub fn unbind(&self, id: &str) -> Result<()> {
+        let _stop = self.inner.gc.panic_stop();
         self.inner.unbind(id)
     }
 
@@ -61,17 +64,20 @@ impl Store {
     /// tag. Durable when it returns; every write that completed before the
     /// call is in the snapshot and durable, none that starts after it is.
     pub fn snapshot(&self, id: &str, of: Option<u64>, memo: &str, now: i64) -> Result<u64> {
+        let _stop = self.inner.gc.panic_stop();
         self.inner.snapshot(id, of, memo, now)
     }
 
     /// Delete a snapshot: instant; the cleaner frees its chunks later.
     pub fn delete(&self, id: &str, tag: u64) -> Result<()> {
+        let _stop = self.inner.gc.panic_stop();
         self.inner.delete(id, tag)
     }
 
     /// Roll snapshot `tag` back onto its origin. The origin shows the
     /// snapshot's content at once; `step_background` finishes the copy.
     pub fn rollback(&self, id: &str, tag: u64) -> Result<()> {
+        let _stop = self.inner.gc.panic_stop();
         self.inner.rollback(id, tag)
     }
 
@@ -119,17 +125,20 @@ impl Store {
 
     /// Advance the cleaner and the rollback copier by at most `budget` chunks.
     pub fn step_background(&self, budget: usize) -> Result<StepReport> {
+        let _stop = self.inner.gc.panic_stop();
         self.inner.step_background(&self.inner, budget)
     }
 
     /// Make every completed write and metadata change durable.
     pub fn flush(&self) -> Result<()> {
-        self.inner.sync_all()
+        let _stop = self.inner.gc.panic_stop();
+        Inner::flush_hold(&self.inner).map(drop)
     }
 
     /// Flush everything; afterwards the origin devices hold exactly the
     /// origins' content.
     pub fn close(self) -> Result<()> {
+        let _stop = self.inner.gc.panic_stop();
         self.inner.close()
     }
 

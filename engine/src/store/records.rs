@@ -46,7 +46,7 @@ fn str_at(b: &[u8], at: usize, max: usize, what: &'static str) -> Result<String>
 
 fn put_str(b: &mut [u8], at: usize, s: &str, max: usize) {
     let bytes = s.as_bytes();
-    debug_assert!(bytes.len() <= max, "caller validated the length");
+    assert!(bytes.len() <= max, "caller validated the length");
     let n = bytes.len().min(max);
     b[at..at + 2].copy_from_slice(&(n as u16).to_le_bytes());
     b[at + 2..at + 2 + n].copy_from_slice(&bytes[..n]);
@@ -248,7 +248,7 @@ pub fn decode_app(b: &[u8]) -> Result<AppState> {
 
 /// Exception key: origin (32 bits) | chunk (48 bits) | node (48 bits).
 pub fn exc_key(origin: u32, chunk: u64, node: NodeId) -> u128 {
-    debug_assert!(chunk < 1 << 48 && node < 1 << 48);
+    assert!(chunk < 1 << 48 && node < 1 << 48);
     (u128::from(origin) << 96) | (u128::from(chunk) << 48) | u128::from(node)
 }
 

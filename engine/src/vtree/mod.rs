@@ -348,7 +348,7 @@ impl VTree {
         chunk: u64,
         v: &mut dyn ExcView,
     ) -> Result<LeafPlan> {
-        debug_assert_eq!(self.nodes[&leaf].kind, Kind::Leaf);
+        assert_eq!(self.nodes[&leaf].kind, Kind::Leaf);
         match v.get(chunk, leaf)? {
             Some(crate::meta::ZERO_CHUNK) => Ok(LeafPlan::Fresh {
                 base: Base::Zero,
@@ -474,7 +474,7 @@ impl VTree {
                 .nodes
                 .get_mut(&parent)
                 .ok_or_else(|| corrupt("dangling parent".into()))?;
-            debug_assert!(p.live_children > 0, "a live child was not counted");
+            assert!(p.live_children > 0, "a live child was not counted");
             p.live_children = p.live_children.saturating_sub(1);
             let after = (self.is_live(parent), self.merge_target(parent));
             if before != after {
@@ -594,7 +594,7 @@ impl VTree {
         };
         self.flagged -= usize::from(n.flagged);
         let heir = n.children.first().copied();
-        debug_assert!(n.children.len() <= 1);
+        assert!(n.children.len() <= 1);
         if let Some(h) = heir {
             if let Some(hn) = self.nodes.get_mut(&h) {
                 hn.parent = n.parent;

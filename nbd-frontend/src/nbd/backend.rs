@@ -9,6 +9,9 @@ use super::proto::{STATE_HOLE, STATE_ZERO};
 
 pub type BResult<T> = Result<T, Error>;
 
+/// What a FLUSH leaves to keep until its reply is sent (opaque).
+pub type FlushHold = Box<dyn Send>;
+
 /// One exported version's data path. Blocking; called from worker threads.
 pub trait Backend: Clone + Send + Sync + 'static {
     fn size(&self) -> u64;
@@ -16,7 +19,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn is_live(&self) -> bool;
     fn read(&self, offset: u64, buf: &mut [u8]) -> BResult<()>;
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> BResult<()>;
-    fn flush(&self) -> BResult<()>;
+    /// Make every completed write durable. The returned hold must live
+    /// until the FLUSH's reply is on the socket: while it does, writes that
+    /// complete are made durable before they return, so the reply covers
+    /// every write replied before it, on every connection.
+    fn flush(&self) -> BResult<FlushHold>;
     fn trim(&self, offset: u64, len: u64) -> BResult<()>;
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> BResult<()>;
     fn block_status(&self, offset: u64, len: u64) -> BResult<Vec<Extent>>;
@@ -35,8 +42,8 @@ impl Backend for Volume {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> BResult<()> {
         Volume::write(self, offset, data, fua)
     }
-    fn flush(&self) -> BResult<()> {
-        Volume::flush(self)
+    fn flush(&self) -> BResult<FlushHold> {
+        Ok(Box::new(Volume::flush_hold(self)?))
     }
     fn trim(&self, offset: u64, len: u64) -> BResult<()> {
         Volume::trim(self, offset, len)
@@ -157,9 +164,9 @@ pub mod mem {
             d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
             Ok(())
         }
-        fn flush(&self) -> BResult<()> {
+        fn flush(&self) -> BResult<FlushHold> {
             self.flushes.fetch_add(1, Ordering::SeqCst);
-            Ok(())
+            Ok(Box::new(()))
         }
         fn trim(&self, offset: u64, len: u64) -> BResult<()> {
             self.check(offset, len)

@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
-use super::backend::{allocation_flags, BResult, Backend};
+use super::backend::{allocation_flags, BResult, Backend, FlushHold};
 use super::budget::{Budget, Permit};
 use super::io::{MsgReader, ReadError, Stream};
 use super::negotiate::Negotiated;
@@ -61,8 +61,13 @@ struct Job {
 struct Reply {
     head: Vec<u8>,
     data: Vec<u8>,
+    /// A FLUSH's hold: dropped only once this reply is on the socket.
+    hold: Option<FlushHold>,
     _permit: Permit,
 }
+
+/// What running a job gives: the reply's head and data, and a FLUSH's hold.
+type Answer = (Vec<u8>, Vec<u8>, Option<FlushHold>);
 
 /// Per-connection view of whether the exported version still exists.
 struct Liveness {
@@ -131,8 +136,21 @@ impl<B: Backend> Exec<B> {
         }
     }
 
-    /// Run one job; returns the reply's head and data.
-    fn run(&self, job: &mut Job) -> (Vec<u8>, Vec<u8>) {
+    /// Run one job: the reply's head and data, and a FLUSH's hold.
+    fn run(&self, job: &mut Job) -> Answer {
+        match job.cmd {
+            Command::Flush => match self.backend.flush() {
+                Ok(hold) => (ok_reply(job.handle), Vec::new(), Some(hold)),
+                Err(e) => (self.fail(job.handle, e), Vec::new(), None),
+            },
+            _ => {
+                let (head, data) = self.run_other(job);
+                (head, data, None)
+            }
+        }
+    }
+
+    fn run_other(&self, job: &mut Job) -> (Vec<u8>, Vec<u8>) {
         let h = job.handle;
         let b = &self.backend;
         if self.live.is_dead(b, false) {
@@ -164,7 +182,8 @@ impl<B: Backend> Exec<B> {
                 job.payload = Vec::new();
                 (self.done(h, r), Vec::new())
             }
-            Command::Flush => (self.done(h, b.flush()), Vec::new()),
+            // `run` answers FLUSH itself, keeping the hold with the reply.
+            Command::Flush => (self.done(h, b.flush().map(drop)), Vec::new()),
             Command::Trim { offset, len, fua } => {
                 let mut r = if len == 0 {
                     Ok(())
@@ -172,7 +191,9 @@ impl<B: Backend> Exec<B> {
                     b.trim(offset, u64::from(len))
                 };
                 if fua && r.is_ok() {
-                    r = b.flush();
+                    // The trim itself is durable once this returns; its own
+                    // reply needs no hold.
+                    r = b.flush().map(drop);
                 }
                 (self.done(h, r), Vec::new())
             }
@@ -225,17 +246,19 @@ fn worker<B: Backend>(
         // A bug below us must not leave the client waiting forever, nor
         // take the connection down: a panic becomes an EIO reply.
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec.run(&mut job)));
-        let (head, data) = ran.unwrap_or_else(|_| {
+        let (head, data, hold) = ran.unwrap_or_else(|_| {
             warn!(export = %exec.name, "request handler panicked");
             let msg = "internal error";
             (
                 error_reply(exec.structured, job.handle, EIO, msg),
                 Vec::new(),
+                None,
             )
         });
         let sent = replies.send(Reply {
             head,
             data,
+            hold,
             _permit: job.permit,
         });
         inflight.fetch_sub(1, Ordering::SeqCst);
@@ -300,10 +323,11 @@ impl<B: Backend> Pool<B> {
         self.grow_if_busy();
         if self.threads.is_empty() {
             let mut job = job;
-            let (head, data) = self.exec.run(&mut job);
+            let (head, data, hold) = self.exec.run(&mut job);
             let _ = self.replies.send(Reply {
                 head,
                 data,
+                hold,
                 _permit: job.permit,
             });
             return Ok(());
@@ -342,6 +366,12 @@ fn writer(stream: Stream, replies: Receiver<Reply>, broken: Arc<AtomicBool>) {
         if ok && (w.write_all(&r.head).is_err() || w.write_all(&r.data).is_err()) {
             ok = false;
         }
+        if r.hold.is_some() && ok && w.flush().is_err() {
+            // A FLUSH reply goes out now: its hold is dropped (below) only
+            // once the reply is on the socket, not in our buffer.
+            ok = false;
+        }
+        drop(r);
         if !ok && !broken.swap(true, Ordering::SeqCst) {
             // Wake the reader: nothing more can be answered. Later replies
             // are still received and dropped, which frees their permits.
@@ -484,6 +514,7 @@ fn read_loop<B: Backend, R: Read>(
                 let _ = reply_tx.send(Reply {
                     head,
                     data: Vec::new(),
+                    hold: None,
                     _permit: permit,
                 });
             }
