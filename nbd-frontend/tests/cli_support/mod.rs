@@ -58,10 +58,28 @@ impl Run {
     }
 }
 
+/// Environment changes for a `snapmv` run: set (`Some`) or remove (`None`).
+pub type Env<'a> = &'a [(&'a str, Option<&'a str>)];
+
+fn apply_env(c: &mut Command, env: Env) {
+    for (k, v) in env {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+}
+
 /// Run `snapmv args...` in `cwd` (or the current directory).
 pub fn snapmv_in(cwd: Option<&Path>, args: &[&str]) -> Run {
+    snapmv_env(cwd, &[], args)
+}
+
+/// Run `snapmv args...` in `cwd` with `env` applied.
+pub fn snapmv_env(cwd: Option<&Path>, env: Env, args: &[&str]) -> Run {
     let mut c = Command::new(BIN);
     c.args(args).env("RUST_LOG", "warn").stdin(Stdio::null());
+    apply_env(&mut c, env);
     if let Some(d) = cwd {
         c.current_dir(d);
     }
@@ -162,23 +180,55 @@ impl Server {
     /// Start `snapmv serve args...` in `cwd`, with its log in `log`, and
     /// wait until the control socket `ready` answers.
     pub fn start(cwd: &Path, args: &[&str], ready: &Path, log: &Path) -> Server {
+        let mut srv = Server::spawn(cwd, &[], args, log);
+        srv.wait_ready(ready);
+        srv
+    }
+
+    /// Start `snapmv serve args...` in `cwd` with `env` applied, without
+    /// waiting for anything.
+    pub fn spawn(cwd: &Path, env: Env, args: &[&str], log: &Path) -> Server {
         let logf = std::fs::File::create(log).expect("log file");
-        let child = Command::new(BIN)
-            .arg("serve")
+        let mut c = Command::new(BIN);
+        c.arg("serve")
             .args(args)
             .current_dir(cwd)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log"))
-            .stderr(logf)
-            .spawn()
-            .expect("spawn snapmv serve");
-        let mut srv = Server {
+            .stderr(logf);
+        apply_env(&mut c, env);
+        let child = c.spawn().expect("spawn snapmv serve");
+        Server {
             child: Some(child),
             log: log.to_path_buf(),
-        };
-        srv.wait_ready(ready);
-        srv
+        }
+    }
+
+    /// Wait until the log contains `needle` (the server must stay up).
+    pub fn wait_log(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            self.assert_running();
+            if Instant::now() > deadline {
+                panic!(
+                    "snapmv serve never logged {needle:?} in 60s:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                panic!("snapmv serve exited early ({st}):\n{}", self.log_text());
+            }
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -189,17 +239,14 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self, sock: &Path) {
+    /// Wait until `sock` (a control or NBD socket) takes connections.
+    pub fn wait_ready(&mut self, sock: &Path) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if UnixStream::connect(sock).is_ok() {
                 return;
             }
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    panic!("snapmv serve exited early ({st}):\n{}", self.log_text());
-                }
-            }
+            self.assert_running();
             if Instant::now() > deadline {
                 panic!("snapmv serve not ready after 60s:\n{}", self.log_text());
             }
