@@ -13,9 +13,11 @@ use std::path::PathBuf;
     long_about = "Multi-version snapshots of block devices, served over NBD.\n\n\
         Every origin device keeps its data in place; snapshots live on a separate \
         COW device. While `snapmv serve` holds a COW device, `snapshot`, `delete`, \
-        `rollback` and `list` reach it through its control socket \
-        (<COW>.snapmv.sock next to a COW file, /run/snapmv/<escaped path>.sock for \
-        a block device)."
+        `rollback` and `list` reach it through its control socket: <COW>.snapmv.sock \
+        next to a COW file or, for a block device or where that cannot be created \
+        (read-only or FUSE directory), <runtime dir>/<escaped path>.sock, the runtime \
+        dir being /run/snapmv for root, else $XDG_RUNTIME_DIR/snapmv, else \
+        $TMPDIR/snapmv-<uid>. Without any control socket `serve` still serves NBD."
 )]
 pub struct Cli {
     #[command(subcommand)]
