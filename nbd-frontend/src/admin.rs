@@ -64,7 +64,8 @@ enum Route {
 /// cannot do for us (format, bind, unbind, check).
 fn route(cow: &Path, mode: LockMode, live_ok: bool) -> Result<Route> {
     let canon = lock::canonical(cow)?;
-    let cands = lock::socket_candidates(cow)?;
+    // Fail early, with the reason, if the candidates cannot be worked out.
+    lock::socket_candidates(cow)?;
     let start = Instant::now();
     loop {
         if let Some(l) = lock::try_lock(cow, mode)? {
@@ -79,7 +80,7 @@ fn route(cow: &Path, mode: LockMode, live_ok: bool) -> Result<Route> {
                 );
             }
         }
-        match find_server(&canon, &cands) {
+        match find_server(cow, &canon) {
             Ok(found) => {
                 if !live_ok {
                     bail!(
@@ -127,19 +128,36 @@ pub struct Found {
     pub path: PathBuf,
 }
 
-/// Try the control socket candidates of canonical COW path `canon` in
-/// order and return the first server that answers the hello, runs as root,
-/// as us or as the COW device's owner, and serves `canon`. Otherwise every
-/// path tried, each with why it was passed over.
-pub fn find_server(
-    canon: &Path,
-    cands: &[SocketCandidate],
-) -> std::result::Result<Found, Vec<(PathBuf, String)>> {
+/// Try the control socket candidates of `cow` (canonical path `canon`) in
+/// order and return the first server that answers the hello, runs as a
+/// user we trust, and serves `canon`. Otherwise every path tried, each with
+/// why it was passed over.
+///
+/// Trusted: root, us, the COW device's owner, and the user of the `snapmv
+/// serve` holding its lock. That server's runtime directories (from its
+/// environment, which may differ from ours, or be another user's when root
+/// asks) are tried after ours.
+pub fn find_server(cow: &Path, canon: &Path) -> std::result::Result<Found, Vec<(PathBuf, String)>> {
     use std::os::unix::fs::MetadataExt;
-    let owner = std::fs::metadata(canon).map(|m| m.uid()).ok();
+    let mut cands = match lock::socket_candidates(cow) {
+        Ok(c) => c,
+        Err(e) => return Err(vec![(canon.to_path_buf(), format!("{e:#}"))]),
+    };
+    let mut trusted = vec![0, lock::euid()];
+    trusted.extend(std::fs::metadata(canon).map(|m| m.uid()).ok());
+    let holder = serving_holder(cow).and_then(|pid| Some((pid, lock::process_uid(pid)?)));
+    if let Some((pid, uid)) = holder {
+        trusted.push(uid);
+        let theirs = lock::candidates_from(canon, false, &lock::process_runtime_dirs(pid, uid));
+        for c in theirs {
+            if !cands.iter().any(|x| x.path == c.path) {
+                cands.push(c);
+            }
+        }
+    }
     let mut tried = Vec::new();
-    for c in cands {
-        match probe(c, canon, owner) {
+    for c in &cands {
+        match probe(c, canon, &trusted) {
             Ok((client, pid)) => {
                 return Ok(Found {
                     client,
@@ -153,15 +171,16 @@ pub fn find_server(
     Err(tried)
 }
 
-fn probe(c: &SocketCandidate, canon: &Path, owner: Option<u32>) -> Result<(Client, u32)> {
+fn probe(c: &SocketCandidate, canon: &Path, trusted: &[u32]) -> Result<(Client, u32)> {
     c.check()?;
     let mut client = Client::connect(&c.path)?;
     // Before telling it anything: a socket in a shared directory may have
     // been planted by someone else.
     match client.peer_uid() {
-        Some(uid) if uid == 0 || uid == lock::euid() || Some(uid) == owner => {}
+        Some(uid) if trusted.contains(&uid) => {}
         Some(uid) => bail!(
-            "served by uid {uid}, which is neither root, us, nor the COW device's owner; not trusted"
+            "served by uid {uid}, which is neither root, us, the COW device's owner, nor the \
+             user of the server holding it; not trusted"
         ),
         None => bail!("cannot tell who serves it; not trusted"),
     }

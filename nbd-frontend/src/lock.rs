@@ -151,10 +151,12 @@ pub fn euid() -> u32 {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuntimeDir {
     pub path: PathBuf,
-    /// Private to this user: created 0700, and used only if it is ours and
-    /// closed to everyone else. The system-wide [`RUN_DIR`] may belong to
-    /// root and be readable by all (the sockets themselves are 0600).
+    /// Private to user `uid`: created 0700, and used only if it belongs to
+    /// `uid` and is closed to everyone else. The system-wide [`RUN_DIR`] may
+    /// belong to root and be readable by all (the sockets are 0600).
     pub per_user: bool,
+    /// The user whose directory this is (normally us).
+    pub uid: u32,
 }
 
 impl RuntimeDir {
@@ -176,8 +178,8 @@ impl RuntimeDir {
     }
 
     /// The directory exists and is safe to put a socket in, or to trust a
-    /// socket found in: a real directory (not a symlink), owned by us (or
-    /// root, for [`RUN_DIR`]), that no other user may write (or, if per
+    /// socket found in: a real directory (not a symlink), owned by its user
+    /// (or root, for [`RUN_DIR`]), that no other user may write (or, if per
     /// user, enter).
     pub fn check(&self) -> Result<()> {
         let p = self.path.display();
@@ -189,10 +191,10 @@ impl RuntimeDir {
         if !m.is_dir() {
             bail!("runtime directory {p} is not a directory; not using it");
         }
-        let me = euid();
-        if m.uid() != me && (self.per_user || m.uid() != 0) {
+        let want = self.uid;
+        if m.uid() != want && (self.per_user || m.uid() != 0) {
             bail!(
-                "runtime directory {p} belongs to uid {}, not to us (uid {me}); not using it",
+                "runtime directory {p} belongs to uid {}, not uid {want}; not using it",
                 m.uid()
             );
         }
@@ -254,12 +256,14 @@ pub fn runtime_dirs_from(
         v.push(RuntimeDir {
             path: PathBuf::from(RUN_DIR),
             per_user: false,
+            uid,
         });
     }
     if let Some(x) = xdg.map(Path::new).filter(|p| p.is_absolute()) {
         v.push(RuntimeDir {
             path: x.join("snapmv"),
             per_user: true,
+            uid,
         });
     }
     let tmp = if tmp.is_absolute() {
@@ -272,9 +276,38 @@ pub fn runtime_dirs_from(
         v.push(RuntimeDir {
             path: t,
             per_user: true,
+            uid,
         });
     }
     v
+}
+
+/// The effective uid of process `pid`.
+pub fn process_uid(pid: u32) -> Option<u32> {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let uids = st.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    uids.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The per-user runtime directories of process `pid`, run by user `uid`
+/// (someone else: a root admin command looking for a user's server). Read
+/// from its environment when we may, else the usual places.
+pub fn process_runtime_dirs(pid: u32, uid: u32) -> Vec<RuntimeDir> {
+    match std::fs::read(format!("/proc/{pid}/environ")) {
+        Ok(raw) => {
+            let var = |name: &[u8]| {
+                raw.split(|&b| b == 0)
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix(b"="))
+                    .map(OsStr::from_bytes)
+            };
+            let tmp = var(b"TMPDIR").map_or(Path::new("/tmp"), Path::new);
+            runtime_dirs_from(uid, false, var(b"XDG_RUNTIME_DIR"), tmp)
+        }
+        Err(_) => {
+            let xdg = format!("/run/user/{uid}");
+            runtime_dirs_from(uid, false, Some(OsStr::new(&xdg)), Path::new("/tmp"))
+        }
+    }
 }
 
 fn may_write(p: &Path) -> bool {
@@ -380,17 +413,28 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn user_dir(p: &str) -> RuntimeDir {
+    fn user_dir(p: &str, uid: u32) -> RuntimeDir {
         RuntimeDir {
             path: PathBuf::from(p),
             per_user: true,
+            uid,
         }
     }
 
-    fn run_dir() -> RuntimeDir {
+    fn run_dir(uid: u32) -> RuntimeDir {
         RuntimeDir {
             path: PathBuf::from(RUN_DIR),
             per_user: false,
+            uid,
+        }
+    }
+
+    /// A per-user directory of ours under `base`.
+    fn mine(base: &Path, name: &str) -> RuntimeDir {
+        RuntimeDir {
+            path: base.join(name),
+            per_user: true,
+            uid: euid(),
         }
     }
 
@@ -401,9 +445,9 @@ mod tests {
     #[test]
     fn regular_file_candidates_beside_first_then_runtime_dirs() {
         let dirs = [
-            run_dir(),
-            user_dir("/run/user/0/snapmv"),
-            user_dir("/tmp/snapmv-0"),
+            run_dir(0),
+            user_dir("/run/user/0/snapmv", 0),
+            user_dir("/tmp/snapmv-0", 0),
         ];
         let c = candidates_from(Path::new("/srv/cow.img"), true, &dirs);
         assert_eq!(
@@ -423,7 +467,7 @@ mod tests {
 
     #[test]
     fn block_device_candidates_only_in_runtime_dirs() {
-        let dirs = [run_dir(), user_dir("/tmp/snapmv-0")];
+        let dirs = [run_dir(0), user_dir("/tmp/snapmv-0", 0)];
         let c = candidates_from(Path::new("/dev/sd%c1"), false, &dirs);
         assert_eq!(
             paths(&c),
@@ -443,30 +487,30 @@ mod tests {
         assert_eq!(
             runtime_dirs_from(0, true, xdg, tmp),
             [
-                run_dir(),
-                user_dir("/run/user/1000/snapmv"),
-                user_dir("/tmp/snapmv-0")
+                run_dir(0),
+                user_dir("/run/user/1000/snapmv", 0),
+                user_dir("/tmp/snapmv-0", 0)
             ]
         );
         // An ordinary user: $XDG_RUNTIME_DIR, then the temp dir.
         assert_eq!(
             runtime_dirs_from(1000, false, xdg, tmp),
             [
-                user_dir("/run/user/1000/snapmv"),
-                user_dir("/tmp/snapmv-1000")
+                user_dir("/run/user/1000/snapmv", 1000),
+                user_dir("/tmp/snapmv-1000", 1000)
             ]
         );
         // No (or a relative, hence invalid) $XDG_RUNTIME_DIR.
         for x in [None, Some(OsStr::new("run/user")), Some(OsStr::new(""))] {
             assert_eq!(
                 runtime_dirs_from(1000, false, x, Path::new("/var/tmp")),
-                [user_dir("/var/tmp/snapmv-1000")]
+                [user_dir("/var/tmp/snapmv-1000", 1000)]
             );
         }
         // A relative temp dir is not trusted either.
         assert_eq!(
             runtime_dirs_from(7, false, None, Path::new("tmp")),
-            [user_dir("/tmp/snapmv-7")]
+            [user_dir("/tmp/snapmv-7", 7)]
         );
     }
 
@@ -543,10 +587,7 @@ mod tests {
     #[test]
     fn per_user_runtime_dir_is_created_private_and_checked() {
         let base = tempfile::tempdir().unwrap();
-        let d = RuntimeDir {
-            path: base.path().join("snapmv-x"),
-            per_user: true,
-        };
+        let d = mine(base.path(), "snapmv-x");
         assert!(d.check().is_err(), "missing dir must not be trusted");
         d.prepare().unwrap();
         let m = std::fs::symlink_metadata(&d.path).unwrap();
@@ -567,28 +608,19 @@ mod tests {
             .mode(0o700)
             .create(&real)
             .unwrap();
-        let link = RuntimeDir {
-            path: base.path().join("link"),
-            per_user: true,
-        };
+        let link = mine(base.path(), "link");
         std::os::unix::fs::symlink(&real, &link.path).unwrap();
         let e = format!("{:#}", link.prepare().unwrap_err());
         assert!(e.contains("symlink"), "{e}");
 
         // A file in the way: refused.
-        let file = RuntimeDir {
-            path: base.path().join("file"),
-            per_user: true,
-        };
+        let file = mine(base.path(), "file");
         std::fs::write(&file.path, b"").unwrap();
         assert!(file.prepare().is_err());
 
         // Someone else's directory: refused (root can stage that).
         if euid() == 0 {
-            let theirs = RuntimeDir {
-                path: base.path().join("theirs"),
-                per_user: true,
-            };
+            let theirs = mine(base.path(), "theirs");
             std::fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&theirs.path)
@@ -596,7 +628,54 @@ mod tests {
             std::os::unix::fs::chown(&theirs.path, Some(4242), None).unwrap();
             let e = format!("{:#}", theirs.prepare().unwrap_err());
             assert!(e.contains("belongs to uid 4242"), "{e}");
+            // ...unless it is that user's directory we are looking into.
+            RuntimeDir {
+                uid: 4242,
+                ..theirs
+            }
+            .check()
+            .unwrap();
         }
+    }
+
+    #[test]
+    fn another_process_runtime_dirs_come_from_its_environment() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .env("XDG_RUNTIME_DIR", "/x/y")
+            .env("TMPDIR", "/var/tmp")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // exec may not have happened yet: wait for the new environment.
+        let t0 = std::time::Instant::now();
+        let dirs = loop {
+            let d = process_runtime_dirs(pid, 4242);
+            if d.len() == 2 || t0.elapsed().as_secs() > 10 {
+                break d;
+            }
+            std::thread::yield_now();
+        };
+        let uid = process_uid(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(uid, Some(euid()));
+        assert_eq!(
+            dirs,
+            [
+                user_dir("/x/y/snapmv", 4242),
+                user_dir("/var/tmp/snapmv-4242", 4242)
+            ]
+        );
+        // Gone: the usual places.
+        assert_eq!(process_uid(pid), None);
+        assert_eq!(
+            process_runtime_dirs(pid, 4242),
+            [
+                user_dir("/run/user/4242/snapmv", 4242),
+                user_dir("/tmp/snapmv-4242", 4242)
+            ]
+        );
     }
 
     #[test]

@@ -296,10 +296,7 @@ fn lock_for_serve(cow: &Path) -> Result<CowLock> {
     // server seen holding the lock, else whoever it is.
     let answering = || -> Option<u32> {
         let canon = lock::canonical(cow).ok()?;
-        let cands = lock::socket_candidates(cow).ok()?;
-        crate::admin::find_server(&canon, &cands)
-            .ok()
-            .map(|f| f.pid)
+        crate::admin::find_server(cow, &canon).ok().map(|f| f.pid)
     };
     let who = answering()
         .or_else(|| crate::admin::serving_holder(cow))

@@ -305,6 +305,102 @@ fn no_control_socket_anywhere_still_serves_nbd() {
         .is_empty());
 }
 
+/// Blocks `name` in every runtime directory in `dirs` that a root process
+/// uses before `keep` (directories in the way), creating missing ones.
+fn block_runtime_dirs_before(dirs: &[PathBuf], keep: &Path, name: &str, rm: &mut RmDirs) {
+    for d in dirs.iter().take_while(|d| d.as_path() != keep) {
+        if !d.exists() {
+            std::fs::DirBuilder::new().mode(0o700).create(d).unwrap();
+            rm.0.push(d.clone());
+        }
+        let b = d.join(name);
+        std::fs::create_dir(&b).unwrap();
+        rm.0.push(b);
+    }
+}
+
+/// The server runs with another TMPDIR than the admin commands, so its
+/// socket is where they would not look by themselves: they find it through
+/// the environment of the process holding the lock.
+#[test]
+fn admin_finds_a_server_with_another_environment() {
+    if !tools() {
+        return;
+    }
+    let f = Fixture::bound();
+    let tmp = f.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let env: Env = &[("XDG_RUNTIME_DIR", None), ("TMPDIR", Some(s(&tmp)))];
+    let name = runtime_name(&f.cow);
+    let dirs = runtime_dirs(None, &tmp);
+    let last = dirs.last().unwrap().clone();
+    let mut rm = RmDirs(Vec::new());
+    std::fs::create_dir(beside(&f.cow)).unwrap();
+    block_runtime_dirs_before(&dirs, &last, &name, &mut rm);
+    let sock = last.join(&name);
+    let mut srv = Server::spawn(
+        f.dir.path(),
+        env,
+        &[s(&f.cow), "--unix", s(&f.path("nbd.sock"))],
+        &f.path("serve.log"),
+    );
+    srv.wait_ready(&sock);
+    assert!(
+        !inherited_runtime_dirs().contains(&last),
+        "the test needs another dir"
+    );
+    exercise_live_admin(&f, &f.cow, &srv, "sdb1");
+    assert_eq!(srv.stop(), 0);
+    assert!(!sock.exists());
+}
+
+/// Root runs the admin commands against a server run by another user (in
+/// that user's runtime directory); root must find it there.
+#[test]
+fn root_admin_finds_a_users_server() {
+    if !tools() {
+        return;
+    }
+    if euid() != 0 || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skipping: needs root and setpriv");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let f = Fixture::bound();
+    let tmp = f.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    for p in [f.dir.path(), &f.cow, &f.origin, &tmp] {
+        std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(f.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(beside(&f.cow)).unwrap();
+    let sock = tmp
+        .join(format!("snapmv-{NOBODY}"))
+        .join(runtime_name(&f.cow));
+    let wrapper = [
+        "/usr/bin/setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let env: Env = &[("XDG_RUNTIME_DIR", None), ("TMPDIR", Some(s(&tmp)))];
+    let mut srv = Server::spawn_via(
+        &wrapper,
+        f.dir.path(),
+        env,
+        &[s(&f.cow), "--unix", s(&f.path("nbd.sock"))],
+        &f.path("serve.log"),
+    );
+    srv.wait_ready(&sock);
+    let m = std::fs::metadata(&sock).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(m.uid(), NOBODY, "the server does not run as the other user");
+    exercise_live_admin(&f, &f.cow, &srv, "sdb1");
+    assert_eq!(srv.stop(), 0);
+    assert!(!sock.exists());
+}
+
 /// Unmounts, last first, when dropped.
 struct Mounts(Vec<PathBuf>);
 

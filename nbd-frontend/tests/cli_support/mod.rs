@@ -188,8 +188,21 @@ impl Server {
     /// Start `snapmv serve args...` in `cwd` with `env` applied, without
     /// waiting for anything.
     pub fn spawn(cwd: &Path, env: Env, args: &[&str], log: &Path) -> Server {
+        Server::spawn_via(&[], cwd, env, args, log)
+    }
+
+    /// [`Server::spawn`] through `wrapper` (a command that execs its
+    /// arguments, such as `setpriv --reuid=...`), so the pid is the server's.
+    pub fn spawn_via(wrapper: &[&str], cwd: &Path, env: Env, args: &[&str], log: &Path) -> Server {
         let logf = std::fs::File::create(log).expect("log file");
-        let mut c = Command::new(BIN);
+        let mut c = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         c.arg("serve")
             .args(args)
             .current_dir(cwd)
