@@ -29,6 +29,13 @@
 //! holds an absolute path; `<temp dir>/snapmv-<euid>` (`$TMPDIR` or `/tmp`).
 //! The per-user ones are created mode 0700 and used only if they are real
 //! directories (not symlinks) owned by us that nobody else may enter.
+//! Since a server's environment (or user) may differ from an admin
+//! command's, the admin commands then also try the runtime directories of
+//! the `snapmv serve` holding the lock ([`exclusive_holder`],
+//! [`process_runtime_dirs`]).
+//!
+//! A server that can bind none of them keeps serving NBD without a control
+//! socket; the admin commands then say so, naming every path they tried.
 //!
 //! Canonicalising first means every spelling of the device (relative path,
 //! symlink such as `/dev/disk/by-id/...`) finds the same socket.
