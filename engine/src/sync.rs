@@ -1,6 +1,11 @@
 //! Synchronisation facade. Every lock, condition variable and atomic in the
 //! engine comes from here, so that `RUSTFLAGS="--cfg loom"` swaps the whole
-//! engine onto loom's model-checked primitives (as tokio and bytes do).
+//! engine onto loom's model-checked primitives (as tokio and bytes do), and
+//! the `shuttle` feature swaps it onto shuttle's, for the concurrent crash
+//! simulator (sim/src/concurrent.rs), which runs whole workloads of many
+//! threads under a seeded scheduler. A cargo feature rather than a cfg:
+//! the shuttle build then shares every dependency's build with the normal
+//! one, instead of rebuilding them all under other RUSTFLAGS.
 
 #[cfg(loom)]
 pub use loom::sync::{
@@ -72,7 +77,13 @@ mod loom_atomic {
     );
 }
 
-#[cfg(not(loom))]
+#[cfg(all(feature = "shuttle", not(loom)))]
+pub use shuttle::sync::{
+    atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
+
+#[cfg(not(any(loom, feature = "shuttle")))]
 pub use std::sync::{
     atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,

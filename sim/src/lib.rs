@@ -3,6 +3,8 @@
 //! exhaustive crash-state enumerator. See sim/README.md.
 
 pub mod campaign;
+#[cfg(feature = "shuttle")]
+pub mod concurrent;
 pub mod exhaustive;
 pub mod harness;
 pub mod metaclass;
