@@ -63,21 +63,14 @@ impl Inner {
         };
         let mut done = 0;
         while done < budget {
-            let _g = sync::read(&o.gate);
             let Some(rb) = sync::lock(&self.md).app.rollback else {
                 break;
             };
             if rb.cursor >= rb.total {
-                // Done: drop the frozen source; the cleaner reclaims what only it held.
-                let mut tree = sync::write(&o.tree);
-                let mut md = sync::lock(&self.md);
-                let ch = tree.delete(rb.src, md.app.clean_gen)?;
-                md.apply_changes(o.num, &tree, &ch)?;
-                md.app.rollback = None;
-                md.save_app()?;
-                o.rb_active.store(false, Ordering::Release);
+                self.finish_rollback(&o)?;
                 break;
             }
+            let _g = sync::read(&o.gate);
             // A batch of chunks under one set of locks: their copies share
             // one group commit instead of one commit per chunk.
             let first = rb.cursor;
@@ -106,6 +99,31 @@ impl Inner {
             done += (last + 1 - first) as usize;
         }
         Ok(done)
+    }
+
+    /// The copy is done: drop the frozen source; the cleaner reclaims what
+    /// only it held. That can kill spine nodes, which changes where origin
+    /// writes copy to, so it takes the origin's gate exclusively, as delete
+    /// does: no write is between planning a copy into a node and mapping
+    /// it. (Under the shared gate, a write could map its copy into a node
+    /// this had just killed, after the cleaner's pass had passed that
+    /// chunk; the pass then removed the node and left the exception
+    /// dangling and its chunk leaked. Found by the concurrent crash
+    /// simulator.)
+    fn finish_rollback(&self, o: &OriginRt) -> Result<()> {
+        let _g = sync::write(&o.gate);
+        let mut tree = sync::write(&o.tree);
+        let mut md = sync::lock(&self.md);
+        let Some(rb) = md.app.rollback else {
+            return Ok(());
+        };
+        assert!(rb.cursor >= rb.total, "rollback finished early");
+        let ch = tree.delete(rb.src, md.app.clean_gen)?;
+        md.apply_changes(o.num, &tree, &ch)?;
+        md.app.rollback = None;
+        md.save_app()?;
+        o.rb_active.store(false, Ordering::Release);
+        Ok(())
     }
 
     fn clean_steps(&self, budget: usize) -> Result<usize> {
