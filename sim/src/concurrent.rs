@@ -108,7 +108,7 @@ impl Outcome {
 }
 
 /// A `SimDev` whose every I/O is a scheduling point.
-struct YieldDev(SimDev);
+pub struct YieldDev(pub SimDev);
 
 impl BlockDev for YieldDev {
     fn size(&self) -> u64 {
