@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: the one command the README gives and CI runs.
-#   lint -> unit/integration/interop/sim tests -> loom models and their
-#   planted bugs -> sim planted bugs -> a bounded fuzz slice.
+#   lint -> unit/integration/interop/sim tests -> the concurrent crash
+#   simulator -> loom models and their planted bugs -> sim planted bugs
+#   (sequential and concurrent) -> a bounded fuzz slice.
 # Longer campaigns are separate commands (see README "Long campaigns").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,9 +17,13 @@ cargo fmt --all -- --check
 
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p snapmv-sim --features shuttle --all-targets -- -D warnings
 
 step "cargo test (engine, vtree exhaustive, store model, limits, NBD interop, CLI, sim slice)"
 cargo test --workspace --profile test -- --test-threads="${SNAPMV_TEST_THREADS:-2}"
+
+step "concurrent crash simulator (engine threads under shuttle + power cuts: 2000 seeds, focused regressions)"
+cargo test -p snapmv-sim --features shuttle --profile test --test concurrent_crash -- --nocapture
 
 if [ -x engine/loom.sh ]; then
   step "loom models"

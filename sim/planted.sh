@@ -2,8 +2,15 @@
 # Show that the simulator catches each bug planted in the engine
 # (engine hooks: #[cfg(snapmv_planted_bug = "...")]).
 #
-#   sim/planted.sh                 # all three
+#   sim/planted.sh                 # all six
 #   sim/planted.sh skip_checksum   # one
+#
+# skip_cow_flush, skip_checksum and early_reuse are caught by the sequential
+# simulator (tests/planted.rs). alloc_early, flush_no_cover and
+# clean_free_early only show when threads and a power cut meet: the
+# concurrent crash simulator (src/concurrent.rs) must catch each within its
+# CI slice's seeds; SNAPMV_PLANTED_CROSS=1 also runs each of them through
+# the sequential swarm, to show that mode misses it.
 #
 # One target directory (target/planted) serves every bug: the planted cfg is
 # added only to workspace crates through a per-bug RUSTC_WORKSPACE_WRAPPER,
@@ -11,7 +18,8 @@
 # Exit status is non-zero if any planted bug goes uncaught.
 set -eu
 cd "$(dirname "$0")/.."
-bugs="${*:-skip_cow_flush skip_checksum early_reuse}"
+bugs="${*:-skip_cow_flush skip_checksum early_reuse alloc_early flush_no_cover clean_free_early}"
+concurrent_seeds="${SNAPMV_CONCURRENT_SEEDS:-2000}"
 target="${CARGO_TARGET_DIR:-target}/planted"
 mkdir -p "$target/wrappers"
 status=0
@@ -27,14 +35,39 @@ WRAP
     chmod +x "$tmp"
     # Rewrite only on change: the wrapper's mtime is part of cargo's cache key.
     if cmp -s "$tmp" "$wrap"; then rm -f "$tmp"; else mv "$tmp" "$wrap"; fi
-    if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
-        cargo test -p snapmv-sim --test planted -- --nocapture 2>&1 | tee "/tmp/snapmv-planted-$b.log" |
-        grep -E "CAUGHT|NOT caught|planted bug|test result|panicked|exhaustive mode did not"; then :; fi
-    if grep -q "^CAUGHT" "/tmp/snapmv-planted-$b.log" && grep -q "test result: ok" "/tmp/snapmv-planted-$b.log"; then
-        echo "=== $b: caught"
-    else
-        echo "=== $b: NOT CAUGHT (log: /tmp/snapmv-planted-$b.log)"
-        status=1
-    fi
+    log="/tmp/snapmv-planted-$b.log"
+    case "$b" in
+    alloc_early | flush_no_cover | clean_free_early)
+        # The concurrent simulator: the first failing seed is the catch.
+        if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
+            cargo run -q -p snapmv-sim --features shuttle --profile test --bin snapmv-sim-concurrent -- \
+            swarm --seeds "$concurrent_seeds" --jobs 2 --expect-failure >"$log" 2>&1; then
+            echo "CAUGHT $b by the concurrent crash simulator:"
+            grep -E "seeds in|FAILED" "$log" | head -2
+            echo "=== $b: caught"
+        else
+            tail -5 "$log"
+            echo "=== $b: NOT CAUGHT within $concurrent_seeds seeds (log: $log)"
+            status=1
+        fi
+        if [ "${SNAPMV_PLANTED_CROSS:-0}" = 1 ]; then
+            echo "--- $b through the sequential swarm (expected to miss it):"
+            RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
+                cargo run -q -p snapmv-sim --profile test --bin snapmv-sim -- \
+                swarm --seeds 500 --ops 800 --jobs 2 2>&1 | tail -2 || true
+        fi
+        ;;
+    *)
+        if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
+            cargo test -p snapmv-sim --test planted -- --nocapture 2>&1 | tee "$log" |
+            grep -E "CAUGHT|NOT caught|planted bug|test result|panicked|exhaustive mode did not"; then :; fi
+        if grep -q "^CAUGHT" "$log" && grep -q "test result: ok" "$log"; then
+            echo "=== $b: caught"
+        else
+            echo "=== $b: NOT CAUGHT (log: $log)"
+            status=1
+        fi
+        ;;
+    esac
 done
 exit $status
