@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine:
 # the real NBD clients the interop tests drive, fio, qemu-utils, FUSE and
-# e2fsprogs for the ext4 example, and cargo-fuzz for the fuzz slice.
+# e2fsprogs for the ext4 example, nbdkit for the power-cut test, and
+# cargo-fuzz for the fuzz slice.
 # Idempotent: does nothing when all is present.
 set -euo pipefail
 
-pkgs=(libnbd-bin python3-libnbd fio qemu-utils fuse3 e2fsprogs util-linux)
+pkgs=(libnbd-bin python3-libnbd fio qemu-utils fuse3 e2fsprogs util-linux nbdkit)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
