@@ -6,7 +6,7 @@
 # Idempotent: does nothing when all is present.
 set -euo pipefail
 
-pkgs=(libnbd-bin python3-libnbd fio qemu-utils fuse3 e2fsprogs util-linux nbdkit)
+pkgs=(libnbd-bin python3-libnbd fio qemu-utils fuse3 e2fsprogs util-linux nbdkit zstd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

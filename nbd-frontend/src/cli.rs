@@ -87,6 +87,12 @@ pub enum Cmd {
         cow: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Offline: reclaim leaked space and fix counters from what the
+        /// trees reference (exit 0 if clean afterwards). Refuses, writing
+        /// nothing, any damage it cannot repair safely; never drops a
+        /// mapping or changes a version's content.
+        #[arg(long)]
+        repair: bool,
     },
     /// Serve every version over NBD: origin ID as `ID`, snapshot TAG as `ID@TAG`.
     ///

@@ -5,6 +5,7 @@ mod admin;
 mod cli;
 mod control;
 mod lock;
+mod repair;
 mod serve;
 mod status;
 
@@ -58,7 +59,10 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Delete { cow, id, tag } => admin::delete(&cow, &id, tag),
         Cmd::Rollback { cow, id, tag, wait } => admin::rollback(&cow, &id, tag, wait),
         Cmd::List { cow, json } => admin::list(&cow, json),
-        Cmd::Check { cow, json } => admin::check(&cow, json),
+        Cmd::Check { cow, json, repair } => match repair {
+            true => repair::run(&cow, json),
+            false => admin::check(&cow, json),
+        },
         Cmd::Serve {
             cow,
             cows,

@@ -40,24 +40,7 @@ pub fn check<D: BlockDev>(dev: D) -> Result<CheckReport> {
     if let Some(e) = m.jn.damage.take() {
         c.err(format!("journal: {e}"));
     }
-    // Both slots are written at format and alternate at each checkpoint, so
-    // each must be valid. Open falls back to the other one (a torn slot is a
-    // legal crash state, healed by the next checkpoint), but check reports it:
-    // a flipped newest slot would otherwise silently roll the store back.
-    for slot in 0..2u64 {
-        let mut buf = format::new_page();
-        match m.dev.read_at(slot * format::BLOCK, &mut buf[..]) {
-            Ok(()) => {
-                if let Err(e) = format::decode_superblock(&buf[..], slot) {
-                    c.err(format!(
-                        "superblock slot {} (block {slot}): {e}",
-                        ["A", "B"][slot as usize]
-                    ));
-                }
-            }
-            Err(e) => c.err(format!("superblock slot block {slot}: unreadable: {e}")),
-        }
-    }
+    c.check_slots(&m);
     match m.load_state() {
         Ok(st) => m.st = st,
         Err(e) => {
@@ -65,18 +48,15 @@ pub fn check<D: BlockDev>(dev: D) -> Result<CheckReport> {
             return Ok(c.finish());
         }
     }
-    let st = m.st.clone();
-    for t in Tree::ALL {
-        let r = st.roots[super::imp::tree_index(t)];
-        c.walk(&m, t, r.block, r.height - 1, 0, None, true);
-    }
-    let free = c.compare_bitmap(&m);
-    c.compare_counters(&st, free);
+    c.walk_all(&m);
     Ok(c.finish())
 }
 
-struct Checker {
+pub(super) struct Checker {
     l: Layout,
+    /// Errors other than the space map's bits and the state page's
+    /// counters: damage that repair cannot fix safely.
+    structural: Vec<String>,
     /// Expected bitmap, one bit per block over every bitmap page's range.
     expect: Vec<u64>,
     tree_pages: u64,
@@ -145,11 +125,12 @@ fn runs_str(runs: &[(u64, u64)]) -> String {
 }
 
 impl Checker {
-    fn new(l: Layout) -> Self {
+    pub(super) fn new(l: Layout) -> Self {
         let words = (l.bitmap_blocks * BITMAP_WORDS as u64) as usize;
         let expect = (0..words as u64).map(|i| fixed_word(&l, i * 64)).collect();
         Checker {
             l,
+            structural: Vec::new(),
             expect,
             tree_pages: 0,
             meta_chunks: HashSet::new(),
@@ -159,7 +140,17 @@ impl Checker {
         }
     }
 
+    /// Damage of the structure (pages, keys, pointers, double use).
     fn err(&mut self, s: String) {
+        if self.structural.len() < MAX_ERRORS {
+            self.structural.push(s.clone());
+        }
+        self.space_err(s);
+    }
+
+    /// A space map bit or a counter that disagrees with the trees: what
+    /// `repair` rewrites.
+    fn space_err(&mut self, s: String) {
         if self.rep.errors.len() < MAX_ERRORS {
             self.rep.errors.push(s);
         } else {
@@ -167,7 +158,71 @@ impl Checker {
         }
     }
 
-    fn finish(mut self) -> CheckReport {
+    /// Both superblock slots are written at format and alternate at each
+    /// checkpoint, so each must be valid. Open falls back to the other one
+    /// (a torn slot is a legal crash state, healed by the next checkpoint),
+    /// but check reports it: a flipped newest slot would otherwise silently
+    /// roll the store back.
+    pub(super) fn check_slots<D: BlockDev>(&mut self, m: &Meta<D>) {
+        for slot in 0..2u64 {
+            let mut buf = format::new_page();
+            match m.dev.read_at(slot * format::BLOCK, &mut buf[..]) {
+                Ok(()) => {
+                    if let Err(e) = format::decode_superblock(&buf[..], slot) {
+                        self.err(format!(
+                            "superblock slot {} (block {slot}): {e}",
+                            ["A", "B"][slot as usize]
+                        ));
+                    }
+                }
+                Err(e) => self.err(format!("superblock slot block {slot}: unreadable: {e}")),
+            }
+        }
+    }
+
+    /// Walk every tree, then compare the space map and the counters.
+    pub(super) fn walk_all<D: BlockDev>(&mut self, m: &Meta<D>) {
+        let st = m.st.clone();
+        for t in Tree::ALL {
+            let r = st.roots[super::imp::tree_index(t)];
+            self.walk(m, t, r.block, r.height - 1, 0, None, true);
+        }
+        let free = self.compare_bitmap(m);
+        self.compare_counters(&st, free);
+    }
+
+    pub(super) fn structural(&self) -> &[String] {
+        &self.structural
+    }
+
+    /// The bitmap word the trees imply for blocks `wb..wb+64`.
+    pub(super) fn implied_word(&self, wb: u64) -> u64 {
+        self.expect
+            .get((wb / 64) as usize)
+            .copied()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Free blocks of the allocation area the trees imply.
+    pub(super) fn implied_free(&self) -> u64 {
+        let words = self.l.bitmap_blocks * BITMAP_WORDS as u64;
+        (0..words)
+            .map(|i| {
+                u64::from((!self.implied_word(i * 64) & area_word(&self.l, i * 64)).count_ones())
+            })
+            .sum()
+    }
+
+    /// (data chunks, tree pages, chunks holding tree pages) the trees imply.
+    pub(super) fn implied_counters(&self) -> (u64, u64, u64) {
+        (
+            self.rep.data_chunks_referenced,
+            self.tree_pages,
+            self.meta_chunks.len() as u64,
+        )
+    }
+
+    pub(super) fn finish(mut self) -> CheckReport {
         if !self.doubles.is_empty() {
             let n = self.doubles.len();
             let list = self
@@ -336,14 +391,14 @@ impl Checker {
         }
         let count = |r: &[(u64, u64)]| r.iter().map(|x| x.1).sum::<u64>();
         if !leaked.is_empty() {
-            self.err(format!(
+            self.space_err(format!(
                 "space map: {} block(s) marked in use but referenced by nothing (leaked): {}",
                 count(&leaked),
                 runs_str(&leaked)
             ));
         }
         if !missing.is_empty() {
-            self.err(format!(
+            self.space_err(format!(
                 "space map: {} block(s) in use by the trees but marked free: {}",
                 count(&missing),
                 runs_str(&missing)
@@ -371,7 +426,7 @@ impl Checker {
         }
         for (what, recorded, found) in checks {
             if recorded != found {
-                self.err(format!(
+                self.space_err(format!(
                     "state page: counter of {what} says {recorded}, metadata has {found}"
                 ));
             }

@@ -246,6 +246,13 @@ impl<D: BlockDev> Meta<D> {
     pub fn dev(&self) -> &D {
         &self.dev
     }
+    /// Give the device back (for a reopen of another mode).
+    pub fn into_dev(self) -> D
+    where
+        D: Clone,
+    {
+        (*self.dev).clone()
+    }
     pub fn geometry(&self) -> Geometry {
         Geometry {
             chunk_size: self.layout.chunk_size,

@@ -37,9 +37,11 @@ mod btree;
 mod check;
 mod imp;
 mod journal;
+mod repair;
 mod spacemap;
 
 pub use imp::{check, CheckReport, CheckpointBatch, CommitBatch, Meta, Reserved};
+pub use repair::{repair, RepairReport};
 
 /// The trees the store keeps. Keys are u128; values have a fixed size per tree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -165,6 +165,17 @@ impl<D: BlockDev> Meta<D> {
         Ok(bitmap::word(&self.page(pb, Role::Bitmap)?.buf, w))
     }
 
+    /// Repair: store `v` as the bits of blocks `wb..wb+64`, if they differ.
+    /// Returns whether they did.
+    pub(super) fn repair_bitmap_word(&mut self, wb: u64, v: u64) -> Result<bool> {
+        self.writable()?;
+        if self.bm_word(wb)? == v {
+            return Ok(false);
+        }
+        self.bm_set_word(wb, v)?;
+        Ok(true)
+    }
+
     fn bm_set_word(&mut self, wb: u64, v: u64) -> Result<()> {
         let (pb, w) = self.bm_pos(wb);
         bitmap::set_word(self.page_mut(pb, Role::Bitmap)?, w, v);

@@ -6,7 +6,7 @@
 
 use super::api::Dev;
 use super::inner::{scan, val_u64};
-use super::records::{decode_app, decode_node, decode_origin, node_id_from_key, split_key};
+use super::records::{decode_app, decode_node, decode_origin, node_id_from_key, split_key, OWN_AT};
 use crate::error::Result;
 use crate::meta::{self, CheckReport, Meta, Tree, ZERO_CHUNK};
 use crate::vtree::{Node, NodeId, VTree, RB_MARK};
@@ -28,13 +28,98 @@ pub fn check(cow: Dev) -> Result<CheckReport> {
             return Ok(report);
         }
     };
-    if let Err(e) = semantic(&mut m, &mut report.errors) {
+    let mut own_fixes = Vec::new();
+    if let Err(e) = semantic(&mut m, &mut report.errors, &mut own_fixes) {
         report.errors.push(format!("semantic check stopped: {e}"));
     }
+    report
+        .errors
+        .extend(own_fixes.iter().map(|(id, rec, seen)| {
+            format!("node {id:#x}: record says {rec} own chunks, index holds {seen}")
+        }));
     Ok(report)
 }
 
-fn semantic(m: &mut Meta<Dev>, errors: &mut Vec<String>) -> Result<()> {
+/// What `repair` did: the metadata layer's space repair, plus the node
+/// records' own-chunk counters, and the check that followed.
+#[derive(Debug, Default, Clone)]
+pub struct RepairReport {
+    /// What the check before repair found.
+    pub found: Vec<String>,
+    /// Damage repair will not touch; when not empty, nothing was written.
+    pub refused: Vec<String>,
+    /// What was rewritten, one line each.
+    pub fixed: Vec<String>,
+    /// The check after repair.
+    pub after: CheckReport,
+}
+
+/// Repair what can be repaired safely (offline): leaked and missing space
+/// map bits, the state page's counters, and the node records' own-chunk
+/// counters, all from what the trees reference. Anything else is refused
+/// before a byte is written: repair never drops a mapping or changes any
+/// version's content.
+pub fn repair(cow: Dev) -> Result<RepairReport> {
+    let before = meta::check(cow.clone())?;
+    let mut report = RepairReport {
+        found: before.errors.clone(),
+        ..RepairReport::default()
+    };
+    let mut semantic_errors = Vec::new();
+    let mut own_fixes = Vec::new();
+    {
+        let mut m = Meta::open_read_only(cow.clone())?;
+        if let Err(e) = semantic(&mut m, &mut semantic_errors, &mut own_fixes) {
+            semantic_errors.push(format!("cannot walk the store's records: {e}"));
+        }
+    }
+    report.found.extend(semantic_errors.iter().cloned());
+    report.refused = semantic_errors;
+    if !report.refused.is_empty() {
+        return Ok(report);
+    }
+    let space = meta::repair(cow.clone())?;
+    if !space.refused.is_empty() {
+        report.refused = space.refused;
+        return Ok(report);
+    }
+    if space.bitmap_words > 0 {
+        report.fixed.push(format!(
+            "space map: {} bitmap word(s) rewritten to what the trees reference",
+            space.bitmap_words
+        ));
+    }
+    report
+        .fixed
+        .extend(space.counters.iter().map(|c| format!("state page: {c}")));
+    fix_own_counters(cow.clone(), &own_fixes, &mut report.fixed)?;
+    report.after = check(cow)?;
+    Ok(report)
+}
+
+/// Rewrite the own-chunk counter of each node record in `fixes`.
+fn fix_own_counters(cow: Dev, fixes: &[(NodeId, u64, u64)], out: &mut Vec<String>) -> Result<()> {
+    if fixes.is_empty() {
+        return Ok(());
+    }
+    let mut m = Meta::open(cow)?;
+    for &(id, recorded, seen) in fixes {
+        if let Some(mut rec) = m.get(Tree::Nodes, u128::from(id))? {
+            rec[OWN_AT..OWN_AT + 8].copy_from_slice(&seen.to_le_bytes());
+            m.insert(Tree::Nodes, u128::from(id), &rec)?;
+            out.push(format!("node {id:#x}: own chunks {recorded} -> {seen}"));
+        }
+    }
+    m.checkpoint()
+}
+
+/// The store's invariants. Own-chunk counters that disagree with the index
+/// go to `own_fixes` (node, recorded, seen) as well as `errors`.
+fn semantic(
+    m: &mut Meta<Dev>,
+    errors: &mut Vec<String>,
+    own_fixes: &mut Vec<(NodeId, u64, u64)>,
+) -> Result<()> {
     if let Err(e) = decode_app(m.app_state()) {
         errors.push(format!("app state: {e}"));
     }
@@ -113,9 +198,7 @@ fn semantic(m: &mut Meta<Dev>, errors: &mut Vec<String>) -> Result<()> {
     for (id, rec) in &own_rec {
         let seen = own_seen.get(id).copied().unwrap_or(0);
         if seen != *rec {
-            errors.push(format!(
-                "node {id:#x}: record says {rec} own chunks, index holds {seen}"
-            ));
+            own_fixes.push((*id, *rec, seen));
         }
     }
     Ok(())

@@ -11,7 +11,7 @@ pub(crate) mod locks;
 pub mod records;
 
 pub use api::*;
-pub use check::check;
+pub use check::{check, repair, RepairReport};
 pub use inner::FlushHold;
 pub use io::Volume;
 
