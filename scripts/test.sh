@@ -2,7 +2,8 @@
 # The whole test suite: the one command the README gives and CI runs.
 #   lint -> unit/integration/interop/sim tests -> the concurrent crash
 #   simulator -> loom models and their planted bugs -> sim planted bugs
-#   (sequential and concurrent) -> a bounded fuzz slice.
+#   (sequential and concurrent) -> 10 power cuts of the real server
+#   (scripts/powercut.sh) -> a bounded fuzz slice.
 # Longer campaigns are separate commands (see README "Long campaigns").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,8 @@ if [ -x sim/planted.sh ]; then
   step "sim planted bugs (each must be caught)"
   sim/planted.sh
 fi
+step "power cut of the real server (10 cuts)"
+scripts/powercut.sh --cuts 10
 if [ -x fuzz/run-slice.sh ] && [ "${SNAPMV_SKIP_FUZZ:-0}" != 1 ]; then
   step "fuzz slice"
   fuzz/run-slice.sh "${SNAPMV_FUZZ_SECONDS:-15}"

@@ -169,7 +169,7 @@ class Cut:
         apply(base_o, w1, WID_W1)
         assert run([self.bin, "snapshot", cow, "orig", "-m", "to-delete"], self.log).stdout.strip() == "2"
         frozen2 = list(base_o)
-        w2 = extents(rng, 24, 64 << 10, 512 << 10)
+        w2 = extents(rng, 48, 256 << 10, 1 << 20)  # big: snapshot 2 gets many chunks to clean
         self.write_known(ho, w2, stamp.ORIGIN, WID_W2)
         ho.flush()
         apply(base_o, w2, WID_W2)
@@ -212,6 +212,9 @@ class Cut:
 
         admin = []  # dicts: kind, tag/of, memo, t0, t1, rc, out
         pending = None
+        # Snapshot 2 (many chunks of its own) is deleted at a random moment
+        # before the cut, so the cleaner is often mid-way when the power goes.
+        delete2_at = live_start + rng.uniform(0, cut_at - live_start)
         queue = [{"kind": "delete", "tag": 2}]
         live_tags = []  # tags of live snapshots whose command returned
         nlive = 0
@@ -230,9 +233,9 @@ class Cut:
                 pending = None
                 next_admin = time.monotonic() + rng.uniform(0.05, 0.4)
             if pending is None and time.monotonic() >= next_admin:
-                if queue:
+                if queue and time.monotonic() >= delete2_at:
                     op = queue.pop(0)
-                elif len(live_tags) >= 2 and rng.random() < 0.35:
+                elif len(live_tags) >= 2 and rng.random() < 0.4:
                     tag = live_tags.pop(rng.randrange(len(live_tags) - 1))
                     op = {"kind": "delete", "tag": tag}
                 else:
@@ -427,6 +430,7 @@ def main():
              totals["snapshots"], totals["cleaning"], totals["lost"], len(failed),
              (" (seeds %s; images and logs kept under %s)" % (" ".join(map(str, failed)), a.workdir))
              if failed else ""), flush=True)
+    print("powercut: %d passed, %d failed" % (a.cuts - len(failed), len(failed)), flush=True)
     return 1 if failed else 0
 
 
