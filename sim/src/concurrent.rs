@@ -154,6 +154,12 @@ enum Op {
     Rollback {
         tag: u64,
     },
+    /// A read; what it saw is in `Rec::seen`.
+    Read {
+        tag: u64,
+        lba: u64,
+        n: u64,
+    },
 }
 
 /// One operation with its place in the log: started at `s`, ended at `e`
@@ -165,6 +171,8 @@ struct Rec {
     e: u64,
     ok: bool,
     tag: Option<u64>,
+    /// A read's stamps, one per sector.
+    seen: Vec<u64>,
 }
 
 impl Rec {
@@ -208,6 +216,7 @@ impl Shared {
             e: OPEN,
             ok: false,
             tag: None,
+            seen: Vec::new(),
         });
         l.recs.len() - 1
     }
@@ -218,6 +227,11 @@ impl Shared {
         let e = l.clock;
         let r = &mut l.recs[i];
         (r.e, r.ok, r.tag) = (e, ok, tag);
+    }
+
+    fn end_read(&self, i: usize, seen: Vec<u64>) {
+        self.end(i, true, None);
+        lock(&self.log).recs[i].seen = seen;
     }
 
     fn stamp(&self) -> u64 {
@@ -508,19 +522,26 @@ fn read_check(rng: &mut ChaCha8Rng, sh: &Shared, store: &Store) {
     let lba = rng.gen_range(0..SECTORS);
     let n = rng.gen_range(1..=16u64).min(SECTORS - lba);
     let mut buf = vec![0u8; (n * SECTOR as u64) as usize];
+    let i = sh.start(Op::Read { tag, lba, n });
     if v.read(lba * SECTOR as u64, &mut buf).is_err() {
+        sh.end(i, false, None);
         return;
     }
+    let mut seen = Vec::with_capacity(n as usize);
     for (k, s) in buf.chunks(SECTOR).enumerate() {
         let at = lba + k as u64;
-        if !matches!(pattern::decode(s, at), Decoded::Stamp(_)) {
-            let what = format!(
-                "online read of version {tag} sector {at}: {:?}",
-                pattern::decode(s, at)
-            );
-            lock(&sh.log).online.push(what);
+        match pattern::decode(s, at) {
+            Decoded::Stamp(v) => seen.push(v),
+            d => {
+                let what = format!("online read of version {tag} sector {at}: {d:?}");
+                lock(&sh.log).online.push(what);
+                sh.end(i, false, None);
+                return;
+            }
         }
     }
+    // Judged after the run, against what the log says it may see.
+    sh.end_read(i, seen);
 }
 
 /// The background driver, as `serve` runs it: cleaner and rollback copier
@@ -595,6 +616,7 @@ fn verify(log: &Log, cow: Image, origin: Image, out: &mut Outcome) -> Result<(),
         .map_err(|e| format!("reopen after the cut: {e}"))?;
     let oracle = Oracle::new(log);
     out.sure_writes = oracle.sure_writes();
+    oracle.check_reads()?;
     oracle.check_versions(&store)?;
     // Let the cleaner and copier finish, close, and check again.
     for _ in 0..10_000 {
@@ -729,6 +751,34 @@ impl<'a> Oracle<'a> {
         out
     }
 
+    /// Every read made while the threads ran: each sector holds a value
+    /// some write there may have left, and none that a write definitely
+    /// applied before the read began had overtaken (contracts 1 and 2
+    /// online: a snapshot read racing an origin overwrite, a write that
+    /// landed on the wrong side of a snapshot).
+    fn check_reads(&self) -> Result<(), String> {
+        for r in self.recs.iter().filter(|r| r.done()) {
+            let Op::Read { tag, lba, .. } = r.op else {
+                continue;
+            };
+            if tag != 0 && !self.snaps.contains_key(&tag) {
+                continue;
+            }
+            let cands = self.cands(tag, r.e);
+            for (k, &val) in r.seen.iter().enumerate() {
+                let x = (lba + k as u64) as usize;
+                let overtaken = |c: &Cand, d: &Cand| d.applied && d.e < r.s && d.s > c.e;
+                allowed_by(&cands[x], val, overtaken).map_err(|why| {
+                    format!(
+                        "online read [{}, {}] of version {tag} sector {x}: {why}",
+                        r.s, r.e
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Which snapshots must exist, and every sector of every version.
     fn check_versions(&self, store: &Store) -> Result<(), String> {
         let listed: BTreeSet<u64> = store.versions().into_iter().filter_map(|v| v.tag).collect();
@@ -824,20 +874,32 @@ fn rolled_back(origin: &mut Vec<Cand>, src: Vec<Cand>, r: &Rec, replace: bool) {
     }
 }
 
-/// Whether a sector may hold `val` given its candidates.
+/// Whether a sector may hold `val` after a crash, given its candidates:
+/// not overtaken by a durable write.
 fn allowed(cands: &[Cand], val: u64) -> Result<(), String> {
+    allowed_by(cands, val, |c, d| d.sure && d.s > c.e)
+        .map_err(|why| format!("{why} (lost a durable write)"))
+}
+
+/// Whether a sector may hold `val`: some candidate with that value that no
+/// other candidate has certainly overtaken (`overtaken(c, d)`).
+fn allowed_by(
+    cands: &[Cand],
+    val: u64,
+    overtaken: impl Fn(&Cand, &Cand) -> bool,
+) -> Result<(), String> {
     let matching: Vec<&Cand> = cands.iter().filter(|c| c.val == val).collect();
     if matching.is_empty() {
         return Err(format!(
             "holds stamp {val}, which no write there could have left"
         ));
     }
-    let newer_sure = |c: &Cand| cands.iter().find(|d| d.sure && d.s > c.e).copied();
-    match matching.iter().find(|c| newer_sure(c).is_none()) {
+    let newer = |c: &Cand| cands.iter().find(|d| overtaken(c, d)).copied();
+    match matching.iter().find(|c| newer(c).is_none()) {
         Some(_) => Ok(()),
         None => Err(format!(
-            "holds stamp {val}, older than durable {:?} (lost a durable write)",
-            newer_sure(matching[0])
+            "holds stamp {val}, older than {:?}",
+            newer(matching[0])
         )),
     }
 }
