@@ -47,6 +47,14 @@ pub enum Error {
     NoSpace,
     #[error("no such origin: {0}")]
     NoSuchOrigin(String),
+    /// The store was opened without this origin's device (read-only, for
+    /// listing); its versions have metadata but no data to read.
+    #[error("origin {origin}'s device ({path}) is not available: {reason}")]
+    OriginAbsent {
+        origin: String,
+        path: String,
+        reason: String,
+    },
     #[error("origin {0} is already bound")]
     OriginExists(String),
     #[error("no snapshot with tag {tag} on origin {origin}")]

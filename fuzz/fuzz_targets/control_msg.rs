@@ -127,7 +127,15 @@ struct ArbStatus {
     status: String,
     cleaning: bool,
     rollback: Option<(String, u64, u64, u64)>,
-    origins: Vec<(String, String, u64, i64, Vec<(u64, Option<u64>, i64, String, u64)>)>,
+    /// id, path, size, created, snapshots, absent.
+    origins: Vec<(
+        String,
+        String,
+        u64,
+        i64,
+        Vec<(u64, Option<u64>, i64, String, u64)>,
+        Option<String>,
+    )>,
 }
 
 fn status_case(a: ArbStatus) {
@@ -147,11 +155,12 @@ fn status_case(a: ArbStatus) {
             .origins
             .into_iter()
             .take(16)
-            .map(|(id, path, size, created, snaps)| OriginStatus {
+            .map(|(id, path, size, created, snaps, absent)| OriginStatus {
                 id,
                 path,
                 size,
                 created,
+                absent,
                 snapshots: snaps
                     .into_iter()
                     .take(16)

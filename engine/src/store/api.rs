@@ -35,6 +35,9 @@ pub struct OriginStatus {
     pub size: u64,
     pub created: i64,
     pub snapshots: Vec<SnapshotStatus>,
+    /// Why the origin's device is not open, when a lenient read-only open
+    /// went on without it (`OriginDev::Absent`); `None` when it is open.
+    pub absent: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,3 +90,16 @@ pub struct StepReport {
 /// Origin devices are supplied by the caller at open, looked up by the id
 /// and the path recorded at bind time.
 pub type OriginResolver<'a> = &'a mut dyn FnMut(&str, &str) -> Result<Dev>;
+
+/// What a lenient resolver (`Store::open_read_only_lenient`) found for one
+/// origin: its device, or why there is none.
+pub enum OriginDev {
+    Present(Dev),
+    /// Not available (e.g. its file is missing). The origin and its
+    /// snapshots are still listed; every I/O on them fails with
+    /// `Error::OriginAbsent` carrying this reason.
+    Absent(String),
+}
+
+/// Like `OriginResolver`, but may report an origin as absent.
+pub type LenientResolver<'a> = &'a mut dyn FnMut(&str, &str) -> Result<OriginDev>;

@@ -21,7 +21,9 @@ pub const DIRTY_LIMIT: usize = 256;
 pub struct OriginRt {
     pub num: u32,
     pub rec: OriginRec,
-    pub dev: Dev,
+    /// Private so that every use goes through `dev()`: an absent origin
+    /// (lenient read-only open) is never read or written, only refused.
+    dev: OriginDev,
     /// Data ops hold it shared; snapshot/delete/rollback-start exclusive.
     pub gate: RwLock<()>,
     pub tree: RwLock<VTree>,
@@ -35,6 +37,30 @@ pub struct OriginRt {
 impl OriginRt {
     pub fn chunks(&self, chunk_size: u64) -> u64 {
         self.rec.size.div_ceil(chunk_size)
+    }
+
+    /// The origin's device, or `OriginAbsent` if the store was opened without it.
+    pub fn dev(&self) -> Result<&Dev> {
+        match &self.dev {
+            OriginDev::Present(d) => Ok(d),
+            OriginDev::Absent(reason) => Err(absent_err(&self.rec, reason)),
+        }
+    }
+
+    /// Why the device is not open, if it is not.
+    pub fn absent(&self) -> Option<&str> {
+        match &self.dev {
+            OriginDev::Present(_) => None,
+            OriginDev::Absent(reason) => Some(reason),
+        }
+    }
+}
+
+fn absent_err(rec: &OriginRec, reason: &str) -> Error {
+    Error::OriginAbsent {
+        origin: rec.id.clone(),
+        path: rec.path.clone(),
+        reason: reason.to_string(),
     }
 }
 
@@ -312,7 +338,7 @@ impl Inner {
         // cursors) must be durable before that metadata is.
         for o in sync::read(&self.origins).values() {
             if o.dirty.swap(false, Ordering::AcqRel) {
-                o.dev.flush()?;
+                o.dev()?.flush()?;
             }
         }
         match batch {
@@ -446,7 +472,10 @@ impl Inner {
         }
     }
 
-    pub fn open(cow: Dev, resolve: OriginResolver<'_>, read_only: bool) -> Result<Inner> {
+    /// Open the store on `cow`. `resolve` may report an origin absent only
+    /// when `read_only`: a writable store must be able to copy out of and
+    /// write to every origin.
+    pub fn open(cow: Dev, resolve: LenientResolver<'_>, read_only: bool) -> Result<Inner> {
         let mut meta = if read_only {
             Meta::open_read_only(cow.clone())?
         } else {
@@ -465,16 +494,7 @@ impl Inner {
         let mut origins = BTreeMap::new();
         for (_, v) in scan(&mut meta, Tree::Origins)? {
             let rec = decode_origin(&v)?;
-            let dev = resolve(&rec.id, &rec.path)?;
-            if dev.size() < rec.size {
-                return Err(Error::Invalid(format!(
-                    "origin {} ({}) is {} bytes, smaller than the {} bound",
-                    rec.id,
-                    rec.path,
-                    dev.size(),
-                    rec.size
-                )));
-            }
+            let dev = resolve_origin(&rec, &mut *resolve, read_only)?;
             let tree = VTree::from_records(per_origin.remove(&rec.num).unwrap_or_default())?;
             origins.insert(rec.num, Arc::new(new_origin(rec, dev, tree)));
         }
@@ -540,8 +560,10 @@ impl Inner {
                 .insert(Tree::Origins, u128::from(num), &encode_origin(&rec));
             md.guard(r)?;
             md.save_app()?;
-            sync::write(&self.origins)
-                .insert(num, Arc::new(new_origin(rec, dev, VTree::default())));
+            sync::write(&self.origins).insert(
+                num,
+                Arc::new(new_origin(rec, OriginDev::Present(dev), VTree::default())),
+            );
             md.gen
         };
         self.sync_gen(gen)
@@ -723,6 +745,7 @@ impl Inner {
                 size: o.rec.size,
                 created: o.rec.created,
                 snapshots: snaps,
+                absent: o.absent().map(str::to_string),
             });
         }
         let rollback = rollback.and_then(|rb| {
@@ -755,7 +778,7 @@ impl Inner {
         }
         self.sync_all()?;
         for o in sync::read(&self.origins).values() {
-            o.dev.flush()?;
+            o.dev()?.flush()?;
         }
         // A full checkpoint empties the journal: after a clean close nothing
         // depends on the ring, so damage there cannot pass for a torn tail.
@@ -784,7 +807,31 @@ impl Drop for FlushHold {
     }
 }
 
-fn new_origin(rec: OriginRec, dev: Dev, tree: VTree) -> OriginRt {
+/// Resolve a bound origin's device at open and check it still holds the
+/// bound size.
+fn resolve_origin(
+    rec: &OriginRec,
+    resolve: LenientResolver<'_>,
+    read_only: bool,
+) -> Result<OriginDev> {
+    let dev = match resolve(&rec.id, &rec.path)? {
+        OriginDev::Absent(reason) if !read_only => return Err(absent_err(rec, &reason)),
+        OriginDev::Absent(reason) => return Ok(OriginDev::Absent(reason)),
+        OriginDev::Present(dev) => dev,
+    };
+    if dev.size() < rec.size {
+        return Err(Error::Invalid(format!(
+            "origin {} ({}) is {} bytes, smaller than the {} bound",
+            rec.id,
+            rec.path,
+            dev.size(),
+            rec.size
+        )));
+    }
+    Ok(OriginDev::Present(dev))
+}
+
+fn new_origin(rec: OriginRec, dev: OriginDev, tree: VTree) -> OriginRt {
     OriginRt {
         num: rec.num,
         rec,

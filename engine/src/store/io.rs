@@ -139,6 +139,10 @@ impl Volume {
         if !self.o.bound.load(Ordering::Acquire) {
             return Err(Error::NoSuchOrigin(self.o.rec.id.clone()));
         }
+        // An absent origin's versions fail every request, even one whose
+        // chunks all lie on the COW device: serving part of a version
+        // would be worse than a clear error.
+        self.o.dev()?;
         check_range("volume", offset, len, self.size())
     }
 
@@ -169,7 +173,7 @@ impl Volume {
     fn read_origin_piece(&self, p: Piece, out: &mut [u8]) -> Result<()> {
         let at = p.chunk * self.cs() + p.in_off as u64;
         if !self.o.rb_active.load(Ordering::Acquire) {
-            return self.o.dev.read_at(at, out);
+            return self.o.dev()?.read_at(at, out);
         }
         // Mid-rollback: chunks the copier has not reached read through the snapshot.
         let _l = self.inner.locks.shared(self.o.num, p.chunk);
@@ -212,7 +216,7 @@ impl Volume {
                 .inner
                 .cow
                 .read_at(self.inner.geo.chunk_offset(val) + in_off as u64, out),
-            Source::Origin => self.o.dev.read_at(c * self.cs() + in_off as u64, out),
+            Source::Origin => self.o.dev()?.read_at(c * self.cs() + in_off as u64, out),
         }
     }
 
@@ -398,11 +402,11 @@ impl Volume {
                     let mut full = self.read_full(src, p.chunk)?;
                     full[p.in_off..p.in_off + p.len].copy_from_slice(piece);
                     let n = self.chunk_len(p.chunk);
-                    self.o.dev.write_at(p.chunk * self.cs(), &full[..n])?;
+                    self.o.dev()?.write_at(p.chunk * self.cs(), &full[..n])?;
                 }
                 _ if p.len > 0 => {
                     self.o
-                        .dev
+                        .dev()?
                         .write_at(p.chunk * self.cs() + p.in_off as u64, piece)?;
                 }
                 _ => {}

@@ -36,13 +36,28 @@ impl Store {
     /// Open an existing store; `origins` supplies each bound origin's device.
     /// Replays the journal; cleaning and rollback resume with `step_background`.
     pub fn open(cow: Dev, origins: OriginResolver<'_>) -> Result<Store> {
+        let mut present = |id: &str, path: &str| origins(id, path).map(OriginDev::Present);
         Ok(Store {
-            inner: Arc::new(Inner::open(cow, origins, false)?),
+            inner: Arc::new(Inner::open(cow, &mut present, false)?),
         })
     }
 
-    /// Open read-only (for `list` and `check` while offline): nothing is written.
+    /// Open read-only: nothing is written. Every origin must be present
+    /// (`open_read_only_lenient` goes on without missing ones).
     pub fn open_read_only(cow: Dev, origins: OriginResolver<'_>) -> Result<Store> {
+        let mut present = |id: &str, path: &str| origins(id, path).map(OriginDev::Present);
+        Ok(Store {
+            inner: Arc::new(Inner::open(cow, &mut present, true)?),
+        })
+    }
+
+    /// Open read-only, going on without any origin the resolver reports
+    /// `OriginDev::Absent`: listing needs only the COW device. Absent origins
+    /// and their snapshots are in `versions()` and `status()` (with
+    /// `OriginStatus::absent` set); every I/O on their volumes fails with
+    /// `Error::OriginAbsent`. Read-only because a write may have to copy
+    /// out of the origin.
+    pub fn open_read_only_lenient(cow: Dev, origins: LenientResolver<'_>) -> Result<Store> {
         Ok(Store {
             inner: Arc::new(Inner::open(cow, origins, true)?),
         })
