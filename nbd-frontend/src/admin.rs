@@ -9,7 +9,7 @@ use crate::status::StatusWire;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use snapmv_engine::dev::OpenOptions;
-use snapmv_engine::store::{Dev, Store};
+use snapmv_engine::store::{Dev, OriginDev, Store};
 use snapmv_engine::FileDev;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -234,18 +234,83 @@ pub fn open_origin(id: &str, path: &Path, read_only: bool) -> snapmv_engine::Res
 }
 
 /// Open the store on `cow`, its origins from the paths recorded at bind.
-fn open_store(cow: &Path, read_only: bool) -> Result<Store> {
-    let dev = file_dev(cow, read_only)
+fn open_store(cow: &Path) -> Result<Store> {
+    let dev = file_dev(cow, false)
         .with_context(|| format!("cannot open COW device {}", cow.display()))?;
     let mut resolver = |id: &str, path: &str| -> snapmv_engine::Result<Dev> {
-        open_origin(id, Path::new(path), read_only)
+        open_origin(id, Path::new(path), false)
     };
-    let r = if read_only {
-        Store::open_read_only(dev, &mut resolver)
+    Store::open(dev, &mut resolver)
+        .with_context(|| format!("cannot open COW device {}", cow.display()))
+}
+
+/// Open the store on `cow` read-only for `list` and `check`, which need
+/// only the COW device: an origin whose device cannot be opened (its file
+/// moved or deleted) is marked absent with the reason instead of failing
+/// the open.
+fn open_store_lenient(cow: &Path) -> Result<Store> {
+    let dev =
+        file_dev(cow, true).with_context(|| format!("cannot open COW device {}", cow.display()))?;
+    let mut resolver = |id: &str, path: &str| -> snapmv_engine::Result<OriginDev> {
+        Ok(match file_dev(Path::new(path), true) {
+            Ok(d) => OriginDev::Present(d),
+            Err(e) => {
+                tracing::debug!(origin = id, path, error = %e, "origin device not available");
+                OriginDev::Absent(os_reason(path, e))
+            }
+        })
+    };
+    Store::open_read_only_lenient(dev, &mut resolver)
+        .with_context(|| format!("cannot open COW device {}", cow.display()))
+}
+
+/// Why opening `path` failed, naming the path once, without the "I/O
+/// error on ... at byte 0" framing.
+fn os_reason(path: &str, e: snapmv_engine::Error) -> String {
+    let msg = match e {
+        snapmv_engine::Error::Io { source, .. } => source.to_string(),
+        e => e.to_string(),
+    };
+    if msg.contains(path) {
+        msg
     } else {
-        Store::open(dev, &mut resolver)
-    };
-    r.with_context(|| format!("cannot open COW device {}", cow.display()))
+        format!("{path}: {msg}")
+    }
+}
+
+/// Tell the user (on stderr, so `--json` output stays one object) which
+/// origins an offline `list` or `check` went on without.
+fn note_missing(missing: &[MissingOrigin], what: &str) {
+    for m in missing {
+        eprintln!("snapmv: note: {}; {what}", m.note());
+    }
+}
+
+/// An origin whose device could not be opened.
+struct MissingOrigin {
+    id: String,
+    path: String,
+    reason: String,
+}
+
+impl MissingOrigin {
+    fn from_status(st: &snapmv_engine::store::Status) -> Vec<MissingOrigin> {
+        st.origins
+            .iter()
+            .filter_map(|o| {
+                Some(MissingOrigin {
+                    id: o.id.clone(),
+                    path: o.path.clone(),
+                    reason: o.absent.clone()?,
+                })
+            })
+            .collect()
+    }
+
+    fn note(&self) -> String {
+        // The reason names the path.
+        format!("origin {}'s device is missing ({})", self.id, self.reason)
+    }
 }
 
 fn close(store: Store, cow: &Path) -> Result<()> {
@@ -333,7 +398,7 @@ pub fn bind(cow: &Path, origin: &Path, id: Option<String>) -> Result<ExitCode> {
         Route::Offline(l) => l,
         Route::Live(_) => unreachable_live(cow)?,
     };
-    let store = open_store(cow, false)?;
+    let store = open_store(cow)?;
     let dev = open_origin(&id, &abs, false)?;
     let r = store.bind(&id, &abs_str, dev, now()).with_context(|| {
         format!(
@@ -352,7 +417,7 @@ pub fn unbind(cow: &Path, id: &str) -> Result<ExitCode> {
         Route::Offline(l) => l,
         Route::Live(_) => unreachable_live(cow)?,
     };
-    let store = open_store(cow, false)?;
+    let store = open_store(cow)?;
     // Offline nobody drives the cleaner, and the engine refuses to unbind an
     // origin whose deleted snapshots are still being cleaned: finish that
     // work here first.
@@ -382,7 +447,7 @@ fn drain_background(store: &Store) -> Result<()> {
 pub fn snapshot(cow: &Path, id: &str, of: Option<u64>, memo: &str) -> Result<ExitCode> {
     let tag = match route(cow, LockMode::Exclusive, true)? {
         Route::Offline(_lock) => {
-            let store = open_store(cow, false)?;
+            let store = open_store(cow)?;
             let r = do_snapshot(&store, id, of, memo, now());
             close(store, cow)?;
             r?
@@ -404,7 +469,7 @@ pub fn snapshot(cow: &Path, id: &str, of: Option<u64>, memo: &str) -> Result<Exi
 pub fn delete(cow: &Path, id: &str, tag: u64) -> Result<ExitCode> {
     match route(cow, LockMode::Exclusive, true)? {
         Route::Offline(_lock) => {
-            let store = open_store(cow, false)?;
+            let store = open_store(cow)?;
             let r = do_delete(&store, id, tag);
             close(store, cow)?;
             r?;
@@ -434,7 +499,7 @@ fn progress_bar(id: &str, tag: u64) -> ProgressBar {
 pub fn rollback(cow: &Path, id: &str, tag: u64, wait: bool) -> Result<ExitCode> {
     match route(cow, LockMode::Exclusive, true)? {
         Route::Offline(_lock) => {
-            let store = open_store(cow, false)?;
+            let store = open_store(cow)?;
             let r = do_rollback(&store, id, tag).and_then(|()| {
                 if wait {
                     drive_rollback(&store, id, tag)
@@ -523,10 +588,14 @@ pub fn list(cow: &Path, json: bool) -> Result<ExitCode> {
     let canon = lock::canonical(cow)?;
     let st = match route(cow, LockMode::Shared, true)? {
         Route::Offline(_lock) => {
-            let store = open_store(cow, true)?;
-            let st = StatusWire::from_status(canon.display().to_string(), store.status());
+            let store = open_store_lenient(cow)?;
+            let status = store.status();
             close(store, cow)?;
-            st
+            note_missing(
+                &MissingOrigin::from_status(&status),
+                "listed from the COW device alone",
+            );
+            StatusWire::from_status(canon.display().to_string(), status)
         }
         Route::Live(mut c) => match c.call(&Request::List)? {
             Reply::Status(s) => s,
@@ -566,41 +635,8 @@ pub fn check(cow: &Path, json: bool) -> Result<ExitCode> {
     // invariants (records decode, trees rebuild, own-chunk counters).
     match snapmv_engine::store::check(Arc::new(dev)) {
         Ok(rep) => {
-            let clean = rep.errors.is_empty();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "cow": canon.display().to_string(),
-                        "clean": clean,
-                        "errors": rep.errors,
-                        "pages_checked": rep.pages_checked,
-                        "exceptions": rep.exceptions,
-                        "data_chunks_referenced": rep.data_chunks_referenced,
-                    })
-                );
-            } else {
-                println!(
-                    "{}: {} ({} metadata pages checked, {} exceptions, {} data chunks referenced)",
-                    canon.display(),
-                    if clean {
-                        "clean".to_string()
-                    } else {
-                        format!("{} problem(s) found", rep.errors.len())
-                    },
-                    rep.pages_checked,
-                    rep.exceptions,
-                    rep.data_chunks_referenced
-                );
-                for e in &rep.errors {
-                    println!("  {e}");
-                }
-            }
-            Ok(if clean {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(CHECK_DAMAGE)
-            })
+            let origins = origin_notes(cow, rep.errors.is_empty());
+            Ok(report_check(&canon, &rep, &origins, json))
         }
         // A checksum or structure failure the checker could not get past is
         // still damage found, not an unreadable device.
@@ -621,6 +657,99 @@ pub fn check(cow: &Path, json: bool) -> Result<ExitCode> {
             Ok(ExitCode::from(CHECK_DAMAGE))
         }
         Err(e) => Ok(report_unreadable(&canon, &e.to_string(), json)),
+    }
+}
+
+/// What `check` says about the origin devices besides the metadata: notes,
+/// never damage, so they leave the exit code alone (the check reads only
+/// the COW device).
+struct OriginNotes {
+    missing: Vec<MissingOrigin>,
+    notes: Vec<String>,
+}
+
+/// Open the store read-only to see which origin devices are missing.
+/// Failing to open is worth a note only when the metadata checked clean;
+/// otherwise the damage already reported is why.
+fn origin_notes(cow: &Path, clean: bool) -> OriginNotes {
+    let mut notes = Vec::new();
+    let missing = match open_store_lenient(cow) {
+        Ok(store) => {
+            let m = MissingOrigin::from_status(&store.status());
+            if let Err(e) = store.close() {
+                notes.push(format!("closing the read-only store failed: {e}"));
+            }
+            m
+        }
+        Err(e) => {
+            if clean {
+                notes.push(format!("cannot look at the origin devices: {e:#}"));
+            }
+            Vec::new()
+        }
+    };
+    let mut all: Vec<String> = missing
+        .iter()
+        .map(|m| format!("{}; the check needs only the COW device", m.note()))
+        .collect();
+    all.append(&mut notes);
+    OriginNotes {
+        missing,
+        notes: all,
+    }
+}
+
+/// Print a check report (JSON or text); the exit code says clean or damaged.
+fn report_check(
+    canon: &Path,
+    rep: &snapmv_engine::meta::CheckReport,
+    origins: &OriginNotes,
+    json: bool,
+) -> ExitCode {
+    let clean = rep.errors.is_empty();
+    if json {
+        let missing: Vec<_> = origins
+            .missing
+            .iter()
+            .map(|m| serde_json::json!({"id": m.id, "path": m.path, "error": m.reason}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "cow": canon.display().to_string(),
+                "clean": clean,
+                "errors": rep.errors,
+                "pages_checked": rep.pages_checked,
+                "exceptions": rep.exceptions,
+                "data_chunks_referenced": rep.data_chunks_referenced,
+                "missing_origins": missing,
+                "notes": origins.notes,
+            })
+        );
+    } else {
+        println!(
+            "{}: {} ({} metadata pages checked, {} exceptions, {} data chunks referenced)",
+            canon.display(),
+            if clean {
+                "clean".to_string()
+            } else {
+                format!("{} problem(s) found", rep.errors.len())
+            },
+            rep.pages_checked,
+            rep.exceptions,
+            rep.data_chunks_referenced
+        );
+        for e in &rep.errors {
+            println!("  {e}");
+        }
+        for n in &origins.notes {
+            println!("  note: {n}");
+        }
+    }
+    if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(CHECK_DAMAGE)
     }
 }
 

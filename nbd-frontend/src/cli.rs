@@ -76,6 +76,12 @@ pub enum Cmd {
         wait: bool,
     },
     /// Show the COW device, its origins and their snapshots.
+    ///
+    /// Offline it needs only the COW device: an origin whose file is missing
+    /// (moved or deleted since bind) is listed with its snapshots all the
+    /// same, marked `device : missing (PATH: reason)` (JSON:
+    /// `"device_missing": true` and `"device_error"`), with a note on stderr,
+    /// and the exit status is still 0.
     List {
         cow: PathBuf,
         /// Print one JSON object instead of the table.
@@ -83,6 +89,10 @@ pub enum Cmd {
         json: bool,
     },
     /// Verify all metadata (exit 0 clean, 1 damage found, 2 could not read).
+    ///
+    /// It needs only the COW device. An origin whose file is missing is
+    /// reported as a note (JSON: `missing_origins`, `notes`), not as damage:
+    /// the exit status says only whether the metadata is clean.
     Check {
         cow: PathBuf,
         #[arg(long)]

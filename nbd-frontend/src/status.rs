@@ -35,6 +35,12 @@ pub struct OriginWire {
     /// Unix seconds (bind time).
     pub created: i64,
     pub snapshots: Vec<SnapshotWire>,
+    /// Why the origin's device could not be opened, when an offline `list`
+    /// went on without it (it needs only the COW device). A server never
+    /// runs without its origins, so the field is absent from its replies:
+    /// hence the default.
+    #[serde(default)]
+    pub device_error: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -71,6 +77,7 @@ impl StatusWire {
                     path: o.path,
                     size: o.size,
                     created: o.created,
+                    device_error: o.absent,
                     snapshots: o
                         .snapshots
                         .into_iter()
@@ -106,6 +113,8 @@ impl StatusWire {
                 "id": o.id,
                 "path": o.path,
                 "size": o.size,
+                "device_missing": o.device_error.is_some(),
+                "device_error": o.device_error,
                 "snapshots": o.snapshots.iter().map(|s| json!({
                     "tag": s.tag,
                     "parent": s.parent,
@@ -175,6 +184,10 @@ impl StatusWire {
                 "origin-device : {} ({}, {} bytes)",
                 o.id, o.path, o.size
             );
+            if let Some(e) = &o.device_error {
+                // The frontend's reason names the path it tried.
+                let _ = writeln!(out, "device        : missing ({e})");
+            }
             // Column widths grow with the largest value so big tags and
             // chunk counts stay aligned.
             let tag_w = o
@@ -327,6 +340,7 @@ mod tests {
                 path: "/dev/sdb1".into(),
                 size: 1 << 30,
                 created: 1_287_524_317,
+                device_error: None,
                 snapshots: vec![
                     SnapshotWire {
                         tag: 1,
@@ -357,6 +371,46 @@ mod tests {
         assert!(t.contains("2010/10/19 21:41:28    1       .       5  \"snap1\""));
         assert!(t.contains("2010/10/19 21:42:57    2       1       5  \"snap2\""));
         assert!(t.contains("rollbacking   : yes, snapshot 2 onto origin orig (1/4 chunks, 25%)"));
+        assert!(!t.contains("device        :"), "{t}");
+    }
+
+    #[test]
+    fn a_missing_origin_device_is_marked() {
+        let mut w = sample();
+        w.origins[0].device_error =
+            Some("/dev/sdb1: No such file or directory (os error 2)".into());
+        let t = w.to_table();
+        assert!(
+            t.contains(
+                "device        : missing (/dev/sdb1: No such file or directory (os error 2))"
+            ),
+            "{t}"
+        );
+        // The snapshots are listed all the same.
+        assert!(t.contains("\"snap2\""), "{t}");
+        let v = w.to_json();
+        assert_eq!(v["origins"][0]["device_missing"], true);
+        assert_eq!(
+            v["origins"][0]["device_error"],
+            "/dev/sdb1: No such file or directory (os error 2)"
+        );
+        assert_eq!(sample().to_json()["origins"][0]["device_missing"], false);
+        assert_eq!(
+            sample().to_json()["origins"][0]["device_error"],
+            Value::Null
+        );
+    }
+
+    #[test]
+    fn a_reply_without_device_error_parses() {
+        // An older server's reply has no device_error field.
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["origins"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("device_error");
+        let w: StatusWire = serde_json::from_value(v).unwrap();
+        assert_eq!(w, sample());
     }
 
     #[test]

@@ -85,8 +85,20 @@ fn check_schema(v: &Value) {
     for o in v["origins"].as_array().unwrap() {
         let mut k: Vec<&str> = o.as_object().unwrap().keys().map(String::as_str).collect();
         k.sort();
-        assert_eq!(k, ["id", "path", "size", "snapshots"]);
+        assert_eq!(
+            k,
+            [
+                "device_error",
+                "device_missing",
+                "id",
+                "path",
+                "size",
+                "snapshots"
+            ]
+        );
         assert!(o["id"].is_string() && o["path"].is_string() && o["size"].is_u64());
+        assert_eq!(o["device_missing"], !o["device_error"].is_null());
+        assert!(o["device_error"].is_null() || o["device_error"].is_string());
         for sn in o["snapshots"].as_array().unwrap() {
             let mut k: Vec<&str> = sn.as_object().unwrap().keys().map(String::as_str).collect();
             k.sort();
@@ -239,9 +251,122 @@ fn bad_arguments_give_clear_errors() {
     let junk = f.path("junk.img");
     write_file_new(&junk, &pattern(7, 1 << 20));
     snapmv(&["list", s(&junk)]).fails_with(1, &[s(&junk)]);
-    // An origin whose recorded path vanished is named at open.
-    std::fs::rename(&f.origin, f.path("moved")).unwrap();
-    snapmv(&["list", s(&f.cow)]).fails_with(1, &[s(&f.cow), "sdb1"]);
+}
+
+/// `list` and `check` need only the COW device: with an origin's file gone
+/// they still report everything, mark the origin, and exit 0. Commands
+/// that write (and `serve`) still refuse, naming the origin and its path.
+#[test]
+fn list_and_check_work_with_an_origin_file_missing() {
+    let f = Fixture::bound();
+    let data = f.path("data.img");
+    sparse(&data, 4 << 20);
+    snapmv(&["bind", s(&f.cow), s(&data), "--id", "data"]).ok();
+    snapmv(&["snapshot", s(&f.cow), "sdb1", "-m", "s1"]).ok();
+    snapmv(&["snapshot", s(&f.cow), "sdb1", "--of", "1", "-m", "s2"]).ok();
+    snapmv(&["snapshot", s(&f.cow), "data", "-m", "d1"]).ok();
+    let moved = f.path("moved");
+    std::fs::rename(&f.origin, &moved).unwrap();
+
+    let r = snapmv(&["list", s(&f.cow)]).ok();
+    let t = &r.stdout;
+    let mark = format!("device        : missing ({}: ", s(&f.origin));
+    assert!(t.contains(&mark), "no {mark:?} in\n{t}");
+    assert_eq!(
+        t.matches("device        :").count(),
+        1,
+        "only sdb1 is marked\n{t}"
+    );
+    assert!(
+        t.contains("versions      : 5 (2 origin(s), 3 snapshot(s))"),
+        "{t}"
+    );
+    for memo in ["\"s1\"", "\"s2\"", "\"d1\""] {
+        assert!(t.contains(memo), "{memo} not listed\n{t}");
+    }
+    assert!(
+        r.stderr.contains("origin sdb1's device is missing") && r.stderr.contains(s(&f.origin)),
+        "{}",
+        r.stderr
+    );
+
+    let v = f.list_json();
+    check_schema(&v);
+    let origin = |id: &str| {
+        v["origins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["id"] == id)
+            .unwrap_or_else(|| panic!("origin {id} not listed: {v}"))
+            .clone()
+    };
+    let (sdb1, other) = (origin("sdb1"), origin("data"));
+    assert_eq!(sdb1["device_missing"], true);
+    let why = sdb1["device_error"].as_str().unwrap();
+    assert!(
+        why.contains(s(&f.origin)) && why.contains("No such file"),
+        "{why}"
+    );
+    assert_eq!(sdb1["path"], s(&f.origin));
+    let tags: Vec<u64> = sdb1["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["tag"].as_u64().unwrap())
+        .collect();
+    assert_eq!(tags, [1, 2]);
+    assert_eq!(other["device_missing"], false);
+    assert_eq!(other["snapshots"][0]["memo"], "d1");
+
+    // check: clean metadata, the missing origin a note, exit 0.
+    let r = snapmv(&["check", s(&f.cow)]).ok();
+    assert!(r.stdout.contains(": clean ("), "{}", r.stdout);
+    let note = format!("note: origin sdb1's device is missing ({}: ", s(&f.origin));
+    assert!(r.stdout.contains(&note), "no {note:?} in\n{}", r.stdout);
+    let r = snapmv(&["check", s(&f.cow), "--json"]).ok();
+    let c: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(c["clean"], true);
+    assert_eq!(c["errors"].as_array().unwrap().len(), 0);
+    let missing = c["missing_origins"].as_array().unwrap();
+    assert_eq!(missing.len(), 1, "{c}");
+    assert_eq!(missing[0]["id"], "sdb1");
+    assert_eq!(missing[0]["path"], s(&f.origin));
+    assert!(missing[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("No such file"));
+    assert_eq!(c["notes"].as_array().unwrap().len(), 1, "{c}");
+
+    // Writing needs every origin: refused, naming the origin and its path,
+    // even for the other origin. So does serve (unless --origin points it
+    // at the moved file, covered in cli_live).
+    let refused = [s(&f.origin), "sdb1"];
+    snapmv(&["snapshot", s(&f.cow), "data"]).fails_with(1, &refused);
+    snapmv(&["delete", s(&f.cow), "sdb1", "2"]).fails_with(1, &refused);
+    let sock = f.path("n.sock");
+    snapmv_in(
+        Some(f.dir.path()),
+        &["serve", s(&f.cow), "--unix", s(&sock)],
+    )
+    .fails_with(1, &refused);
+
+    // Deleted rather than moved: the same. Back in place: no marks, no notes.
+    std::fs::copy(&moved, f.path("kept")).unwrap();
+    std::fs::remove_file(&moved).unwrap();
+    let r = snapmv(&["list", s(&f.cow)]).ok();
+    assert!(r.stdout.contains(&mark), "{}", r.stdout);
+    std::fs::rename(f.path("kept"), &f.origin).unwrap();
+    let r = snapmv(&["list", s(&f.cow)]).ok();
+    assert!(!r.stdout.contains("device        :"), "{}", r.stdout);
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    let r = snapmv(&["check", s(&f.cow)]).ok();
+    assert!(!r.stdout.contains("note:"), "{}", r.stdout);
+    let c: Value =
+        serde_json::from_str(&snapmv(&["check", s(&f.cow), "--json"]).ok().stdout).unwrap();
+    assert_eq!(c["missing_origins"].as_array().unwrap().len(), 0);
+    assert_eq!(c["notes"].as_array().unwrap().len(), 0);
+    snapmv(&["snapshot", s(&f.cow), "data"]).ok();
 }
 
 fn write_file_new(p: &std::path::Path, data: &[u8]) {
