@@ -52,7 +52,7 @@ WRITABLE_CONNS = 2
 WID_P0, WID_W1, WID_W2, WID_W3, WID_W4 = 1, 2, 3, 4, 5
 
 
-class Stop(Exception):
+class Stop(BaseException):  # not swallowed by any "except Exception"
     pass
 
 
@@ -252,6 +252,7 @@ class Cut:
                 op["proc"] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                               stderr=subprocess.STDOUT, text=True,
                                               start_new_session=True)
+                self.reg.track(op["proc"])
                 op["rc"] = None
                 op["t1"] = None
                 admin.append(op)
@@ -260,7 +261,6 @@ class Cut:
 
         # ---- the cut ----
         os.killpg(self.kit_pgid, signal.SIGKILL)
-        t_cut = now()
         for p in [server] + clients:
             p.kill()
         if pending is not None:

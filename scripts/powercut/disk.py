@@ -32,11 +32,19 @@ class Registry:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, **kw)
         out.close()
         self.procs.append(p)
-        with open("/proc/%d/stat" % p.pid) as f:
-            start = f.read().rsplit(")", 1)[1].split()[19]
+        self.track(p)
+        return p
+
+    def track(self, p):
+        """Record p for the shell's trap (pid and start time, so that a
+        recycled pid is never killed)."""
+        try:
+            with open("/proc/%d/stat" % p.pid) as f:
+                start = f.read().rsplit(")", 1)[1].split()[19]
+        except OSError:
+            return  # already gone
         with open(self.pidfile, "a") as f:
             f.write("%d %s\n" % (p.pid, start))
-        return p
 
     def mounted(self, path):
         self.mounts.append(path)
