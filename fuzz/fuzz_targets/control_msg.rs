@@ -170,6 +170,7 @@ fn status_case(a: ArbStatus) {
                         created,
                         memo,
                         own_chunks,
+                        shared_chunks: own_chunks / 2,
                     })
                     .collect(),
             })

@@ -52,6 +52,9 @@ pub struct SnapshotWire {
     pub created: i64,
     pub memo: String,
     pub own_chunks: u64,
+    /// Absent from an older server's replies: hence the default.
+    #[serde(default)]
+    pub shared_chunks: u64,
 }
 
 impl StatusWire {
@@ -87,6 +90,7 @@ impl StatusWire {
                             created: s.created,
                             memo: s.memo,
                             own_chunks: s.own_chunks,
+                            shared_chunks: s.shared_chunks,
                         })
                         .collect(),
                 })
@@ -101,6 +105,7 @@ impl StatusWire {
             "chunk_size": self.chunk_size,
             "chunks_total": self.chunks_total,
             "chunks_used": self.chunks_used,
+            "chunks_free": self.chunks_total.saturating_sub(self.chunks_used),
             "status": self.status,
             "cleaning": self.cleaning,
             "rollback": self.rollback.as_ref().map(|r| json!({
@@ -121,6 +126,7 @@ impl StatusWire {
                     "created": rfc3339(s.created),
                     "memo": s.memo,
                     "own_chunks": s.own_chunks,
+                    "shared_chunks": s.shared_chunks,
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })
@@ -147,6 +153,11 @@ impl StatusWire {
             percent(self.chunks_used, self.chunks_total),
             self.chunks_used,
             self.chunks_total
+        );
+        let _ = writeln!(
+            out,
+            "free-chunks   : {}",
+            self.chunks_total.saturating_sub(self.chunks_used)
         );
         let _ = writeln!(
             out,
@@ -205,25 +216,21 @@ impl StatusWire {
                 .max()
                 .unwrap_or(0)
                 .max(6);
-            let ch_w = o
-                .snapshots
-                .iter()
-                .map(|s| s.own_chunks.to_string().len())
-                .max()
-                .unwrap_or(0)
-                .max(6);
+            let own_w = width(o.snapshots.iter().map(|s| s.own_chunks), 3);
+            let sh_w = width(o.snapshots.iter().map(|s| s.shared_chunks), 6);
             let _ = writeln!(
                 out,
-                "YYYY/MM/DD HH:MM:SS  {:>tag_w$}  {:>par_w$}  {:>ch_w$}  Memo",
-                "Tag", "Parent", "Chunks"
+                "YYYY/MM/DD HH:MM:SS  {:>tag_w$}  {:>par_w$}  {:>own_w$}  {:>sh_w$}  Memo",
+                "Tag", "Parent", "Own", "Shared"
             );
             let _ = writeln!(
                 out,
-                "{}  {:>tag_w$}  {:>par_w$}  {:>ch_w$}  {:?}",
+                "{}  {:>tag_w$}  {:>par_w$}  {:>own_w$}  {:>sh_w$}  {:?}",
                 table_time(o.created),
                 0,
                 ".",
-                0,
+                ".",
+                ".",
                 "ORIGIN"
             );
             for s in &o.snapshots {
@@ -232,17 +239,27 @@ impl StatusWire {
                 // characters, so a memo cannot garble the terminal.
                 let _ = writeln!(
                     out,
-                    "{}  {:>tag_w$}  {:>par_w$}  {:>ch_w$}  {:?}",
+                    "{}  {:>tag_w$}  {:>par_w$}  {:>own_w$}  {:>sh_w$}  {:?}",
                     table_time(s.created),
                     s.tag,
                     parent,
                     s.own_chunks,
+                    s.shared_chunks,
                     s.memo
                 );
             }
         }
         out
     }
+}
+
+/// Column width: the widest value, at least `min`.
+fn width(values: impl Iterator<Item = u64>, min: usize) -> usize {
+    values
+        .map(|v| v.to_string().len())
+        .max()
+        .unwrap_or(0)
+        .max(min)
 }
 
 fn percent(part: u64, total: u64) -> u64 {
@@ -348,6 +365,7 @@ mod tests {
                         created: 1_287_524_488,
                         memo: "snap1".into(),
                         own_chunks: 5,
+                        shared_chunks: 2,
                     },
                     SnapshotWire {
                         tag: 2,
@@ -355,6 +373,7 @@ mod tests {
                         created: 1_287_524_577,
                         memo: "snap2".into(),
                         own_chunks: 5,
+                        shared_chunks: 2,
                     },
                 ],
             }],
@@ -366,10 +385,20 @@ mod tests {
         let t = sample().to_table();
         assert!(t.contains("used-chunks   : 1% (10/1000)"), "{t}");
         assert!(t.contains("versions      : 3 (1 origin(s), 2 snapshot(s))"));
-        assert!(t.contains("YYYY/MM/DD HH:MM:SS  Tag  Parent  Chunks  Memo"));
-        assert!(t.contains("2010/10/19 21:38:37    0       .       0  \"ORIGIN\""));
-        assert!(t.contains("2010/10/19 21:41:28    1       .       5  \"snap1\""));
-        assert!(t.contains("2010/10/19 21:42:57    2       1       5  \"snap2\""));
+        assert!(t.contains("YYYY/MM/DD HH:MM:SS  Tag  Parent  Own  Shared  Memo"));
+        assert!(t.contains("free-chunks   : 990"), "{t}");
+        assert!(
+            t.contains("2010/10/19 21:38:37    0       .    .       .  \"ORIGIN\""),
+            "{t}"
+        );
+        assert!(
+            t.contains("2010/10/19 21:41:28    1       .    5       2  \"snap1\""),
+            "{t}"
+        );
+        assert!(
+            t.contains("2010/10/19 21:42:57    2       1    5       2  \"snap2\""),
+            "{t}"
+        );
         assert!(t.contains("rollbacking   : yes, snapshot 2 onto origin orig (1/4 chunks, 25%)"));
         assert!(!t.contains("device        :"), "{t}");
     }
@@ -424,6 +453,7 @@ mod tests {
             keys,
             [
                 "chunk_size",
+                "chunks_free",
                 "chunks_total",
                 "chunks_used",
                 "cleaning",

@@ -65,6 +65,7 @@ fn check_schema(v: &Value) {
     let top: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
     let mut want = vec![
         "chunk_size",
+        "chunks_free",
         "chunks_total",
         "chunks_used",
         "status",
@@ -102,7 +103,17 @@ fn check_schema(v: &Value) {
         for sn in o["snapshots"].as_array().unwrap() {
             let mut k: Vec<&str> = sn.as_object().unwrap().keys().map(String::as_str).collect();
             k.sort();
-            assert_eq!(k, ["created", "memo", "own_chunks", "parent", "tag"]);
+            assert_eq!(
+                k,
+                [
+                    "created",
+                    "memo",
+                    "own_chunks",
+                    "parent",
+                    "shared_chunks",
+                    "tag"
+                ]
+            );
             assert!(sn["tag"].as_u64().unwrap() >= 1);
             assert!(sn["parent"].is_null() || sn["parent"].is_u64());
             assert!(sn["memo"].is_string() && sn["own_chunks"].is_u64());
@@ -184,7 +195,7 @@ fn snapshot_prints_the_tag_alone_and_list_shows_it() {
         "cow-status    : valid".to_string(),
         "cleaning      : no".to_string(),
         "rollbacking   : no".to_string(),
-        "YYYY/MM/DD HH:MM:SS  Tag  Parent  Chunks  Memo".to_string(),
+        "YYYY/MM/DD HH:MM:SS  Tag  Parent  Own  Shared  Memo".to_string(),
     ] {
         assert!(t.contains(&needle), "missing {needle:?} in\n{t}");
     }
@@ -192,11 +203,11 @@ fn snapshot_prints_the_tag_alone_and_list_shows_it() {
     let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("20")).collect();
     assert_eq!(rows.len(), 4, "{t}");
     let cols = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-    assert_eq!(cols(rows[0])[2..], ["0", ".", "0", "\"ORIGIN\""]);
+    assert_eq!(cols(rows[0])[2..], ["0", ".", ".", ".", "\"ORIGIN\""]);
     assert_eq!(cols(rows[1])[2..4], ["1", "."]);
-    assert_eq!(cols(rows[1])[5], "\"snap1\"");
+    assert_eq!(cols(rows[1])[6], "\"snap1\"");
     assert_eq!(cols(rows[2])[2..4], ["2", "1"]);
-    assert_eq!(cols(rows[2])[5], "\"snap2\"");
+    assert_eq!(cols(rows[2])[6], "\"snap2\"");
     assert!(rows[3].ends_with(r#""with \"quotes\"""#), "{}", rows[3]);
 }
 

@@ -24,8 +24,11 @@ pub struct SnapshotStatus {
     /// Seconds since the Unix epoch, as passed by the caller.
     pub created: i64,
     pub memo: String,
-    /// Chunks this snapshot holds on its own (not shared with any other version).
+    /// Chunks this snapshot alone reads from the COW device: what deleting
+    /// it would free.
     pub own_chunks: u64,
+    /// Chunks it reads from the COW device together with other versions.
+    pub shared_chunks: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -715,12 +715,16 @@ impl Inner {
         let usage = md.meta.usage();
         let rollback = md.app.rollback;
         let clean_pass = md.app.clean_pass.is_some();
-        let own = md.own.clone();
         drop(md);
         let origins = sync::read(&self.origins);
         let mut cleaning = clean_pass;
         let mut out = Vec::new();
+        let mut usage_error = None;
         for o in origins.values() {
+            let per_leaf = self.leaf_usage(o).unwrap_or_else(|e| {
+                usage_error = Some(format!("space accounting of origin {}: {e}", o.rec.id));
+                HashMap::new()
+            });
             let tree = sync::read(&o.tree);
             cleaning |= tree.has_flagged();
             let mut snaps: Vec<SnapshotStatus> = tree
@@ -729,12 +733,14 @@ impl Inner {
                 .filter(|(_, leaf)| !tree.nodes[*leaf].hidden)
                 .map(|(tag, leaf)| {
                     let n = &tree.nodes[leaf];
+                    let u = per_leaf.get(leaf).copied().unwrap_or_default();
                     SnapshotStatus {
                         tag: *tag,
                         parent: n.parent_tag,
                         created: n.created,
                         memo: n.memo.clone(),
-                        own_chunks: own.get(leaf).copied().unwrap_or(0),
+                        own_chunks: u.own,
+                        shared_chunks: u.shared,
                     }
                 })
                 .collect();
@@ -760,9 +766,10 @@ impl Inner {
             chunk_size: self.geo.chunk_size,
             chunks_total: self.geo.chunks_total,
             chunks_used: self.geo.chunks_total.saturating_sub(usage.free_chunks),
-            status: match self.gc.failed() {
-                Some(f) => format!("failed: {f}"),
-                None => "valid".into(),
+            status: match (self.gc.failed(), usage_error) {
+                (Some(f), _) => format!("failed: {f}"),
+                (None, Some(e)) => format!("valid, but {e}"),
+                (None, None) => "valid".into(),
             },
             cleaning,
             rollback,

@@ -9,6 +9,7 @@ mod inner;
 mod io;
 pub(crate) mod locks;
 pub mod records;
+mod usage;
 
 pub use api::*;
 pub use check::{check, repair, RepairReport};
