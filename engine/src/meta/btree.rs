@@ -6,12 +6,17 @@
 //! rebalance underfull nodes. Internal keys are lower bounds of their
 //! child's subtree, kept so by lowering key 0 on the way down when an insert
 //! goes below every key.
+//!
+//! `Roots` owns the three roots (part of the state page); a `BTree` borrows
+//! one tree's root, the page cache and the space map (tree pages are
+//! allocated from and freed to it) for one operation.
 
-use super::imp::{tree_id, tree_index, Meta, Role};
-use super::Tree;
+use super::page_cache::{PageCache, Role};
+use super::space_map::SpaceMap;
+use super::types::Tree;
 use crate::dev::BlockDev;
 use crate::error::{Error, Result};
-use crate::format::{node, TreeRoot};
+use crate::format::{self, node, Layout, TreeRoot};
 
 /// Entry size of internal nodes (key + child).
 const IESZ: usize = 24;
@@ -20,23 +25,90 @@ const IESZ: usize = 24;
 /// the index of the child taken.
 type Path = Vec<(u64, usize)>;
 
-fn node_role(tree: Tree, level: u32) -> Role {
-    Role::Node { tree, level }
+/// The roots of the three trees, kept in the state page.
+pub(super) struct Roots {
+    roots: [TreeRoot; 3],
+    /// A root changed since the state page was last encoded.
+    changed: bool,
 }
 
-impl<D: BlockDev> Meta<D> {
-    fn root(&self, t: Tree) -> TreeRoot {
-        self.st.roots[tree_index(t)]
+impl Roots {
+    pub(super) fn new(roots: [TreeRoot; 3]) -> Self {
+        Roots {
+            roots,
+            changed: false,
+        }
     }
 
-    fn set_root(&mut self, t: Tree, r: TreeRoot) {
-        self.st.roots[tree_index(t)] = r;
-        self.state_dirty = true;
+    pub(super) fn get(&self, t: Tree) -> TreeRoot {
+        self.roots[t.index()]
     }
 
-    fn tree_err(t: Tree, block: u64, reason: &str) -> Error {
+    /// All three, in state page order.
+    pub(super) fn all(&self) -> [TreeRoot; 3] {
+        self.roots
+    }
+
+    fn set(&mut self, t: Tree, r: TreeRoot) {
+        self.roots[t.index()] = r;
+        self.changed = true;
+    }
+
+    /// Whether the state page must be encoded again for the roots.
+    pub(super) fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// The state page was encoded with the current roots.
+    pub(super) fn state_encoded(&mut self) {
+        self.changed = false;
+    }
+}
+
+/// One tree, borrowed for one operation.
+pub(super) struct BTree<'a, D: BlockDev> {
+    tree: Tree,
+    layout: &'a Layout,
+    roots: &'a mut Roots,
+    cache: &'a mut PageCache<D>,
+    space: &'a mut SpaceMap,
+}
+
+impl<'a, D: BlockDev> BTree<'a, D> {
+    pub(super) fn new(
+        tree: Tree,
+        layout: &'a Layout,
+        roots: &'a mut Roots,
+        cache: &'a mut PageCache<D>,
+        space: &'a mut SpaceMap,
+    ) -> Self {
+        BTree {
+            tree,
+            layout,
+            roots,
+            cache,
+            space,
+        }
+    }
+}
+
+// ---- lookups ----
+
+impl<D: BlockDev> BTree<'_, D> {
+    fn root(&self) -> TreeRoot {
+        self.roots.get(self.tree)
+    }
+
+    fn role(&self, level: u32) -> Role {
+        Role::Node {
+            tree: self.tree,
+            level,
+        }
+    }
+
+    fn err(&self, block: u64, reason: &str) -> Error {
         Error::CorruptTree {
-            tree: t.name(),
+            tree: self.tree.name(),
             block,
             key_lo: 0,
             key_hi: u128::MAX,
@@ -44,54 +116,51 @@ impl<D: BlockDev> Meta<D> {
         }
     }
 
+    /// A pointer read from a page must lie in the allocation area.
+    fn check_pointer(&self, b: u64, what: &str) -> Result<()> {
+        if !self.layout.in_area(b) {
+            return Err(self.err(b, &format!("{what} pointer outside the allocation area")));
+        }
+        Ok(())
+    }
+
+    fn leaf_esz(&self) -> usize {
+        node::entry_size(0, self.tree.value_size())
+    }
+
     /// Descend from the root towards `key`. Returns the internal path and the
     /// leaf block. With `lower_key0`, an insert below every key lowers the
     /// first key of each node on the way (keeps keys as lower bounds).
-    fn descend(&mut self, t: Tree, key: u128, lower_key0: bool) -> Result<(Path, u64)> {
-        let r = self.root(t);
+    fn descend(&mut self, key: u128, lower_key0: bool) -> Result<(Path, u64)> {
+        let r = self.root();
         let mut path = Path::with_capacity(r.height as usize);
         let mut b = r.block;
         let mut level = r.height - 1;
         while level > 0 {
-            if !self.layout.in_area(b) {
-                return Err(Self::tree_err(
-                    t,
-                    b,
-                    "child pointer outside the allocation area",
-                ));
-            }
-            let p = &self.page(b, node_role(t, level))?.buf;
+            self.check_pointer(b, "child")?;
+            let role = self.role(level);
+            let p = self.cache.page(b, role)?;
             let n = node::count(p);
             if n == 0 {
-                return Err(Self::tree_err(t, b, "empty internal node"));
+                return Err(self.err(b, "empty internal node"));
             }
             let i = node::child_index(p, n, key);
             let child = node::child_at(&p[..], i);
             if lower_key0 && i == 0 && key < node::key_at(&p[..], 0, IESZ) {
-                node::set_key(self.page_mut(b, node_role(t, level))?, 0, IESZ, key);
+                node::set_key(self.cache.page_mut(b, role)?, 0, IESZ, key);
             }
             path.push((b, i));
             b = child;
             level -= 1;
         }
-        if !self.layout.in_area(b) {
-            return Err(Self::tree_err(
-                t,
-                b,
-                "leaf pointer outside the allocation area",
-            ));
-        }
+        self.check_pointer(b, "leaf")?;
         Ok((path, b))
     }
 
-    fn leaf_esz(t: Tree) -> usize {
-        node::entry_size(0, t.value_size())
-    }
-
-    pub(super) fn tree_get(&mut self, t: Tree, key: u128) -> Result<Option<Vec<u8>>> {
-        let (_, leaf) = self.descend(t, key, false)?;
-        let esz = Self::leaf_esz(t);
-        let p = &self.page(leaf, node_role(t, 0))?.buf;
+    pub(super) fn get(&mut self, key: u128) -> Result<Option<Vec<u8>>> {
+        let (_, leaf) = self.descend(key, false)?;
+        let esz = self.leaf_esz();
+        let p = self.cache.page(leaf, self.role(0))?;
         let n = node::count(p);
         Ok(node::search(p, n, esz, key)
             .ok()
@@ -100,9 +169,8 @@ impl<D: BlockDev> Meta<D> {
 
     /// Entries with lo <= key <= hi, ascending, at most `limit`. Visits only
     /// the leaves that hold them (plus one step past an exhausted leaf).
-    pub(super) fn tree_range(
+    pub(super) fn range(
         &mut self,
-        t: Tree,
         lo: u128,
         hi: u128,
         limit: usize,
@@ -111,14 +179,14 @@ impl<D: BlockDev> Meta<D> {
         if lo > hi || limit == 0 {
             return Ok(out);
         }
-        let esz = Self::leaf_esz(t);
-        let (mut path, mut leaf) = self.descend(t, lo, false)?;
+        let esz = self.leaf_esz();
+        let (mut path, mut leaf) = self.descend(lo, false)?;
         let mut i = {
-            let p = &self.page(leaf, node_role(t, 0))?.buf;
+            let p = self.cache.page(leaf, self.role(0))?;
             node::search(p, node::count(p), esz, lo).unwrap_or_else(|i| i)
         };
         loop {
-            let p = &self.page(leaf, node_role(t, 0))?.buf;
+            let p = self.cache.page(leaf, self.role(0))?;
             let n = node::count(p);
             while i < n {
                 let k = node::key_at(&p[..], i, esz);
@@ -131,7 +199,7 @@ impl<D: BlockDev> Meta<D> {
                 }
                 i += 1;
             }
-            match self.next_leaf(t, &mut path, hi)? {
+            match self.next_leaf(&mut path, hi)? {
                 Some(b) => {
                     leaf = b;
                     i = 0;
@@ -143,11 +211,11 @@ impl<D: BlockDev> Meta<D> {
 
     /// Advance `path` to the next leaf to the right. None at the end of the
     /// tree, or when the next subtree's lower bound is already past `hi`.
-    fn next_leaf(&mut self, t: Tree, path: &mut Path, hi: u128) -> Result<Option<u64>> {
-        let height = self.root(t).height;
+    fn next_leaf(&mut self, path: &mut Path, hi: u128) -> Result<Option<u64>> {
+        let height = self.root().height;
         while let Some((pb, pi)) = path.pop() {
             let level = height - 1 - path.len() as u32;
-            let p = &self.page(pb, node_role(t, level))?.buf;
+            let p = self.cache.page(pb, self.role(level))?;
             if pi + 1 >= node::count(p) {
                 continue;
             }
@@ -158,35 +226,33 @@ impl<D: BlockDev> Meta<D> {
             path.push((pb, pi + 1));
             let mut l = level - 1;
             while l > 0 {
-                if !self.layout.in_area(b) {
-                    return Err(Self::tree_err(
-                        t,
-                        b,
-                        "child pointer outside the allocation area",
-                    ));
-                }
-                let p = &self.page(b, node_role(t, l))?.buf;
+                self.check_pointer(b, "child")?;
+                let p = self.cache.page(b, self.role(l))?;
                 if node::count(p) == 0 {
-                    return Err(Self::tree_err(t, b, "empty internal node"));
+                    return Err(self.err(b, "empty internal node"));
                 }
                 path.push((b, 0));
                 b = node::child_at(&p[..], 0);
                 l -= 1;
             }
-            if !self.layout.in_area(b) {
-                return Err(Self::tree_err(
-                    t,
-                    b,
-                    "leaf pointer outside the allocation area",
-                ));
-            }
+            self.check_pointer(b, "leaf")?;
             return Ok(Some(b));
         }
         Ok(None)
     }
+}
 
-    pub(super) fn tree_insert(&mut self, t: Tree, key: u128, val: &[u8]) -> Result<()> {
-        self.writable()?;
+// ---- inserts ----
+
+impl<D: BlockDev> BTree<'_, D> {
+    /// A fresh tree page: its block from the space map, its content new in
+    /// the cache (never read from home).
+    fn alloc_page(&mut self) -> Result<u64> {
+        self.space.alloc_tree_block(self.cache)
+    }
+
+    pub(super) fn insert(&mut self, key: u128, val: &[u8]) -> Result<()> {
+        let t = self.tree;
         if val.len() != t.value_size() {
             return Err(Error::Invalid(format!(
                 "{} values are {} bytes, got {}",
@@ -197,13 +263,13 @@ impl<D: BlockDev> Meta<D> {
         }
         // Worst case every level splits and the root grows: check up front
         // so an insert never fails half done for lack of space.
-        let height = self.root(t).height;
-        if self.available_blocks() < u64::from(height) + 1 {
+        let height = self.root().height;
+        if self.space.available_blocks() < u64::from(height) + 1 {
             return Err(Error::NoSpace);
         }
-        let (mut path, leaf) = self.descend(t, key, true)?;
-        let esz = Self::leaf_esz(t);
-        let p = self.page_mut(leaf, node_role(t, 0))?;
+        let (mut path, leaf) = self.descend(key, true)?;
+        let esz = self.leaf_esz();
+        let p = self.cache.page_mut(leaf, self.role(0))?;
         let n = node::count(p);
         let pos = match node::search(p, n, esz, key) {
             Ok(i) => {
@@ -217,14 +283,13 @@ impl<D: BlockDev> Meta<D> {
             node::insert_at(p, pos, &entry);
             return Ok(());
         }
-        self.split_upwards(t, &mut path, leaf, pos, entry)
+        self.split_upwards(&mut path, leaf, pos, entry)
     }
 
     /// `cur` (at level 0) is full and `entry` belongs at `pos`: split it and
     /// push separators up the path, splitting parents as needed.
     fn split_upwards(
         &mut self,
-        t: Tree,
         path: &mut Path,
         mut cur: u64,
         mut pos: usize,
@@ -232,12 +297,12 @@ impl<D: BlockDev> Meta<D> {
     ) -> Result<()> {
         let mut level = 0u32;
         loop {
-            let (sep, right) = self.split_insert(t, cur, level, pos, &entry)?;
+            let (sep, right) = self.split_insert(cur, level, pos, &entry)?;
             level += 1;
             entry = node::internal_entry(sep, right);
             match path.pop() {
                 Some((pb, pi)) => {
-                    let p = self.page_mut(pb, node_role(t, level))?;
+                    let p = self.cache.page_mut(pb, self.role(level))?;
                     if node::count(p) < node::capacity(level, 8) {
                         node::insert_at(p, pi + 1, &entry);
                         return Ok(());
@@ -245,23 +310,24 @@ impl<D: BlockDev> Meta<D> {
                     cur = pb;
                     pos = pi + 1;
                 }
-                None => return self.grow_root(t, cur, level, sep, right),
+                None => return self.grow_root(cur, level, sep, right),
             }
         }
     }
 
-    fn grow_root(&mut self, t: Tree, left: u64, level: u32, sep: u128, right: u64) -> Result<()> {
+    fn grow_root(&mut self, left: u64, level: u32, sep: u128, right: u64) -> Result<()> {
+        let t = self.tree;
         let left_key = {
-            let lp = &self.page(left, node_role(t, level - 1))?.buf;
+            let lp = self.cache.page(left, self.role(level - 1))?;
             node::key_at(&lp[..], 0, node::entry_size(level - 1, t.value_size()))
         };
-        let nr = self.alloc_meta_block()?;
-        let mut p = crate::format::new_page();
-        node::init_node(&mut p, nr, tree_id(t), level, 8);
+        let nr = self.alloc_page()?;
+        let mut p = format::new_page();
+        node::init_node(&mut p, nr, t.node_id(), level, 8);
         node::insert_at(&mut p, 0, &node::internal_entry(left_key.min(sep), left));
         node::insert_at(&mut p, 1, &node::internal_entry(sep, right));
-        self.install_new(nr, p);
-        self.set_root(
+        self.cache.install_new(nr, p);
+        self.roots.set(
             t,
             TreeRoot {
                 block: nr,
@@ -271,26 +337,20 @@ impl<D: BlockDev> Meta<D> {
         Ok(())
     }
 
-    fn install_new(&mut self, b: u64, buf: Box<crate::format::Page>) {
-        self.cache
-            .insert(b, super::imp::CachePage { buf, checked: true });
-        self.dirty.insert(b);
-    }
-
     /// Split full node `cur` while inserting `entry` at `pos`. Returns the
     /// separator (first key of the new right node) and the right node.
     fn split_insert(
         &mut self,
-        t: Tree,
         cur: u64,
         level: u32,
         pos: usize,
         entry: &[u8],
     ) -> Result<(u128, u64)> {
-        let right = self.alloc_meta_block()?;
+        let t = self.tree;
+        let right = self.alloc_page()?;
         let esz = entry.len();
         let vs = if level == 0 { t.value_size() } else { 8 };
-        let p = self.page_mut(cur, node_role(t, level))?;
+        let p = self.cache.page_mut(cur, self.role(level))?;
         let n = node::count(p);
         assert_eq!(n, node::capacity(level, vs));
         let mut all = Vec::with_capacity((n + 1) * esz);
@@ -301,52 +361,64 @@ impl<D: BlockDev> Meta<D> {
         let left_n = if pos == n { n } else { n.div_ceil(2) };
         let (l, r) = all.split_at(left_n * esz);
         p.fill(0);
-        node::init_node(p, cur, tree_id(t), level, vs);
+        node::init_node(p, cur, t.node_id(), level, vs);
         node::set_entries(p, l, esz);
-        let mut rp = crate::format::new_page();
-        node::init_node(&mut rp, right, tree_id(t), level, vs);
+        let mut rp = format::new_page();
+        node::init_node(&mut rp, right, t.node_id(), level, vs);
         node::set_entries(&mut rp, r, esz);
         let sep = node::key_at(&rp[..], 0, esz);
-        self.install_new(right, rp);
+        self.cache.install_new(right, rp);
         Ok((sep, right))
     }
+}
 
-    pub(super) fn tree_remove(&mut self, t: Tree, key: u128) -> Result<bool> {
-        self.writable()?;
-        let (mut path, leaf) = self.descend(t, key, false)?;
-        let esz = Self::leaf_esz(t);
+// ---- removes ----
+
+impl<D: BlockDev> BTree<'_, D> {
+    /// Free a tree page: its block goes back to the space map (revoked in
+    /// the journal), its page leaves the cache.
+    fn free_page(&mut self, b: u64) -> Result<()> {
+        self.space.free_tree_block(self.cache, b)?;
+        self.cache.discard(b);
+        Ok(())
+    }
+
+    pub(super) fn remove(&mut self, key: u128) -> Result<bool> {
+        let (mut path, leaf) = self.descend(key, false)?;
+        let esz = self.leaf_esz();
         let i = {
-            let p = &self.page(leaf, node_role(t, 0))?.buf;
+            let p = self.cache.page(leaf, self.role(0))?;
             match node::search(p, node::count(p), esz, key) {
                 Ok(i) => i,
                 Err(_) => return Ok(false),
             }
         };
-        let p = self.page_mut(leaf, node_role(t, 0))?;
+        let p = self.cache.page_mut(leaf, self.role(0))?;
         node::remove_at(p, i, esz);
         if node::count(p) == 0 && !path.is_empty() {
-            self.free_meta_block(leaf)?;
-            self.unlink_upwards(t, &mut path)?;
+            self.free_page(leaf)?;
+            self.unlink_upwards(&mut path)?;
         }
-        self.collapse_root(t)?;
+        self.collapse_root()?;
         Ok(true)
     }
 
     /// The child at the end of `path` was freed: drop its entry from the
     /// parent, freeing parents that become empty.
-    fn unlink_upwards(&mut self, t: Tree, path: &mut Path) -> Result<()> {
-        let height = self.root(t).height;
+    fn unlink_upwards(&mut self, path: &mut Path) -> Result<()> {
+        let t = self.tree;
+        let height = self.root().height;
         while let Some((pb, pi)) = path.pop() {
             let level = height - 1 - path.len() as u32;
-            let p = self.page_mut(pb, node_role(t, level))?;
+            let p = self.cache.page_mut(pb, self.role(level))?;
             node::remove_at(p, pi, IESZ);
             if node::count(p) > 0 {
                 return Ok(());
             }
             if path.is_empty() {
                 // The root lost its last child: it becomes an empty leaf.
-                node::init_node(p, pb, tree_id(t), 0, t.value_size());
-                self.set_root(
+                node::init_node(p, pb, t.node_id(), 0, t.value_size());
+                self.roots.set(
                     t,
                     TreeRoot {
                         block: pb,
@@ -355,32 +427,28 @@ impl<D: BlockDev> Meta<D> {
                 );
                 return Ok(());
             }
-            self.free_meta_block(pb)?;
+            self.free_page(pb)?;
         }
         Ok(())
     }
 
-    fn collapse_root(&mut self, t: Tree) -> Result<()> {
+    fn collapse_root(&mut self) -> Result<()> {
         loop {
-            let r = self.root(t);
+            let r = self.root();
             if r.height <= 1 {
                 return Ok(());
             }
-            let p = &self.page(r.block, node_role(t, r.height - 1))?.buf;
+            let p = self.cache.page(r.block, self.role(r.height - 1))?;
             if node::count(p) != 1 {
                 return Ok(());
             }
             let child = node::child_at(&p[..], 0);
             if !self.layout.in_area(child) {
-                return Err(Self::tree_err(
-                    t,
-                    r.block,
-                    "child pointer outside the allocation area",
-                ));
+                return Err(self.err(r.block, "child pointer outside the allocation area"));
             }
-            self.free_meta_block(r.block)?;
-            self.set_root(
-                t,
+            self.free_page(r.block)?;
+            self.roots.set(
+                self.tree,
                 TreeRoot {
                     block: child,
                     height: r.height - 1,

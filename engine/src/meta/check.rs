@@ -4,11 +4,12 @@
 //! bitmap and the state page's counters. Every damage becomes one human
 //! readable line naming the tree, block and key range; nothing panics.
 
-use super::imp::{tree_id, Meta};
-use super::{Tree, ZERO_CHUNK};
+use super::meta::Meta;
+use super::space_map::SpaceCounters;
+use super::types::{Tree, ZERO_CHUNK};
 use crate::dev::BlockDev;
 use crate::error::Result;
-use crate::format::{self, node, Layout, Page, StateRec, BITMAP_WORDS, BITS_PER_PAGE};
+use crate::format::{self, node, Layout, Page, BITMAP_WORDS, BITS_PER_PAGE};
 use std::collections::HashSet;
 
 #[derive(Debug, Default, Clone)]
@@ -36,17 +37,14 @@ const MAX_RANGES: usize = 16;
 /// compare it with the stored one.
 pub fn check<D: BlockDev>(dev: D) -> Result<CheckReport> {
     let mut m = Meta::open_journal(dev, true)?;
-    let mut c = Checker::new(m.layout);
-    if let Some(e) = m.jn.damage.take() {
+    let mut c = Checker::new(*m.layout());
+    if let Some(e) = m.take_journal_damage() {
         c.err(format!("journal: {e}"));
     }
     c.check_slots(&m);
-    match m.load_state() {
-        Ok(st) => m.st = st,
-        Err(e) => {
-            c.err(format!("state page: {e}"));
-            return Ok(c.finish());
-        }
+    if let Err(e) = m.load_state() {
+        c.err(format!("state page: {e}"));
+        return Ok(c.finish());
     }
     c.walk_all(&m);
     Ok(c.finish())
@@ -166,7 +164,7 @@ impl Checker {
     pub(super) fn check_slots<D: BlockDev>(&mut self, m: &Meta<D>) {
         for slot in 0..2u64 {
             let mut buf = format::new_page();
-            match m.dev.read_at(slot * format::BLOCK, &mut buf[..]) {
+            match m.dev().read_at(slot * format::BLOCK, &mut buf[..]) {
                 Ok(()) => {
                     if let Err(e) = format::decode_superblock(&buf[..], slot) {
                         self.err(format!(
@@ -182,13 +180,13 @@ impl Checker {
 
     /// Walk every tree, then compare the space map and the counters.
     pub(super) fn walk_all<D: BlockDev>(&mut self, m: &Meta<D>) {
-        let st = m.st.clone();
+        let roots = m.roots();
         for t in Tree::ALL {
-            let r = st.roots[super::imp::tree_index(t)];
+            let r = roots[t.index()];
             self.walk(m, t, r.block, r.height - 1, 0, None, true);
         }
         let free = self.compare_bitmap(m);
-        self.compare_counters(&st, free);
+        self.compare_counters(&m.space_counters(), free);
     }
 
     pub(super) fn structural(&self) -> &[String] {
@@ -256,13 +254,6 @@ impl Checker {
         }
     }
 
-    fn read(m: &Meta<impl BlockDev>, block: u64) -> Result<Box<Page>> {
-        match m.cache.get(&block) {
-            Some(p) => Ok(p.buf.clone()),
-            None => m.read_block(block),
-        }
-    }
-
     /// Check the subtree at `block`, whose keys must lie in [lo, hi).
     #[allow(clippy::too_many_arguments)]
     fn walk(
@@ -289,7 +280,7 @@ impl Checker {
         self.tree_pages += 1;
         self.meta_chunks.insert(block / self.l.bpc);
         self.rep.pages_checked += 1;
-        let buf = match Self::read(m, block) {
+        let buf = match m.peek_page(block) {
             Ok(b) => b,
             Err(e) => return self.err(format!("{at}: unreadable: {e}")),
         };
@@ -298,7 +289,7 @@ impl Checker {
             Err(e) => return self.err(format!("{at}: {e}")),
         };
         let want_vs = if level == 0 { t.value_size() } else { 8 };
-        if info.tree != tree_id(t) || info.level != level || info.value_size != want_vs {
+        if info.tree != t.node_id() || info.level != level || info.value_size != want_vs {
             return self.err(format!(
                 "{at}: node of tree {} at level {} with {}-byte values, expected level {level}",
                 info.tree, info.level, info.value_size
@@ -363,7 +354,8 @@ impl Checker {
         for p in 0..self.l.bitmap_blocks {
             let block = self.l.bitmap_start + p;
             let first = p * BITS_PER_PAGE;
-            let page = match Self::read(m, block)
+            let page = match m
+                .peek_page(block)
                 .and_then(|b| format::decode_bitmap(&b[..], block).map(|_| b))
             {
                 Ok(b) => b,
@@ -407,22 +399,22 @@ impl Checker {
         free
     }
 
-    fn compare_counters(&mut self, st: &StateRec, free: Option<u64>) {
+    fn compare_counters(&mut self, stored: &SpaceCounters, free: Option<u64>) {
         let mut checks = vec![
             (
                 "data chunks",
-                st.data_chunks,
+                stored.data_chunks,
                 self.rep.data_chunks_referenced,
             ),
-            ("tree pages", st.meta_blocks, self.tree_pages),
+            ("tree pages", stored.meta_blocks, self.tree_pages),
             (
                 "chunks holding tree pages",
-                st.meta_chunks,
+                stored.meta_chunks,
                 self.meta_chunks.len() as u64,
             ),
         ];
         if let Some(f) = free {
-            checks.push(("free blocks", st.free_blocks, f));
+            checks.push(("free blocks", stored.free_blocks, f));
         }
         for (what, recorded, found) in checks {
             if recorded != found {

@@ -32,97 +32,38 @@
 //!   `begin_checkpoint_all`), which leaves the journal empty.
 //!
 //! On-disk layout, block formats and checksums: see `crate::format`.
+//!
+//! The owners, each with its fields private (ARCHITECTURE.md has the
+//! dependency order; no file here imports one that imports it back):
+//! - `types`: the shared vocabulary (`Tree`, sizes, `Geometry`, `Usage`);
+//! - `page_cache`: `PageCache`, every loaded page and the dirty set;
+//! - `space_map`: `SpaceMap`, bitmap, allocators, quarantine, reservations;
+//! - `btree`: the tree `Roots` and the B+tree algorithms (`BTree`);
+//! - `recovery`: superblock choice and journal replay at open;
+//! - `journal`: `Journal`, the ring, commit and checkpoint;
+//! - `empty_store`: what `Meta::format` writes;
+//! - `meta`: the `Meta` façade over them;
+//! - `check`, `repair`: the offline checker and space repair.
 
 mod btree;
 mod check;
-mod imp;
+mod empty_store;
 mod journal;
+// The file is named for the type it holds, the `Meta` façade.
+#[allow(clippy::module_inception)]
+mod meta;
+mod page_cache;
+mod recovery;
 mod repair;
-mod spacemap;
+mod space_map;
+mod types;
 
-pub use imp::{check, CheckReport, CheckpointBatch, CommitBatch, Meta, Reserved};
+pub use check::{check, CheckReport};
+pub use journal::{CheckpointBatch, CommitBatch};
+pub use meta::Meta;
 pub use repair::{repair, RepairReport};
-
-/// The trees the store keeps. Keys are u128; values have a fixed size per tree.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Tree {
-    /// (origin, chunk, node) -> data chunk number (u64 LE). The value
-    /// [`ZERO_CHUNK`] means "reads as zeros, no data chunk".
-    Exceptions,
-    /// node id -> the store's node record.
-    Nodes,
-    /// origin number -> the store's origin record.
-    Origins,
-}
-
-impl Tree {
-    pub const ALL: [Tree; 3] = [Tree::Exceptions, Tree::Nodes, Tree::Origins];
-
-    pub fn value_size(self) -> usize {
-        match self {
-            Tree::Exceptions => 8,
-            Tree::Nodes => NODE_REC_SIZE,
-            Tree::Origins => ORIGIN_REC_SIZE,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Tree::Exceptions => "exceptions",
-            Tree::Nodes => "nodes",
-            Tree::Origins => "origins",
-        }
-    }
-}
-
-pub const NODE_REC_SIZE: usize = 256;
-pub const ORIGIN_REC_SIZE: usize = 512;
-/// Exception value meaning "all zeros; no data chunk behind it".
-pub const ZERO_CHUNK: u64 = u64::MAX;
-/// Bytes of opaque store state kept in the state page and journalled.
-pub const APP_STATE_MAX: usize = 2048;
-/// Metadata page size.
-pub const PAGE_SIZE: usize = 4096;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Geometry {
-    /// Bytes per chunk: a power of two in [4 KiB, 1 MiB].
-    pub chunk_size: u32,
-    /// Chunks in the whole device (chunk n lives at byte n * chunk_size).
-    pub device_chunks: u64,
-    /// Chunks available for data and metadata after the fixed areas.
-    pub chunks_total: u64,
-}
-
-impl Geometry {
-    /// Byte offset of a chunk. Saturates: a value from a damaged index
-    /// then fails the device's range check instead of wrapping around.
-    pub fn chunk_offset(&self, chunk: u64) -> u64 {
-        chunk.saturating_mul(self.chunk_size as u64)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Usage {
-    /// Chunks holding exception data.
-    pub data_chunks: u64,
-    /// 4 KiB blocks holding B+tree pages.
-    pub meta_blocks: u64,
-    /// Chunks that are neither (whole chunks free for data).
-    pub free_chunks: u64,
-}
-
-#[derive(Clone, Debug)]
-pub struct FormatOptions {
-    pub chunk_size: u32,
-    pub force: bool,
-}
-
-impl Default for FormatOptions {
-    fn default() -> Self {
-        FormatOptions {
-            chunk_size: 64 * 1024,
-            force: false,
-        }
-    }
-}
+pub use space_map::Reserved;
+pub use types::{
+    FormatOptions, Geometry, Tree, Usage, APP_STATE_MAX, NODE_REC_SIZE, ORIGIN_REC_SIZE, PAGE_SIZE,
+    ZERO_CHUNK,
+};

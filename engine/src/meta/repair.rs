@@ -7,7 +7,8 @@
 //! drops a mapping, so it never changes any version's content.
 
 use super::check::Checker;
-use super::imp::Meta;
+use super::meta::Meta;
+use super::space_map::SpaceCounters;
 use crate::dev::BlockDev;
 use crate::error::Result;
 use crate::format::BITMAP_WORDS;
@@ -38,7 +39,7 @@ pub fn repair<D: BlockDev + Clone>(dev: D) -> Result<RepairReport> {
     // Decide on a read-only open first: a refusal writes nothing at all
     // (a writable open may run a recovery checkpoint).
     let ro = Meta::open_read_only(dev)?;
-    let mut c = Checker::new(ro.layout);
+    let mut c = Checker::new(*ro.layout());
     c.check_slots(&ro);
     c.walk_all(&ro);
     if !c.structural().is_empty() {
@@ -50,7 +51,7 @@ pub fn repair<D: BlockDev + Clone>(dev: D) -> Result<RepairReport> {
     }
     let dev = ro.into_dev();
     let mut m = Meta::open(dev)?;
-    let mut c = Checker::new(m.layout);
+    let mut c = Checker::new(*m.layout());
     c.check_slots(&m);
     c.walk_all(&m);
     let mut report = RepairReport {
@@ -59,7 +60,7 @@ pub fn repair<D: BlockDev + Clone>(dev: D) -> Result<RepairReport> {
     };
     if report.refused.is_empty() {
         report.bitmap_words = rewrite_bitmap(&mut m, &c)?;
-        report.counters = rewrite_counters(&mut m, &c);
+        report.counters = rewrite_counters(&mut m, &c)?;
     }
     report.found = c.finish().errors;
     if report.changed() {
@@ -70,7 +71,7 @@ pub fn repair<D: BlockDev + Clone>(dev: D) -> Result<RepairReport> {
 
 /// Store the bitmap the trees imply; returns the words that changed.
 fn rewrite_bitmap<D: BlockDev>(m: &mut Meta<D>, c: &Checker) -> Result<u64> {
-    let words = m.layout.bitmap_blocks * BITMAP_WORDS as u64;
+    let words = m.layout().bitmap_blocks * BITMAP_WORDS as u64;
     let mut changed = 0;
     for i in 0..words {
         let wb = i * 64;
@@ -85,28 +86,29 @@ fn rewrite_bitmap<D: BlockDev>(m: &mut Meta<D>, c: &Checker) -> Result<u64> {
 }
 
 /// Store the counters the trees imply; returns what changed.
-fn rewrite_counters<D: BlockDev>(m: &mut Meta<D>, c: &Checker) -> Vec<String> {
+fn rewrite_counters<D: BlockDev>(m: &mut Meta<D>, c: &Checker) -> Result<Vec<String>> {
     let (data, pages, page_chunks) = c.implied_counters();
-    let free = c.implied_free();
-    let mut out = Vec::new();
-    let st = &mut m.st;
-    for (name, field, want) in [
-        ("data chunks", &mut st.data_chunks, data),
-        ("tree pages", &mut st.meta_blocks, pages),
+    let old = m.space_counters();
+    let new = SpaceCounters {
+        data_chunks: data,
+        meta_blocks: pages,
+        free_blocks: c.implied_free(),
+        meta_chunks: page_chunks,
+    };
+    let out: Vec<String> = [
+        ("data chunks", old.data_chunks, new.data_chunks),
+        ("tree pages", old.meta_blocks, new.meta_blocks),
         (
             "chunks holding tree pages",
-            &mut st.meta_chunks,
-            page_chunks,
+            old.meta_chunks,
+            new.meta_chunks,
         ),
-        ("free blocks", &mut st.free_blocks, free),
-    ] {
-        if *field != want {
-            out.push(format!("{name}: {} -> {want}", *field));
-            *field = want;
-        }
-    }
-    if !out.is_empty() {
-        m.state_dirty = true;
-    }
-    out
+        ("free blocks", old.free_blocks, new.free_blocks),
+    ]
+    .into_iter()
+    .filter(|(_, was, want)| was != want)
+    .map(|(name, was, want)| format!("{name}: {was} -> {want}"))
+    .collect();
+    m.set_space_counters(new)?;
+    Ok(out)
 }

@@ -1,74 +1,44 @@
-//! `Meta`: the page cache and the public API. The algorithms live in the
-//! sibling modules: `btree` (trees), `spacemap` (allocator), `journal`
-//! (commit, checkpoint, recovery), `check` (the checker).
+//! `Meta`: the façade the store uses. It composes the owners, each with
+//! its fields private: the `PageCache` (pages), the `SpaceMap` (bitmap,
+//! allocators, quarantine, reservations, counters), the tree `Roots` (with
+//! `BTree` for the algorithms) and the `Journal` (commit, checkpoint,
+//! recovery). It keeps what belongs to no one owner: the device, the
+//! store's app state, and the state page that records all of them.
 
-pub use super::spacemap::Reserved;
-use super::spacemap::SpaceState;
-use super::*;
+use super::btree::{BTree, Roots};
+use super::empty_store::write_empty_store;
+use super::journal::{write_commit, CheckpointBatch, CommitBatch, CommitPlan, Journal};
+use super::page_cache::PageCache;
+use super::recovery::{read_superblock, replay};
+use super::space_map::{Reserved, SpaceCounters, SpaceMap};
+use super::types::{FormatOptions, Geometry, Tree, Usage, APP_STATE_MAX};
 use crate::dev::BlockDev;
 use crate::error::{Error, Result};
-use crate::format::{self, Layout, Page, StateRec, Superblock, BLOCK};
-use std::collections::{BTreeSet, HashMap};
+use crate::format::{self, Layout, Page, StateRec, TreeRoot};
 use std::sync::Arc;
 
-pub use super::check::{check, CheckReport};
-pub(super) use super::journal::JournalState;
-pub use super::journal::{CheckpointBatch, CommitBatch};
-
-const _: () = assert!(APP_STATE_MAX == format::APP_STATE_CAP);
-const _: () = assert!(PAGE_SIZE == format::PAGE_SIZE);
-
-/// One cached metadata page: its current (possibly uncommitted) content.
-pub(super) struct CachePage {
-    pub(super) buf: Box<Page>,
-    /// Whether the structure-level validation for its role has been done.
-    /// Pages replayed from the journal enter unchecked.
-    pub(super) checked: bool,
-}
-
-/// What a cached page is expected to be; decides the validation on load.
-#[derive(Clone, Copy, Debug)]
-pub(super) enum Role {
-    Bitmap,
-    Node { tree: Tree, level: u32 },
-}
-
 pub struct Meta<D: BlockDev> {
-    pub(super) dev: Arc<D>,
-    pub(super) read_only: bool,
-    pub(super) layout: Layout,
-    pub(super) sb: Superblock,
-    /// Roots, counters, cursors, app state. Encoded into the state page
-    /// when a transaction closes.
-    pub(super) st: StateRec,
-    pub(super) state_dirty: bool,
-    /// Every page loaded or created. Never evicted: a page's latest content
-    /// may exist only here and in the journal until it is checkpointed.
-    pub(super) cache: HashMap<u64, CachePage>,
-    /// Pages changed by the open transaction (ordered, so journal images are
-    /// written in a deterministic order and simulator seeds replay).
-    pub(super) dirty: BTreeSet<u64>,
-    pub(super) sm: SpaceState,
-    pub(super) jn: JournalState,
+    dev: Arc<D>,
+    read_only: bool,
+    layout: Layout,
+    cache: PageCache<D>,
+    space: SpaceMap,
+    roots: Roots,
+    journal: Journal,
+    app_state: Vec<u8>,
+    /// The state page must be encoded again for a reason no owner records:
+    /// the app state changed, or an aborted commit put back the changes
+    /// that had last encoded it.
+    state_stale: bool,
 }
 
-pub(super) fn tree_index(t: Tree) -> usize {
-    match t {
-        Tree::Exceptions => 0,
-        Tree::Nodes => 1,
-        Tree::Origins => 2,
-    }
-}
-
-pub(super) fn tree_id(t: Tree) -> u32 {
-    tree_index(t) as u32
-}
+// ---- open ----
 
 impl<D: BlockDev> Meta<D> {
     /// Write a fresh, empty store. Refuses a device that already holds a valid
     /// superblock unless `opts.force`.
     pub fn format(dev: D, opts: &FormatOptions) -> Result<Self> {
-        super::journal::format_device(&dev, opts)?;
+        write_empty_store(&dev, opts)?;
         Self::open(dev)
     }
     /// Open: pick the newest valid superblock, replay the journal.
@@ -82,21 +52,22 @@ impl<D: BlockDev> Meta<D> {
 
     fn open_inner(dev: D, read_only: bool) -> Result<Self> {
         let mut m = Self::open_journal(dev, read_only)?;
-        if let Some(e) = m.jn.damage.take() {
+        if let Some(e) = m.journal.take_damage() {
             return Err(e);
         }
-        m.st = m.load_state()?;
-        m.sm = SpaceState::new(&m.layout);
-        if !read_only && m.jn.needs_recovery_checkpoint() {
-            m.recovery_checkpoint()?;
+        m.load_state()?;
+        if !read_only && m.journal.needs_recovery_checkpoint() {
+            m.journal
+                .recovery_checkpoint(&*m.dev, &mut m.cache, &mut m.space)?;
         }
         Ok(m)
     }
 
-    /// Superblock + journal replay, without the state page: the checker uses
-    /// this to go on reporting when the state page is damaged.
+    /// Superblock + journal replay, without the state page (the owners
+    /// start from an empty record): the checker uses this to go on
+    /// reporting when the state page is damaged.
     pub(super) fn open_journal(dev: D, read_only: bool) -> Result<Self> {
-        let sb = super::journal::read_superblock(&dev)?;
+        let sb = read_superblock(&dev)?;
         if dev.size() < sb.layout.device_size {
             return Err(Error::Invalid(format!(
                 "device is {} bytes but the superblock records {}",
@@ -104,31 +75,40 @@ impl<D: BlockDev> Meta<D> {
                 sb.layout.device_size
             )));
         }
-        let mut m = Meta {
-            dev: Arc::new(dev),
+        let replayed = replay(&dev, &sb)?;
+        let dev = Arc::new(dev);
+        let mut cache = PageCache::new(dev.clone(), read_only);
+        let journal = Journal::open(sb, read_only, replayed, &mut cache);
+        let empty = StateRec::default();
+        Ok(Meta {
+            dev,
             read_only,
             layout: sb.layout,
-            sb,
-            st: StateRec::default(),
-            state_dirty: false,
-            cache: HashMap::new(),
-            dirty: BTreeSet::new(),
-            sm: SpaceState::new(&sb.layout),
-            jn: JournalState::new(&sb),
-        };
-        m.replay()?;
-        Ok(m)
+            cache,
+            space: SpaceMap::new(&sb.layout, &empty),
+            roots: Roots::new(empty.roots),
+            journal,
+            app_state: empty.app_state,
+            state_stale: false,
+        })
     }
 
-    /// The state page: the replayed image if the journal had one, else home.
-    pub(super) fn load_state(&mut self) -> Result<StateRec> {
+    /// Damage the journal replay found behind a later transaction.
+    pub(super) fn take_journal_damage(&mut self) -> Option<Error> {
+        self.journal.take_damage()
+    }
+
+    /// Read the state page (the replayed image if the journal had one,
+    /// else home), validate it, and hand each owner its part.
+    pub(super) fn load_state(&mut self) -> Result<()> {
         let b = self.layout.state_block;
-        let st = match self.cache.get(&b) {
-            Some(p) => format::decode_state(&p.buf[..], b)?,
-            None => format::decode_state(&self.read_block(b)?[..], b)?,
-        };
+        let st = format::decode_state(&self.cache.peek(b)?[..], b)?;
         self.validate_state(&st)?;
-        Ok(st)
+        self.space = SpaceMap::new(&self.layout, &st);
+        self.roots = Roots::new(st.roots);
+        self.app_state = st.app_state;
+        self.state_stale = false;
+        Ok(())
     }
 
     fn validate_state(&self, st: &StateRec) -> Result<()> {
@@ -155,94 +135,98 @@ impl<D: BlockDev> Meta<D> {
         }
         Ok(())
     }
+}
 
-    pub(super) fn read_block(&self, block: u64) -> Result<Box<Page>> {
-        let mut p = format::new_page();
-        self.dev.read_at(block * BLOCK, &mut p[..])?;
-        Ok(p)
+// ---- the state page ----
+
+impl<D: BlockDev> Meta<D> {
+    /// The state page's record: each owner's part, and the app state.
+    fn state_rec(&self) -> StateRec {
+        let mut st = StateRec {
+            roots: self.roots.all(),
+            app_state: self.app_state.clone(),
+            ..StateRec::default()
+        };
+        self.space.fill_state(&mut st);
+        st
     }
 
-    /// Load (if needed) and validate a page for `role`. Damage is reported
-    /// as an error and the page is not cached, so it is never used.
-    pub(super) fn page(&mut self, block: u64, role: Role) -> Result<&mut CachePage> {
-        if !self.cache.contains_key(&block) {
-            let buf = self.read_block(block)?;
-            self.cache.insert(
-                block,
-                CachePage {
-                    buf,
-                    checked: false,
-                },
-            );
-        }
-        let checked = self.cache.get(&block).is_some_and(|p| p.checked);
-        if !checked {
-            let res = match self.cache.get(&block) {
-                Some(p) => self.validate(block, &p.buf, role),
-                None => Ok(()),
-            };
-            if let Err(e) = res {
-                // A replayed image stays (it is the committed content); a
-                // page read from home is dropped so a later read retries.
-                if !self.jn.is_replayed(block) {
-                    self.cache.remove(&block);
-                }
-                return Err(e);
-            }
-        }
-        match self.cache.get_mut(&block) {
-            Some(p) => {
-                p.checked = true;
-                Ok(p)
-            }
-            None => Err(Error::Corrupt {
-                block,
-                kind: "page cache",
-                reason: "page vanished from the cache".into(),
-            }),
-        }
+    fn state_changed(&self) -> bool {
+        self.state_stale || self.space.state_changed() || self.roots.changed()
     }
 
-    fn validate(&self, block: u64, buf: &Page, role: Role) -> Result<()> {
-        match role {
-            Role::Bitmap => format::decode_bitmap(&buf[..], block),
-            Role::Node { tree, level } => {
-                let info = format::decode_node(&buf[..], block)?;
-                let want_vs = if level == 0 { tree.value_size() } else { 8 };
-                if info.tree != tree_id(tree) || info.level != level || info.value_size != want_vs {
-                    return Err(Error::CorruptTree {
-                        tree: tree.name(),
-                        block,
-                        key_lo: 0,
-                        key_hi: u128::MAX,
-                        reason: format!(
-                            "node belongs to tree {} at level {} with {}-byte values; expected level {level}",
-                            info.tree, info.level, info.value_size
-                        ),
-                    });
-                }
-                Ok(())
-            }
+    /// Encode the state page into the open transaction if anything it
+    /// records changed.
+    fn install_state_page(&mut self) {
+        if !self.state_changed() {
+            return;
         }
+        let b = self.layout.state_block;
+        self.cache
+            .install_new(b, format::encode_state(&self.state_rec(), b));
+        self.space.state_encoded();
+        self.roots.state_encoded();
+        self.state_stale = false;
     }
 
-    /// Mutable access to a cached page for the open transaction.
-    pub(super) fn page_mut(&mut self, block: u64, role: Role) -> Result<&mut Page> {
-        assert!(!self.read_only);
-        // Load first: a page that fails to load must not be marked dirty,
-        // or every later commit would look for it in vain.
-        self.page(block, role)?;
-        self.dirty.insert(block);
-        Ok(&mut self.page(block, role)?.buf)
+    /// The space counters (the checker compares them with the trees).
+    pub(super) fn space_counters(&self) -> SpaceCounters {
+        self.space.counters()
     }
 
-    pub(super) fn writable(&self) -> Result<()> {
+    /// Repair: replace the space counters with those the trees imply.
+    pub(super) fn set_space_counters(&mut self, c: SpaceCounters) -> Result<()> {
+        self.writable()?;
+        self.space.set_counters(c);
+        Ok(())
+    }
+
+    /// Roots of every tree, in state page order.
+    pub(super) fn roots(&self) -> [TreeRoot; 3] {
+        self.roots.all()
+    }
+}
+
+// ---- pages, for the checker and repair ----
+
+impl<D: BlockDev> Meta<D> {
+    pub(super) fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// A block's current content, unvalidated (see `PageCache::peek`).
+    pub(super) fn peek_page(&self, block: u64) -> Result<Box<Page>> {
+        self.cache.peek(block)
+    }
+
+    /// Repair: store `v` as the bitmap bits of blocks `wb..wb+64`, if they
+    /// differ. Returns whether they did.
+    pub(super) fn repair_bitmap_word(&mut self, wb: u64, v: u64) -> Result<bool> {
+        self.writable()?;
+        self.space.repair_word(&mut self.cache, wb, v)
+    }
+
+    fn writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
         Ok(())
     }
 
+    fn tree(&mut self, t: Tree) -> BTree<'_, D> {
+        BTree::new(
+            t,
+            &self.layout,
+            &mut self.roots,
+            &mut self.cache,
+            &mut self.space,
+        )
+    }
+}
+
+// ---- the store's API ----
+
+impl<D: BlockDev> Meta<D> {
     pub fn dev(&self) -> &D {
         &self.dev
     }
@@ -261,25 +245,26 @@ impl<D: BlockDev> Meta<D> {
         }
     }
     pub fn usage(&self) -> Usage {
+        let c = self.space.counters();
         Usage {
-            data_chunks: self.st.data_chunks,
-            meta_blocks: self.st.meta_blocks,
+            data_chunks: c.data_chunks,
+            meta_blocks: c.meta_blocks,
             free_chunks: self
                 .layout
                 .chunks_total()
-                .saturating_sub(self.st.data_chunks)
-                .saturating_sub(self.st.meta_chunks),
+                .saturating_sub(c.data_chunks)
+                .saturating_sub(c.meta_chunks),
         }
     }
     pub fn get(&mut self, t: Tree, key: u128) -> Result<Option<Vec<u8>>> {
-        self.tree_get(t, key)
+        self.tree(t).get(key)
     }
     pub fn get_u64(&mut self, t: Tree, key: u128) -> Result<Option<u64>> {
-        Ok(self.tree_get(t, key)?.map(|v| format::rd_u64(&v, 0)))
+        Ok(self.tree(t).get(key)?.map(|v| format::rd_u64(&v, 0)))
     }
     /// First entry with lo <= key <= hi.
     pub fn seek(&mut self, t: Tree, lo: u128, hi: u128) -> Result<Option<(u128, Vec<u8>)>> {
-        Ok(self.tree_range(t, lo, hi, 1)?.pop())
+        Ok(self.tree(t).range(lo, hi, 1)?.pop())
     }
     /// Entries with lo <= key <= hi, ascending, at most `limit`.
     pub fn range(
@@ -289,48 +274,52 @@ impl<D: BlockDev> Meta<D> {
         hi: u128,
         limit: usize,
     ) -> Result<Vec<(u128, Vec<u8>)>> {
-        self.tree_range(t, lo, hi, limit)
+        self.tree(t).range(lo, hi, limit)
     }
     /// Insert or replace. `val.len()` must equal `t.value_size()`.
     pub fn insert(&mut self, t: Tree, key: u128, val: &[u8]) -> Result<()> {
-        self.tree_insert(t, key, val)
+        self.writable()?;
+        self.tree(t).insert(key, val)
     }
     /// Remove; returns whether the key was present.
     pub fn remove(&mut self, t: Tree, key: u128) -> Result<bool> {
-        self.tree_remove(t, key)
+        self.writable()?;
+        self.tree(t).remove(key)
     }
     /// Allocate one data chunk in the open transaction: `reserve_chunk`
     /// and `claim_chunk` at once. `Error::NoSpace` when none is free (a
     /// small reserve is kept back for metadata so commits always complete).
     pub fn alloc_chunk(&mut self) -> Result<u64> {
-        let r = self.sm_reserve_chunk()?;
-        self.sm_claim_chunk(r)
+        let r = self.reserve_chunk()?;
+        self.claim_chunk(r)
     }
     /// Set a free data chunk aside without allocating it: nothing a commit
     /// writes changes, but no other reservation or tree page gets it.
     /// `Error::NoSpace` as for `alloc_chunk`.
     pub fn reserve_chunk(&mut self) -> Result<Reserved> {
-        self.sm_reserve_chunk()
+        self.writable()?;
+        self.space.reserve_chunk(&mut self.cache)
     }
     /// Allocate a reserved chunk in the open transaction. Call it in the
     /// same critical section as the insert that maps the chunk, so both
     /// become durable in one transaction.
     pub fn claim_chunk(&mut self, r: Reserved) -> Result<u64> {
-        self.sm_claim_chunk(r)
+        self.space.claim_chunk(&mut self.cache, r)
     }
     /// Give a reservation back.
     pub fn release_chunk(&mut self, r: Reserved) -> Result<()> {
-        self.sm_release_chunk(r)
+        self.space.release_chunk(&mut self.cache, r)
     }
     /// Chunks reserved and not yet claimed or released.
     pub fn reserved_chunks(&self) -> u64 {
-        self.sm.reserved_chunks()
+        self.space.reserved_chunks()
     }
     pub fn free_chunk(&mut self, chunk: u64) -> Result<()> {
-        self.sm_free_chunk(chunk)
+        self.writable()?;
+        self.space.free_chunk(&mut self.cache, chunk)
     }
     pub fn app_state(&self) -> &[u8] {
-        &self.st.app_state
+        &self.app_state
     }
     pub fn set_app_state(&mut self, s: &[u8]) -> Result<()> {
         self.writable()?;
@@ -340,36 +329,37 @@ impl<D: BlockDev> Meta<D> {
                 s.len()
             )));
         }
-        if self.st.app_state != s {
-            self.st.app_state = s.to_vec();
-            self.state_dirty = true;
+        if self.app_state != s {
+            self.app_state = s.to_vec();
+            self.state_stale = true;
         }
         Ok(())
     }
-    /// Pages dirtied by the open transaction.
     /// Blocks freed by transactions not yet durable: allocatable after the
     /// next commit (the store commits before answering ENOSPC).
     pub fn quarantined_blocks(&self) -> u64 {
-        self.sm.quarantined_blocks()
+        self.space.quarantined_blocks()
     }
+    /// Pages dirtied by the open transaction.
     pub fn dirty_pages(&self) -> usize {
-        let state_extra = self.state_dirty && !self.dirty.contains(&self.layout.state_block);
-        self.dirty.len() + usize::from(state_extra)
+        let b = self.layout.state_block;
+        let state_extra = self.state_changed() && !self.cache.is_dirty(b);
+        self.cache.dirty_count() + usize::from(state_extra)
     }
     /// The most dirty pages one transaction may carry; commit before
     /// `dirty_pages()` gets near it (a few pages of slack per operation).
     pub fn max_dirty_pages(&self) -> usize {
-        self.jn.max_txn_pages()
+        self.journal.max_txn_pages()
     }
     /// Root block and height (1 = a single leaf) of a tree, for tests and
     /// diagnostics.
     pub fn tree_root(&self, t: Tree) -> (u64, u32) {
-        let r = self.st.roots[tree_index(t)];
+        let r = self.roots.get(t);
         (r.block, r.height)
     }
     /// Journal blocks in use (written since the last checkpoint).
     pub fn journal_used(&self) -> u64 {
-        self.jn.used_blocks()
+        self.journal.used_blocks()
     }
     pub fn is_read_only(&self) -> bool {
         self.read_only
@@ -378,8 +368,31 @@ impl<D: BlockDev> Meta<D> {
     pub fn chunk_in_area(&self, chunk: u64) -> bool {
         self.layout.chunk_in_area(chunk)
     }
+}
+
+// ---- commit and checkpoint ----
+
+impl<D: BlockDev> Meta<D> {
+    /// Close the open transaction and lay it out in the ring.
+    fn plan_commit(&mut self) -> Result<Option<CommitPlan>> {
+        if !self.journal.may_commit()? {
+            return Ok(None);
+        }
+        self.install_state_page();
+        self.journal
+            .plan_commit(&*self.dev, &mut self.cache, &mut self.space)
+    }
+
+    fn unplan_commit(&mut self, plan: CommitPlan) -> Result<()> {
+        self.journal
+            .unplan_commit(plan, &mut self.cache, &mut self.space)?;
+        // The state page image went with the failed write.
+        self.state_stale = true;
+        Ok(())
+    }
+
     pub fn end_commit(&mut self, b: CommitBatch) -> Result<()> {
-        self.finish_commit(b.into_plan())
+        self.journal.finish_commit(b.into_plan(), &mut self.space)
     }
     /// Undo `begin_commit` after its `write` failed: the batch's pages rejoin
     /// the open transaction so a later commit writes them again. Must be the
@@ -388,40 +401,46 @@ impl<D: BlockDev> Meta<D> {
         self.unplan_commit(b.into_plan())
     }
     pub fn end_checkpoint(&mut self, b: CheckpointBatch) -> Result<()> {
-        self.finish_checkpoint(b.into_plan())
+        self.journal
+            .finish_checkpoint(b.into_plan(), &mut self.cache, &mut self.space)
     }
     /// Undo `begin_checkpoint` after its `write` failed: its pages stay
     /// pending for the next checkpoint and the journal tail does not move.
     pub fn abort_checkpoint(&mut self, b: CheckpointBatch) -> Result<()> {
-        self.unplan_checkpoint(b.into_plan())
+        self.journal
+            .unplan_checkpoint(b.into_plan(), &mut self.space)
     }
+
+    /// Checkpoint now if due (or regardless, with `force`), under `&mut self`.
+    fn checkpoint_now(&mut self, force: bool) -> Result<()> {
+        if let Some(plan) = self.journal.plan_checkpoint(force) {
+            self.journal
+                .run_checkpoint(&*self.dev, plan, &mut self.cache, &mut self.space)?;
+        }
+        Ok(())
+    }
+
     /// begin/write/end commit, then checkpoint if due, all under `&mut self`.
     pub fn commit(&mut self) -> Result<()> {
-        if self.jn.busy() {
+        if self.journal.busy() {
             return Err(Error::Busy(
                 "commit() while a CommitBatch/CheckpointBatch is outstanding; end it first".into(),
             ));
         }
         if let Some(plan) = self.plan_commit()? {
-            if let Err(e) = super::journal::write_commit(&*self.dev, &plan) {
+            if let Err(e) = write_commit(&*self.dev, &plan) {
                 self.unplan_commit(plan)?;
                 return Err(e);
             }
-            self.finish_commit(plan)?;
+            self.journal.finish_commit(plan, &mut self.space)?;
         }
-        if let Some(plan) = self.plan_checkpoint(false)? {
-            self.run_checkpoint(plan)?;
-        }
-        Ok(())
+        self.checkpoint_now(false)
     }
     /// Commit, then checkpoint everything committed regardless of the
     /// threshold (for a clean close: the journal is then empty).
     pub fn checkpoint(&mut self) -> Result<()> {
         self.commit()?;
-        if let Some(plan) = self.plan_checkpoint(true)? {
-            self.run_checkpoint(plan)?;
-        }
-        Ok(())
+        self.checkpoint_now(true)
     }
 }
 
@@ -438,14 +457,16 @@ impl<D: BlockDev + 'static> Meta<D> {
     pub fn begin_checkpoint(&mut self) -> Result<Option<CheckpointBatch>> {
         let dev = self.shared_dev();
         Ok(self
-            .plan_checkpoint(false)?
+            .journal
+            .plan_checkpoint(false)
             .map(|p| CheckpointBatch::new(dev, p)))
     }
     /// Like `begin_checkpoint` but regardless of the threshold (for close).
     pub fn begin_checkpoint_all(&mut self) -> Result<Option<CheckpointBatch>> {
         let dev = self.shared_dev();
         Ok(self
-            .plan_checkpoint(true)?
+            .journal
+            .plan_checkpoint(true)
             .map(|p| CheckpointBatch::new(dev, p)))
     }
 }
