@@ -65,7 +65,7 @@ fn absent_err(rec: &OriginRec, reason: &str) -> Error {
 }
 
 /// Everything under the metadata mutex.
-pub struct Md {
+pub struct MetaState {
     pub meta: Meta<Dev>,
     pub own: HashMap<NodeId, u64>,
     pub own_dirty: HashSet<NodeId>,
@@ -79,7 +79,7 @@ pub struct Md {
 pub struct Inner {
     pub cow: Dev,
     pub geo: Geometry,
-    pub md: Mutex<Md>,
+    pub md: Mutex<MetaState>,
     pub origins: RwLock<BTreeMap<u32, Arc<OriginRt>>>,
     pub locks: ChunkLocks,
     pub gc: Arc<GroupCommit>,
@@ -91,12 +91,12 @@ pub struct Inner {
 }
 
 /// An `ExcView` over one origin's exceptions in the B+tree.
-pub struct MdView<'a> {
-    pub md: &'a mut Md,
+pub struct ExcTreeView<'a> {
+    pub md: &'a mut MetaState,
     pub origin: u32,
 }
 
-impl ExcView for MdView<'_> {
+impl ExcView for ExcTreeView<'_> {
     fn get(&mut self, chunk: u64, node: NodeId) -> Result<Option<u64>> {
         self.md.get_exc(self.origin, chunk, node)
     }
@@ -122,9 +122,9 @@ pub fn val_u64(v: &[u8]) -> Result<u64> {
     Ok(u64::from_le_bytes(a))
 }
 
-impl Md {
-    pub fn view(&mut self, origin: u32) -> MdView<'_> {
-        MdView { md: self, origin }
+impl MetaState {
+    pub fn view(&mut self, origin: u32) -> ExcTreeView<'_> {
+        ExcTreeView { md: self, origin }
     }
 
     /// A metadata update that failed half-way leaves the open transaction
@@ -456,7 +456,7 @@ impl Inner {
             cow,
             geo,
             gc: gc.clone(),
-            md: Mutex::new(Md {
+            md: Mutex::new(MetaState {
                 gc,
                 meta,
                 own,

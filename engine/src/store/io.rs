@@ -7,7 +7,7 @@
 //! An origin write that had to copy waits for the copy and its mapping to
 //! be durable (group commit) before it overwrites the origin in place.
 
-use super::inner::{no_snap, FlushHold, Inner, Md, OriginRt};
+use super::inner::{no_snap, FlushHold, Inner, MetaState, OriginRt};
 use super::records::RollbackState;
 use crate::dev::check_range;
 use crate::error::{Error, Result};
@@ -55,7 +55,7 @@ fn pieces(offset: u64, len: usize, cs: u64) -> Vec<Piece> {
 }
 
 /// Whether chunk `c` of origin `o` still waits for the rollback copier.
-pub(crate) fn rb_pending(md: &mut Md, o: u32, c: u64) -> Result<Option<RollbackState>> {
+pub(crate) fn rb_pending(md: &mut MetaState, o: u32, c: u64) -> Result<Option<RollbackState>> {
     match md.app.rollback {
         Some(rb) if rb.origin == o && c >= rb.cursor => Ok(match md.get_exc(o, c, RB_MARK)? {
             Some(_) => None,
@@ -67,9 +67,9 @@ pub(crate) fn rb_pending(md: &mut Md, o: u32, c: u64) -> Result<Option<RollbackS
 
 /// Reserve `n` chunks or none: on ENOSPC, give back what was taken.
 /// Reservations change nothing a commit writes; each becomes an allocation
-/// only with its mapping (`Md::map_fresh`), so a commit by another thread
+/// only with its mapping (`MetaState::map_fresh`), so a commit by another thread
 /// while this operation does its I/O cannot make the allocation durable alone.
-fn reserve_n(md: &mut Md, n: usize) -> Result<Vec<Reserved>> {
+fn reserve_n(md: &mut MetaState, n: usize) -> Result<Vec<Reserved>> {
     let mut got = Vec::with_capacity(n);
     for _ in 0..n {
         match md.meta.reserve_chunk() {
