@@ -360,6 +360,8 @@ def main():
     ap.add_argument("--min-live", type=float, default=0.3, help="earliest cut")
     ap.add_argument("--qdepth", type=int, default=16)
     ap.add_argument("--keep", action="store_true", help="keep every cut's directory")
+    ap.add_argument("--keep-images", type=int, default=5,
+                    help="failing cuts whose disk images are kept (logs and findings are kept for all)")
     ap.add_argument("--cache-mode", default="writeback",
                     help="nbdkit cache filter mode; 'unsafe' ignores FLUSH: a negative control "
                          "that must produce findings")
@@ -417,9 +419,15 @@ def main():
             failed.append(seed)
             with open(os.path.join(cut.dir, "findings.txt"), "w") as f:
                 f.write("\n".join(res["findings"]) + "\n")
-            for name in ("cow.img", "origin.img"):
-                if os.path.exists(cut.p(name)) and not is_mounted(cut.p(name)):
+            for name in ("cow.img", "origin.img"):  # empty mount points, not the symlink
+                if (os.path.isfile(cut.p(name)) and not os.path.islink(cut.p(name))
+                        and not is_mounted(cut.p(name))):
                     os.unlink(cut.p(name))
+            if len(failed) > a.keep_images:
+                # ~0.5 GB a cut: past the first few, keep logs and findings only.
+                for name in ("cow.back", "origin.back", "cow.crash", "origin.crash"):
+                    if os.path.exists(cut.p(name)):
+                        os.unlink(cut.p(name))
         elif not a.keep:
             shutil.rmtree(cut.dir)
     print("powercut: %d cut(s) in %.0fs: %d writes acked, %d durable by the rule (%s), %d flushes, "
