@@ -133,10 +133,10 @@ pub(super) fn write_empty_store(dev: &dyn BlockDev, opts: &FormatOptions) -> Res
         format::seal(&mut p);
         dev.write_at(b * BLOCK, &p[..])?;
     }
-    let st = fresh_state(&l);
+    let state = fresh_state(&l);
     dev.write_at(
         l.state_block * BLOCK,
-        &format::encode_state(&st, l.state_block)[..],
+        &format::encode_state(&state, l.state_block)[..],
     )?;
     dev.flush()?;
     for seq in [1u64, 2] {

@@ -102,23 +102,23 @@ impl<D: BlockDev> Meta<D> {
     /// else home), validate it, and hand each owner its part.
     pub(super) fn load_state(&mut self) -> Result<()> {
         let b = self.layout.state_block;
-        let st = format::decode_state(&self.cache.peek(b)?[..], b)?;
-        self.validate_state(&st)?;
-        self.space = SpaceMap::new(&self.layout, &st);
-        self.roots = Roots::new(st.roots);
-        self.app_state = st.app_state;
+        let rec = format::decode_state(&self.cache.peek(b)?[..], b)?;
+        self.validate_state(&rec)?;
+        self.space = SpaceMap::new(&self.layout, &rec);
+        self.roots = Roots::new(rec.roots);
+        self.app_state = rec.app_state;
         self.state_stale = false;
         Ok(())
     }
 
-    fn validate_state(&self, st: &StateRec) -> Result<()> {
+    fn validate_state(&self, rec: &StateRec) -> Result<()> {
         let l = &self.layout;
         let bad = |reason: String| Error::Corrupt {
             block: l.state_block,
             kind: "state page",
             reason,
         };
-        for (t, r) in Tree::ALL.iter().zip(st.roots.iter()) {
+        for (t, r) in Tree::ALL.iter().zip(rec.roots.iter()) {
             if !l.in_area(r.block) {
                 return Err(bad(format!(
                     "{} root {} outside the allocation area",
@@ -127,10 +127,10 @@ impl<D: BlockDev> Meta<D> {
                 )));
             }
         }
-        if st.free_blocks > l.area_blocks() || st.data_chunks > l.chunks_total() {
+        if rec.free_blocks > l.area_blocks() || rec.data_chunks > l.chunks_total() {
             return Err(bad(format!(
                 "counters out of range: free blocks {}, data chunks {}",
-                st.free_blocks, st.data_chunks
+                rec.free_blocks, rec.data_chunks
             )));
         }
         Ok(())
@@ -142,13 +142,13 @@ impl<D: BlockDev> Meta<D> {
 impl<D: BlockDev> Meta<D> {
     /// The state page's record: each owner's part, and the app state.
     fn state_rec(&self) -> StateRec {
-        let mut st = StateRec {
+        let mut rec = StateRec {
             roots: self.roots.all(),
             app_state: self.app_state.clone(),
             ..StateRec::default()
         };
-        self.space.fill_state(&mut st);
-        st
+        self.space.fill_state(&mut rec);
+        rec
     }
 
     fn state_changed(&self) -> bool {

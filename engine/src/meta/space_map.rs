@@ -171,18 +171,18 @@ fn corrupt_map(block: u64, reason: String) -> Error {
 }
 
 impl SpaceMap {
-    /// The space map of a store whose state page holds `st`.
-    pub(super) fn new(layout: &Layout, st: &StateRec) -> Self {
+    /// The space map of a store whose state page holds `rec`.
+    pub(super) fn new(layout: &Layout, rec: &StateRec) -> Self {
         SpaceMap {
             layout: *layout,
             counters: SpaceCounters {
-                data_chunks: st.data_chunks,
-                meta_blocks: st.meta_blocks,
-                free_blocks: st.free_blocks,
-                meta_chunks: st.meta_chunks,
+                data_chunks: rec.data_chunks,
+                meta_blocks: rec.meta_blocks,
+                free_blocks: rec.free_blocks,
+                meta_chunks: rec.meta_chunks,
             },
-            data_cursor: st.data_cursor,
-            meta_cursor: st.meta_cursor,
+            data_cursor: rec.data_cursor,
+            meta_cursor: rec.meta_cursor,
             state_changed: false,
             quarantine: Quarantine::new(layout.bpc),
             open_freed: Vec::new(),
@@ -195,14 +195,14 @@ impl SpaceMap {
     }
 
     /// Write the counters and cursors into a state record being encoded.
-    pub(super) fn fill_state(&self, st: &mut StateRec) {
+    pub(super) fn fill_state(&self, rec: &mut StateRec) {
         let c = &self.counters;
-        st.data_chunks = c.data_chunks;
-        st.meta_blocks = c.meta_blocks;
-        st.free_blocks = c.free_blocks;
-        st.meta_chunks = c.meta_chunks;
-        st.data_cursor = self.data_cursor;
-        st.meta_cursor = self.meta_cursor;
+        rec.data_chunks = c.data_chunks;
+        rec.meta_blocks = c.meta_blocks;
+        rec.free_blocks = c.free_blocks;
+        rec.meta_chunks = c.meta_chunks;
+        rec.data_cursor = self.data_cursor;
+        rec.meta_cursor = self.meta_cursor;
     }
 
     pub(super) fn counters(&self) -> SpaceCounters {
