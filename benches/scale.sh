@@ -108,7 +108,7 @@ trap 'exit 130' INT TERM
 CMDS="$WORK/commands.txt"; : >"$CMDS"
 R="$WORK/results.tsv"; : >"$R"       # kind \t key=value ...
 run() {  # record (paths shortened) and run
-  local q; q=$(printf '%q ' "$@"); q=${q//$SCALE_DIR/\$SCALE_DIR}; q=${q//$WORK/\$W}; q=${q//$BIN\//}
+  local q; q=$(printf '%q ' "$@"); q=${q//$WORK/\$W}; q=${q//$SCALE_DIR/\$SCALE_DIR}; q=${q//$BIN\//}
   echo "$q" >>"$CMDS"
   "$@"
 }
@@ -156,6 +156,13 @@ for n in $SIZES; do
   [ "$e" = "$n" ] || { echo "scale.sh: check counts $e exceptions, expected $n" >&2; exit 1; }
   [ "$clean" = True ] || { echo "scale.sh: check found damage" >&2; cat "$WORK/check-$n.json" >&2; exit 1; }
   rec "check n=$n secs=$secs kib=$kib pages=$pages data_chunks=$dchunks"
+  echo "== the engine's parts alone: meta::check, store::check, Store::status(), $n exceptions"
+  run "$GEN" check --cow "$d/cow.img" --part meta >"$WORK/mcheck-$n.log"
+  rec "part n=$n what=meta_check $(result_of "$WORK/mcheck-$n.log")"
+  run "$GEN" check --cow "$d/cow.img" --part store >"$WORK/scheck-$n.log"
+  rec "part n=$n what=store_check $(result_of "$WORK/scheck-$n.log")"
+  run "$GEN" status --cow "$d/cow.img" >"$WORK/status-$n.log"
+  rec "part n=$n what=status $(result_of "$WORK/status-$n.log")"
   echo "== Store::open, $n exceptions (3 times)"
   for i in 1 2 3; do
     run "$GEN" open --cow "$d/cow.img" >"$WORK/open-$n-$i.log"
@@ -169,7 +176,7 @@ for n in $SIZES; do
   d=${DIR[$n]}; s="$WORK/n$n.sock"; SOCK[$n]=$s
   echo "== serving $n exceptions on $s"
   # shellcheck disable=SC2086
-  { q=$(printf '%q ' "$SNAPMV" serve "$d/cow.img" --read-only --unix "$s" $SERVE_EXTRA); q=${q//$SCALE_DIR/\$SCALE_DIR}; q=${q//$WORK/\$W}; echo "${q//$BIN\//}&" >>"$CMDS"; }
+  { q=$(printf '%q ' "$SNAPMV" serve "$d/cow.img" --read-only --unix "$s" $SERVE_EXTRA); q=${q//$WORK/\$W}; q=${q//$SCALE_DIR/\$SCALE_DIR}; echo "${q//$BIN\//}&" >>"$CMDS"; }
   t0=$(now)
   # shellcheck disable=SC2086
   "$SNAPMV" serve "$d/cow.img" --read-only --unix "$s" $SERVE_EXTRA >"$WORK/serve-$n.log" 2>&1 &
@@ -231,7 +238,7 @@ for r in $(seq 1 "$ROUNDS"); do
     n=${NS[$(( (j + r) % ${#NS[@]} ))]}
     echo "== engine-only reads, round $r, $n exceptions"
     run "$GEN" read --cow "${DIR[$n]}/cow.img" --tag 1 --threads 1 --secs "$ER_SECS" >"$WORK/eread-$r-$n.log"
-    rec "eread round=$r n=$n $(result_of "$WORK/eread-$r-$n.log")"
+    rec "eread round=$r n=$n log=$WORK/eread-$r-$n.log $(result_of "$WORK/eread-$r-$n.log")"
   done
 done
 
@@ -284,6 +291,14 @@ for r in of("fio"):
         round=int(r["round"]), iops=j["iops"], p99=j["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1e6,
         rss0=int(r["rss0_kib"]), rss1=int(r["rss1_kib"]), hwm=int(r["hwm_kib"]), samples=samples))
 
+p("\nThe same, split into the engine's parts (`scale_gen`, one process each; peak RSS is the whole process's):\n")
+p("| exceptions | `meta::check` (metadata walk) | its peak RSS | `store::check` (walk + store invariants; what `snapmv check` runs first) | its peak RSS | `Store::status()` (space accounting, what `list` runs) | RSS before -> after it |")
+p("|---:|---:|---:|---:|---:|---:|---:|")
+for n in sizes:
+    m = of("part", n=n, what="meta_check")[-1]; sc = of("part", n=n, what="store_check")[-1]; s = of("part", n=n, what="status")[-1]
+    p(f"| {n:,} | {float(m['secs']):.2f} s | {mib(m['hwm_kib']):,.0f} MiB | {float(sc['secs']):.2f} s | {mib(sc['hwm_kib']):,.0f} MiB | "
+      f"{float(s['status_s']):.2f} s | {mib(s['rss_before_kib']):.1f} -> {mib(s['rss_after_kib']):.1f} MiB |")
+
 p(f"\n### 4 KiB random reads over NBD (fio, QD{16} per connection, {os.environ['RUNTIME']} s per job, {os.environ['ROUNDS']} round(s))\n")
 p("IOPS: median of the rounds (each round's value in brackets). RSS: the serve process; "
   "\"peak\" is VmHWM during the job (reset before it), the largest over the rounds; \"end\" is VmRSS after the job's last round.\n")
@@ -324,12 +339,17 @@ for c in conns:
 er = of("eread")
 if er:
     p("\n### Engine-only random reads of the snapshot (`scale_gen read`, 1 thread, no NBD)\n")
+    p("Each round is a fresh process (a cold metadata cache). Reads/s: median of the rounds (each round's value).\n")
     p("| exceptions | reads/s median | per round | RSS at end (last round) | peak RSS (largest) |")
     p("|---:|---:|---|---:|---:|")
     for n in sizes:
         xs = sorted(of("eread", n=n), key=lambda x: int(x["round"]))
         p(f"| {n:,} | {med([float(x['reads_per_s']) for x in xs]):,.0f} | {' / '.join(format(float(x['reads_per_s']), ',.0f') for x in xs)} | "
           f"{mib(xs[-1]['rss_kib']):.1f} MiB | {max(mib(x['hwm_kib']) for x in xs):.1f} MiB |")
+    p(f"\nRSS once a second during the engine-only reads ({big:,} exceptions), MiB:\n")
+    for x in sorted(of("eread", n=big), key=lambda x: int(x["round"])):
+        series = [l.split("RSS ")[1].split()[0] for l in open(x["log"]) if "reads/s, RSS" in l]
+        p(f"- round {x['round']}: " + " ".join(f"{float(v):.0f}" for v in series))
 
 p("\n### Targets (issue 10)\n")
 snap_peak = max((mib(x["hwm"]) for c in conns for x in fio.get((big, "snapshot", c), [])), default=float("nan"))

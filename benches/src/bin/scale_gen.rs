@@ -7,6 +7,8 @@
 //! scale_gen open --cow COW [--origin PATH]
 //! scale_gen read --cow COW [--origin PATH] [--tag 1] [--secs 10] [--threads 1] [--bs 4096]
 //! scale_gen wait --unix SOCKET --t0 EPOCH_SECONDS [--pid PID]
+//! scale_gen check --cow COW [--part store|meta]
+//! scale_gen status --cow COW [--origin PATH]
 //! ```
 //!
 //! `gen` creates both files sparse (it refuses existing ones), formats the
@@ -27,6 +29,17 @@
 //! `--tag` through `Volume::read` on `--threads` threads for `--secs`
 //! seconds: the engine's read path with no NBD in between; prints reads/s
 //! and RSS once a second.
+//!
+//! `check` runs the engine's checker alone, read-only: `store::check`
+//! (what `snapmv check` runs: the metadata walk, then the store's own
+//! invariants) or, with `--part meta`, only `meta::check` (the metadata
+//! walk); it prints its time and the process's peak RSS. `snapmv check`
+//! does more than this (it also opens the store to look at the origin
+//! devices), so the difference is the frontend's share.
+//!
+//! `status` opens the store read-only and times one `Store::status()` (the
+//! space accounting behind `snapmv list`, which resolves every live
+//! snapshot chunk by chunk over the exceptions), with RSS before and after.
 //!
 //! `wait` connects to the Unix socket every millisecond until it accepts
 //! (giving up when process `--pid` is gone, or after 300 s), and prints
@@ -59,6 +72,8 @@ fn main() -> ExitCode {
         "open" => open_time(&f),
         "read" => read(&f),
         "wait" => wait_socket(&f),
+        "check" => check(&f),
+        "status" => status(&f),
         other => Err(format!("unknown command {other}")),
     });
     match r {
@@ -167,6 +182,93 @@ fn open_store(f: &Flags) -> Res<Store> {
         Ok(Arc::new(FileDev::open(&p, &OpenOptions::default())?) as Dev)
     };
     Store::open(dev, &mut resolver).map_err(|e| format!("open {}: {e}", cow.display()))
+}
+
+fn check(f: &Flags) -> Res<()> {
+    let cow = f.path("cow")?;
+    let part = f.str("part").unwrap_or("store").to_string();
+    let dev: Dev = Arc::new(
+        FileDev::open(
+            &cow,
+            &OpenOptions {
+                read_only: true,
+                ..OpenOptions::default()
+            },
+        )
+        .map_err(|e| format!("{}: {e}", cow.display()))?,
+    );
+    let t0 = Instant::now();
+    let rep = match part.as_str() {
+        "store" => snapmv_engine::store::check(dev),
+        "meta" => snapmv_engine::meta::check(dev),
+        other => return Err(format!("--part {other}: store or meta")),
+    }
+    .map_err(|e| format!("check: {e}"))?;
+    let el = t0.elapsed().as_secs_f64();
+    let (_, hwm) = rss_kib();
+    println!(
+        "{part}::check {el:.2} s, peak RSS {:.0} MiB: {} errors, {} pages, {} exceptions",
+        mib(hwm),
+        rep.errors.len(),
+        rep.pages_checked,
+        rep.exceptions
+    );
+    for e in rep.errors.iter().take(10) {
+        println!("  {e}");
+    }
+    println!(
+        "RESULT part={part} secs={el:.3} hwm_kib={hwm} errors={} pages={} exceptions={}",
+        rep.errors.len(),
+        rep.pages_checked,
+        rep.exceptions
+    );
+    if rep.errors.is_empty() {
+        Ok(())
+    } else {
+        Err("damage found".into())
+    }
+}
+
+fn status(f: &Flags) -> Res<()> {
+    let cow = f.path("cow")?;
+    let over = f.str("origin").map(PathBuf::from);
+    let ro = OpenOptions {
+        read_only: true,
+        ..OpenOptions::default()
+    };
+    let dev: Dev =
+        Arc::new(FileDev::open(&cow, &ro).map_err(|e| format!("{}: {e}", cow.display()))?);
+    let mut resolver = |_id: &str, recorded: &str| -> snapmv_engine::Result<Dev> {
+        let p = over.clone().unwrap_or_else(|| PathBuf::from(recorded));
+        Ok(Arc::new(FileDev::open(&p, &ro)?) as Dev)
+    };
+    let t0 = Instant::now();
+    let store = Store::open_read_only(dev, &mut resolver)
+        .map_err(|e| format!("open {}: {e}", cow.display()))?;
+    let t_open = t0.elapsed().as_secs_f64();
+    let (rss0, _) = rss_kib();
+    let t1 = Instant::now();
+    let st = store.status();
+    let t_status = t1.elapsed().as_secs_f64();
+    let (rss1, hwm) = rss_kib();
+    let snaps: usize = st.origins.iter().map(|o| o.snapshots.len()).sum();
+    store.close().map_err(|e| format!("close: {e}"))?;
+    println!(
+        "open (read-only) {:.1} ms; status() {:.2} s ({} origins, {snaps} snapshots, {} chunks used); \
+         RSS {:.1} -> {:.1} MiB (peak {:.1})",
+        t_open * 1e3,
+        t_status,
+        st.origins.len(),
+        st.chunks_used,
+        mib(rss0),
+        mib(rss1),
+        mib(hwm)
+    );
+    println!(
+        "RESULT open_ms={:.3} status_s={t_status:.3} rss_before_kib={rss0} rss_after_kib={rss1} hwm_kib={hwm}",
+        t_open * 1e3
+    );
+    Ok(())
 }
 
 fn gen(f: &Flags) -> Res<()> {
