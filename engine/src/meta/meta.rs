@@ -8,7 +8,7 @@
 use super::btree::{BTree, Roots};
 use super::empty_store::write_empty_store;
 use super::journal::{write_commit, CheckpointBatch, CommitBatch, CommitPlan, Journal};
-use super::page_cache::PageCache;
+use super::page_cache::{CacheStats, PageCache};
 use super::recovery::{read_superblock, replay};
 use super::space_map::{Reserved, SpaceCounters, SpaceMap};
 use super::types::{FormatOptions, Geometry, Tree, Usage, APP_STATE_MAX};
@@ -363,6 +363,16 @@ impl<D: BlockDev> Meta<D> {
     }
     pub fn is_read_only(&self) -> bool {
         self.read_only
+    }
+    /// Set the page cache's byte budget (default `DEFAULT_CACHE_BUDGET`):
+    /// clean pages beyond it are evicted, pinned ones (changed and not yet
+    /// checkpointed) never are. Takes effect at once.
+    pub fn set_cache_budget(&mut self, bytes: u64) {
+        self.cache.set_budget(bytes);
+    }
+    /// What the page cache holds and has done since the open.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
     }
     /// Whether `chunk` is a data chunk number inside the allocation area.
     pub fn chunk_in_area(&self, chunk: u64) -> bool {

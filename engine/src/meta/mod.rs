@@ -36,7 +36,8 @@
 //! The owners, each with its fields private (ARCHITECTURE.md has the
 //! dependency order; no file here imports one that imports it back):
 //! - `types`: the shared vocabulary (`Tree`, sizes, `Geometry`, `Usage`);
-//! - `page_cache`: `PageCache`, every loaded page and the dirty set;
+//! - `page_cache`: `PageCache`, the loaded pages within a byte budget
+//!   (CLOCK over the clean ones), and the dirty set;
 //! - `space_map`: `SpaceMap`, bitmap, allocators, quarantine, reservations;
 //! - `btree`: the tree `Roots` and the B+tree algorithms (`BTree`);
 //! - `recovery`: superblock choice and journal replay at open;
@@ -61,6 +62,7 @@ mod types;
 pub use check::{check, CheckReport};
 pub use journal::{CheckpointBatch, CommitBatch};
 pub use meta::Meta;
+pub use page_cache::{CacheStats, DEFAULT_BUDGET as DEFAULT_CACHE_BUDGET, MIN_CLEAN_PAGES};
 pub use repair::{repair, RepairReport};
 pub use space_map::Reserved;
 pub use types::{

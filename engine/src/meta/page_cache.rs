@@ -1,5 +1,5 @@
-//! `PageCache`: every metadata page loaded or created, and which of them
-//! the open transaction changed. All page access goes through it.
+//! `PageCache`: the metadata pages in memory, and which of them the open
+//! transaction changed. All page access goes through it.
 //!
 //! What the cache knows of each page:
 //! - *dirty*: changed by the open transaction; the next commit seals it and
@@ -9,16 +9,59 @@
 //!   until a checkpoint writes those very bytes home
 //!   (`note_written_home`).
 //!
-//! The cache is unbounded: a page that is not homed may exist only here
-//! and in the journal. Only a clean, homed page could be dropped and read
-//! again, which is what a byte budget with eviction would build on.
+//! The cache holds at most a byte budget (`set_budget`, default
+//! `DEFAULT_BUDGET`) of *clean* pages: homed and not dirty, the only ones
+//! that can be dropped and read again. Every other page is *pinned*: it may
+//! exist only here and in the journal, so it stays until a checkpoint homes
+//! it, whatever the budget. Pinned pages count towards the bytes but are
+//! never evicted; when they alone fill the budget, the cache keeps a floor
+//! of `MIN_CLEAN_PAGES` clean pages (one operation's working set) and goes
+//! over budget, which `CacheStats::over_budget` counts.
+//!
+//! Eviction is CLOCK over the clean pages only: an access sets a page's
+//! reference bit; the hand sweeps the ring, clearing set bits and evicting
+//! the first page whose bit is clear. A page joins the ring when it becomes
+//! clean (read from home, or homed by a checkpoint) and leaves it when it
+//! is pinned again (changed) or freed. An evicted page is read from home on
+//! its next access and validated again (crc, type, block number, role).
+//!
+//! A miss costs one 4 KiB read of the home block, done in `load` (the one
+//! place a miss is served), under whatever lock the caller holds.
 
 use super::types::Tree;
 use crate::dev::BlockDev;
 use crate::error::{Error, Result};
-use crate::format::{self, Page, BLOCK};
+use crate::format::{self, Page, BLOCK, PAGE_SIZE};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+
+/// The default byte budget of the page cache: 8192 pages.
+pub const DEFAULT_BUDGET: u64 = 32 << 20;
+
+/// Clean pages kept whatever the budget, so one operation (a root-to-leaf
+/// descent, a split, a bitmap word) does not evict its own pages.
+pub const MIN_CLEAN_PAGES: usize = 4;
+
+/// What the page cache holds and has done since the open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// The byte budget for clean pages plus pinned pages.
+    pub budget: u64,
+    /// Pages held, and their bytes (`pages * 4096`; the map's own overhead,
+    /// tens of bytes a page, is not counted).
+    pub pages: u64,
+    pub bytes: u64,
+    /// Pages that cannot be evicted: dirty, or not yet homed.
+    pub pinned: u64,
+    /// Accesses served from memory, and from a read of the home block.
+    pub hits: u64,
+    pub misses: u64,
+    /// Clean pages dropped to stay within the budget.
+    pub evictions: u64,
+    /// Times a page entered the cache and left it over budget because the
+    /// pinned pages (plus the floor of clean ones) alone exceed it.
+    pub over_budget: u64,
+}
 
 /// What a page is expected to be; decides the validation on load.
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +78,10 @@ struct CachedPage {
     checked: bool,
     /// Whether `buf` equals the home block (see the module docs).
     homed: bool,
+    /// CLOCK reference bit: accessed since the hand last passed.
+    referenced: bool,
+    /// Position in the clock ring; `Some` exactly when the page is clean.
+    slot: Option<usize>,
 }
 
 pub(super) struct PageCache<D: BlockDev> {
@@ -45,6 +92,12 @@ pub(super) struct PageCache<D: BlockDev> {
     /// journal images are written in a deterministic order and simulator
     /// seeds replay.
     dirty: BTreeSet<u64>,
+    /// The clock ring: the clean (evictable) pages, in no particular order.
+    ring: Vec<u64>,
+    /// The clock hand, an index into `ring`.
+    hand: usize,
+    budget_pages: usize,
+    stats: CacheStats,
 }
 
 /// Read one block from its home on `dev`, bypassing any cache.
@@ -77,6 +130,12 @@ fn validate(block: u64, buf: &Page, role: Role) -> Result<()> {
     }
 }
 
+fn budget_pages(bytes: u64) -> usize {
+    usize::try_from(bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX)
+}
+
+// ---- the clock ----
+
 impl<D: BlockDev> PageCache<D> {
     pub(super) fn new(dev: Arc<D>, read_only: bool) -> Self {
         PageCache {
@@ -84,34 +143,155 @@ impl<D: BlockDev> PageCache<D> {
             read_only,
             pages: HashMap::new(),
             dirty: BTreeSet::new(),
+            ring: Vec::new(),
+            hand: 0,
+            budget_pages: budget_pages(DEFAULT_BUDGET),
+            stats: CacheStats::default(),
         }
     }
 
+    /// Set the byte budget (see the module docs) and evict down to it.
+    pub(super) fn set_budget(&mut self, bytes: u64) {
+        self.budget_pages = budget_pages(bytes);
+        self.make_room(0);
+    }
+
+    pub(super) fn stats(&self) -> CacheStats {
+        let pages = self.pages.len() as u64;
+        CacheStats {
+            budget: self.budget_pages as u64 * PAGE_SIZE as u64,
+            pages,
+            bytes: pages * PAGE_SIZE as u64,
+            pinned: pages - self.ring.len() as u64,
+            ..self.stats
+        }
+    }
+
+    /// Whether a page belongs on the clock: clean, so it can be read again.
+    fn evictable(&self, block: u64, p: &CachedPage) -> bool {
+        // The planted bug: every page is on the clock, dirty and unhomed
+        // ones too, and evicting one loses its change.
+        cfg!(snapmv_planted_bug = "evict_dirty") || (p.homed && !self.dirty.contains(&block))
+    }
+
+    /// Put `block` on the clock or take it off, as its state now says.
+    fn sync_clock(&mut self, block: u64) {
+        let Some(p) = self.pages.get(&block) else {
+            return;
+        };
+        match (self.evictable(block, p), p.slot) {
+            (true, None) => {
+                let slot = self.ring.len();
+                self.ring.push(block);
+                self.cached_mut(block).slot = Some(slot);
+            }
+            (false, Some(_)) => self.clock_remove(block),
+            _ => {}
+        }
+    }
+
+    fn clock_remove(&mut self, block: u64) {
+        let Some(slot) = self.pages.get_mut(&block).and_then(|p| p.slot.take()) else {
+            return;
+        };
+        self.ring.swap_remove(slot);
+        if let Some(&moved) = self.ring.get(slot) {
+            self.cached_mut(moved).slot = Some(slot);
+        }
+        if self.hand >= self.ring.len() {
+            self.hand = 0;
+        }
+    }
+
+    /// Drop a page from the cache (and the clock).
+    fn remove(&mut self, block: u64) {
+        self.clock_remove(block);
+        self.pages.remove(&block);
+    }
+
+    /// Clean pages allowed now: the budget less the pinned pages, but never
+    /// below the floor.
+    fn clean_limit(&self) -> usize {
+        let pinned = self.pages.len() - self.ring.len();
+        self.budget_pages.saturating_sub(pinned).max(MIN_CLEAN_PAGES)
+    }
+
+    /// Evict clean pages until `incoming` more clean pages fit the budget.
+    fn make_room(&mut self, incoming: usize) {
+        while !self.ring.is_empty() && self.ring.len() + incoming > self.clean_limit() {
+            self.evict_one();
+        }
+    }
+
+    /// A page just entered: count it if the cache is now over budget.
+    fn note_entered(&mut self) {
+        if self.pages.len() > self.budget_pages {
+            self.stats.over_budget += 1;
+        }
+    }
+
+    /// Sweep the hand to the first clean page not referenced since it last
+    /// passed, clearing bits on the way, and evict that page.
+    fn evict_one(&mut self) {
+        loop {
+            if self.hand >= self.ring.len() {
+                self.hand = 0;
+            }
+            let block = self.ring[self.hand];
+            let p = self.cached_mut(block);
+            if p.referenced {
+                p.referenced = false;
+                self.hand += 1;
+                continue;
+            }
+            // The page that moves into this slot is the hand's next.
+            self.remove(block);
+            // A no-op for a clean page; with the planted bug, the lost change.
+            self.dirty.remove(&block);
+            self.stats.evictions += 1;
+            return;
+        }
+    }
+}
+
+// ---- pages ----
+
+impl<D: BlockDev> PageCache<D> {
     /// Read a block from its home, bypassing the cache.
     pub(super) fn read_home(&self, block: u64) -> Result<Box<Page>> {
         read_block(&*self.dev, block)
     }
 
     /// Load (if needed) and validate a page for `role`. Damage is reported
-    /// as an error and the page is not used.
+    /// as an error and the page is not used. This is the only place a miss
+    /// is served: one read of the home block.
     fn load(&mut self, block: u64, role: Role) -> Result<&mut CachedPage> {
-        if !self.pages.contains_key(&block) {
+        if self.pages.contains_key(&block) {
+            self.stats.hits += 1;
+        } else {
+            self.stats.misses += 1;
             let buf = self.read_home(block)?;
+            self.make_room(1);
             let page = CachedPage {
                 buf,
                 checked: false,
                 homed: true,
+                referenced: false,
+                slot: None,
             };
             self.pages.insert(block, page);
+            self.sync_clock(block);
+            self.note_entered();
         }
         let p = self.cached_mut(block);
+        p.referenced = true;
         if !p.checked {
             if let Err(e) = validate(block, &p.buf, role) {
                 // A page read from home is dropped so a later read retries;
                 // one that is not homed (replayed) is the committed content
                 // and stays.
                 if p.homed {
-                    self.pages.remove(&block);
+                    self.remove(block);
                 }
                 return Err(e);
             }
@@ -132,16 +312,17 @@ impl<D: BlockDev> PageCache<D> {
         Ok(&self.load(block, role)?.buf)
     }
 
-    /// Mutable access to a page for the open transaction.
+    /// Mutable access to a page for the open transaction. The page is
+    /// pinned from now until a checkpoint writes its bytes home.
     pub(super) fn page_mut(&mut self, block: u64, role: Role) -> Result<&mut Page> {
         assert!(!self.read_only, "page {block} changed on a read-only open");
         // Load first: a page that fails to load must not be marked dirty,
         // or every later commit would look for it in vain.
         self.load(block, role)?;
         self.dirty.insert(block);
-        let p = self.cached_mut(block);
-        p.homed = false;
-        Ok(&mut p.buf)
+        self.cached_mut(block).homed = false;
+        self.sync_clock(block);
+        Ok(&mut self.cached_mut(block).buf)
     }
 
     /// The current content of a block, cached or home, unvalidated and not
@@ -153,34 +334,40 @@ impl<D: BlockDev> PageCache<D> {
         }
     }
 
+    /// Insert a pinned page (not homed), replacing any cached content.
+    fn insert_pinned(&mut self, block: u64, buf: Box<Page>, checked: bool) {
+        self.remove(block);
+        let page = CachedPage {
+            buf,
+            checked,
+            homed: false,
+            referenced: true,
+            slot: None,
+        };
+        self.pages.insert(block, page);
+        self.sync_clock(block);
+        self.make_room(0);
+        self.note_entered();
+    }
+
     /// A page built in memory (a new tree page, the state page) joins the
     /// open transaction, replacing any cached content of the block.
     pub(super) fn install_new(&mut self, block: u64, buf: Box<Page>) {
         assert!(!self.read_only, "page {block} created on a read-only open");
-        let page = CachedPage {
-            buf,
-            checked: true,
-            homed: false,
-        };
-        self.pages.insert(block, page);
         self.dirty.insert(block);
+        self.insert_pinned(block, buf, true);
     }
 
     /// A committed image replayed from the journal at open: newer than the
     /// home block and not yet validated for its role.
     pub(super) fn install_replayed(&mut self, block: u64, buf: Box<Page>) {
-        let page = CachedPage {
-            buf,
-            checked: false,
-            homed: false,
-        };
-        self.pages.insert(block, page);
+        self.insert_pinned(block, buf, false);
     }
 
     /// Forget a freed page, and its change in the open transaction: the
     /// journal revokes the block instead.
     pub(super) fn discard(&mut self, block: u64) {
-        self.pages.remove(&block);
+        self.remove(block);
         self.dirty.remove(&block);
     }
 
@@ -193,7 +380,8 @@ impl<D: BlockDev> PageCache<D> {
     }
 
     /// Close the open transaction's changes: seal every dirty page (block
-    /// order) and return immutable images of them. No page is dirty after.
+    /// order) and return immutable images of them. No page is dirty after;
+    /// every one of them stays pinned (not homed) until its checkpoint.
     pub(super) fn seal_dirty(&mut self) -> Vec<(u64, Arc<Page>)> {
         let dirty = std::mem::take(&mut self.dirty);
         let mut images = Vec::with_capacity(dirty.len());
@@ -211,18 +399,171 @@ impl<D: BlockDev> PageCache<D> {
     pub(super) fn redirty(&mut self, block: u64) {
         if self.pages.contains_key(&block) {
             self.dirty.insert(block);
+            self.sync_clock(block);
         }
     }
 
     /// A checkpoint wrote `img` to `block`'s home: the cached page is homed
     /// if it is clean and has exactly those bytes (a newer change, committed
-    /// or not, keeps it unhomed).
+    /// or not, keeps it unhomed). A homed page becomes evictable.
     pub(super) fn note_written_home(&mut self, block: u64, img: &Page) {
         let clean = !self.dirty.contains(&block);
         if let Some(p) = self.pages.get_mut(&block) {
             if clean && p.buf[..] == img[..] {
                 p.homed = true;
+                self.sync_clock(block);
+                self.make_room(0);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::MemDev;
+    use crate::format::node;
+
+    const T: Tree = Tree::Exceptions;
+    const LEAF: Role = Role::Node { tree: T, level: 0 };
+    const PAGE: u64 = PAGE_SIZE as u64;
+
+    fn leaf(block: u64, key: u128) -> Box<Page> {
+        let mut p = format::new_page();
+        node::init_node(&mut p, block, T.node_id(), 0, T.value_size());
+        node::insert_at(&mut p, 0, &node::leaf_entry(key, &[7u8; 8]));
+        format::seal(&mut p);
+        p
+    }
+
+    /// A device whose blocks 0..256 hold valid leaves (key = block).
+    fn cache(budget_pages: u64) -> PageCache<MemDev> {
+        let dev = MemDev::new(256 * PAGE);
+        for b in 0..256 {
+            dev.write_at(b * BLOCK, &leaf(b, b.into())[..]).unwrap();
+        }
+        let mut c = PageCache::new(Arc::new(dev), false);
+        c.set_budget(budget_pages * PAGE);
+        c
+    }
+
+    impl<D: BlockDev> PageCache<D> {
+        fn cached(&self, b: u64) -> bool {
+            self.pages.contains_key(&b)
+        }
+        /// The bound the cache keeps after every call.
+        fn within_bound(&self) -> bool {
+            let s = self.stats();
+            s.pages <= (self.budget_pages as u64).max(s.pinned + MIN_CLEAN_PAGES as u64)
+        }
+    }
+
+    fn key_of(c: &mut PageCache<MemDev>, b: u64) -> u128 {
+        node::key_at(&c.page(b, LEAF).unwrap()[..], 0, node::entry_size(0, 8))
+    }
+
+    #[test]
+    fn clock_gives_referenced_pages_a_second_chance() {
+        let mut c = cache(6);
+        for b in 10..16 {
+            c.page(b, LEAF).unwrap();
+        }
+        assert_eq!((c.stats().pages, c.stats().evictions), (6, 0));
+        assert_eq!((c.stats().misses, c.stats().hits), (6, 0));
+        // Every page was referenced: the hand clears all six bits, comes
+        // round, and takes the first page of the ring.
+        c.page(16, LEAF).unwrap();
+        assert!(!c.cached(10));
+        assert_eq!((c.stats().pages, c.stats().evictions), (6, 1));
+        // 11 is used again; the next evictions take pages not used since the
+        // sweep, never 11 or the newer 16 and 17.
+        c.page(11, LEAF).unwrap();
+        assert_eq!(c.stats().hits, 1);
+        c.page(17, LEAF).unwrap();
+        c.page(18, LEAF).unwrap();
+        assert_eq!(c.stats().evictions, 3);
+        for b in [11, 16, 17, 18] {
+            assert!(c.cached(b), "page {b} evicted");
+        }
+        assert_eq!(
+            [12, 13, 14, 15].iter().filter(|b| c.cached(**b)).count(),
+            2
+        );
+        // An evicted page is read again, with its content.
+        assert_eq!(key_of(&mut c, 10), 10);
+        assert_eq!(c.stats().misses, 10);
+        assert!(c.within_bound());
+    }
+
+    #[test]
+    fn pinned_pages_stay_until_homed() {
+        let mut c = cache(6);
+        // Dirty pages (changed, created) and a replayed one.
+        c.page_mut(10, LEAF).unwrap();
+        c.page_mut(11, LEAF).unwrap();
+        c.install_new(200, leaf(200, 1));
+        c.install_replayed(201, leaf(201, 2));
+        let pinned = [10, 11, 200, 201];
+        let sweep = |c: &mut PageCache<MemDev>, from: u64| {
+            for b in from..from + 30 {
+                c.page(b, LEAF).unwrap();
+                assert!(c.within_bound(), "{:?}", c.stats());
+                for p in pinned {
+                    assert!(c.cached(p), "pinned page {p} evicted");
+                }
+            }
+        };
+        sweep(&mut c, 20);
+        assert_eq!(c.stats().pinned, 4);
+        assert!(c.stats().evictions > 0);
+        // Committed (no longer dirty) but not yet home: still pinned.
+        let images = c.seal_dirty();
+        assert_eq!(images.len(), 3);
+        sweep(&mut c, 60);
+        assert_eq!(c.stats().pinned, 4);
+        // Pinned pages alone over the budget: the cache goes over it and
+        // keeps the floor of clean pages.
+        c.set_budget(2 * PAGE);
+        let over = c.stats().over_budget;
+        sweep(&mut c, 100);
+        assert!(c.stats().over_budget > over);
+        assert_eq!(c.stats().pages, 4 + MIN_CLEAN_PAGES as u64);
+        // A checkpoint writes 10 home: it becomes clean and evictable, and
+        // reads back as what went home. 11 went home with other bytes (a
+        // newer change is not home yet): it stays pinned.
+        c.set_budget(6 * PAGE);
+        let (h, img) = &images[0];
+        assert_eq!(*h, 10);
+        c.dev.write_at(10 * BLOCK, &img[..]).unwrap();
+        c.note_written_home(10, img);
+        c.note_written_home(11, &leaf(11, 99));
+        assert_eq!(c.stats().pinned, 3);
+        for b in 140..150 {
+            c.page(b, LEAF).unwrap();
+        }
+        assert!(!c.cached(10));
+        assert!(c.cached(11) && c.cached(200) && c.cached(201));
+        assert_eq!(c.page(10, LEAF).unwrap()[..], img[..]);
+    }
+
+    #[test]
+    fn an_evicted_page_is_validated_again() {
+        let mut c = cache(4);
+        assert_eq!(key_of(&mut c, 10), 10);
+        // Damage at home does not touch the cached page...
+        c.dev.write_at(10 * BLOCK + 100, &[0xff; 8]).unwrap();
+        assert_eq!(key_of(&mut c, 10), 10);
+        for b in 20..30 {
+            c.page(b, LEAF).unwrap();
+        }
+        // ...but once evicted, the damaged home copy is refused, every time.
+        assert!(!c.cached(10));
+        assert!(matches!(c.page(10, LEAF), Err(Error::Corrupt { .. })));
+        assert!(matches!(c.page(10, LEAF), Err(Error::Corrupt { .. })));
+        assert!(!c.cached(10));
+        // An evicted page is checked for its role again, too.
+        assert!(!c.cached(20));
+        let internal = Role::Node { tree: T, level: 1 };
+        assert!(matches!(c.page(20, internal), Err(Error::CorruptTree { .. })));
     }
 }

@@ -3,6 +3,7 @@
 use crate::dev::BlockDev;
 use crate::error::{Error, Result};
 pub use crate::meta::FormatOptions;
+pub use crate::meta::{CacheStats, DEFAULT_CACHE_BUDGET};
 use std::sync::Arc;
 
 /// Devices are shared trait objects so one `Store` can mix file, memory and

@@ -158,6 +158,20 @@ impl Store {
         self.inner.close()
     }
 
+    /// Set the metadata page cache's byte budget (default
+    /// `DEFAULT_CACHE_BUDGET`, 32 MiB). Clean pages beyond it are evicted
+    /// at once and whenever a page is read; pages changed and not yet
+    /// checkpointed stay whatever the budget (`CacheStats::over_budget`
+    /// counts the times they alone exceeded it).
+    pub fn set_cache_budget(&self, bytes: u64) {
+        sync::lock(&self.inner.md).meta.set_cache_budget(bytes);
+    }
+
+    /// The metadata page cache's counters.
+    pub fn cache_stats(&self) -> CacheStats {
+        sync::lock(&self.inner.md).meta.cache_stats()
+    }
+
     /// Chunk-lock table entries in use (zero when idle; for tests).
     pub fn lock_entries(&self) -> usize {
         self.inner.locks.entries()
