@@ -2,7 +2,7 @@
 # Show that the simulator catches each bug planted in the engine
 # (engine hooks: #[cfg(snapmv_planted_bug = "...")]).
 #
-#   sim/planted.sh                 # all six
+#   sim/planted.sh                 # all seven
 #   sim/planted.sh skip_checksum   # one
 #
 # skip_cow_flush, skip_checksum and early_reuse are caught by the sequential
@@ -10,7 +10,10 @@
 # clean_free_early only show when threads and a power cut meet: the
 # concurrent crash simulator (src/concurrent.rs) must catch each within its
 # CI slice's seeds; SNAPMV_PLANTED_CROSS=1 also runs each of them through
-# the sequential swarm, to show that mode misses it.
+# the sequential swarm, to show that mode misses it. evict_dirty (the page
+# cache evicts dirty or not-yet-checkpointed pages) is caught by the engine's
+# B+tree model run through a page cache of a few pages
+# (engine/tests/meta_model.rs): those tests must fail.
 #
 # One target directory (target/planted) serves every bug: the planted cfg is
 # added only to workspace crates through a per-bug RUSTC_WORKSPACE_WRAPPER,
@@ -18,7 +21,7 @@
 # Exit status is non-zero if any planted bug goes uncaught.
 set -eu
 cd "$(dirname "$0")/.."
-bugs="${*:-skip_cow_flush skip_checksum early_reuse alloc_early flush_no_cover clean_free_early}"
+bugs="${*:-skip_cow_flush skip_checksum early_reuse alloc_early flush_no_cover clean_free_early evict_dirty}"
 concurrent_seeds="${SNAPMV_CONCURRENT_SEEDS:-2000}"
 target="${CARGO_TARGET_DIR:-target}/planted"
 mkdir -p "$target/wrappers"
@@ -37,6 +40,24 @@ WRAP
     if cmp -s "$tmp" "$wrap"; then rm -f "$tmp"; else mv "$tmp" "$wrap"; fi
     log="/tmp/snapmv-planted-$b.log"
     case "$b" in
+    evict_dirty)
+        # The meta model with a tiny cache: the bug build must fail it.
+        if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
+            cargo test -p snapmv-engine --profile test --test meta_model -- \
+            tiny_cache_keeps_pinned_pages deep_trees_tiny_cache >"$log" 2>&1; then
+            tail -5 "$log"
+            echo "=== $b: NOT CAUGHT: the tiny-cache meta model tests passed (log: $log)"
+            status=1
+        elif grep -q "^test .*tiny_cache.* FAILED" "$log"; then
+            echo "CAUGHT $b by the meta model with a tiny page cache:"
+            grep -E "^test .* FAILED|^called|Err" "$log" | head -4
+            echo "=== $b: caught"
+        else
+            tail -20 "$log"
+            echo "=== $b: NOT CAUGHT: the build or run failed otherwise (log: $log)"
+            status=1
+        fi
+        ;;
     alloc_early | flush_no_cover | clean_free_early)
         # The concurrent simulator: the first failing seed is the catch.
         if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \

@@ -1,6 +1,11 @@
 //! B+tree against a BTreeMap model: random inserts, removes, gets, seeks and
 //! ranges, with commits, checkpoints and reopens in between (a reopen drops
 //! whatever was not committed, so the model keeps the committed copy too).
+//!
+//! Each workload also runs with a page cache budget of a few pages, so
+//! clean pages are evicted and read again all the time, while dirty and
+//! not-yet-checkpointed pages must stay (the planted bug `evict_dirty`
+//! evicts them, and these tests catch it).
 
 mod meta_common;
 
@@ -8,7 +13,7 @@ use meta_common::{maybe_commit, snapshot, tree_ix, Model};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use snapmv_engine::meta::{check, FormatOptions, Meta, Tree};
+use snapmv_engine::meta::{check, FormatOptions, Meta, Tree, MIN_CLEAN_PAGES, PAGE_SIZE};
 use snapmv_engine::MemDev;
 use std::sync::Arc;
 
@@ -43,7 +48,12 @@ struct World {
     rng: ChaCha8Rng,
     /// Keys are drawn from 0..span (dense, so removes and seeks hit).
     span: u128,
+    /// Page cache budget in bytes; None keeps the default.
+    budget: Option<u64>,
 }
+
+/// A budget of a few pages: eviction on nearly every miss.
+const TINY: Option<u64> = Some(6 * PAGE_SIZE as u64);
 
 fn val(t: Tree, k: u128, salt: u64) -> Vec<u8> {
     let mut v = vec![0u8; t.value_size()];
@@ -60,17 +70,44 @@ fn val(t: Tree, k: u128, salt: u64) -> Vec<u8> {
 }
 
 impl World {
-    fn new(seed: u64, span: u128) -> Self {
+    fn new(seed: u64, span: u128, budget: Option<u64>) -> Self {
         let dev = Arc::new(MemDev::new(256 << 20));
         let m = Meta::format(dev.clone(), &FormatOptions::default()).unwrap();
-        World {
+        let mut w = World {
             dev,
             m,
             live: Model::default(),
             committed: Model::default(),
             rng: ChaCha8Rng::seed_from_u64(seed),
             span,
+            budget,
+        };
+        w.set_budget();
+        w
+    }
+
+    fn set_budget(&mut self) {
+        if let Some(b) = self.budget {
+            self.m.set_cache_budget(b);
         }
+    }
+
+    fn open(dev: &Arc<MemDev>, budget: Option<u64>) -> M {
+        let mut m = Meta::open(dev.clone()).unwrap();
+        if let Some(b) = budget {
+            m.set_cache_budget(b);
+        }
+        m
+    }
+
+    /// The cache holds its budget, or the pinned pages and the floor of
+    /// clean ones when those exceed it.
+    fn check_cache(&self) {
+        let s = self.m.cache_stats();
+        let bound = (s.budget / PAGE_SIZE as u64).max(s.pinned + MIN_CLEAN_PAGES as u64);
+        assert!(s.pages <= bound, "{s:?}");
+        assert_eq!(s.bytes, s.pages * PAGE_SIZE as u64);
+        assert!(s.pinned <= s.pages);
     }
 
     fn tree(&mut self) -> Tree {
@@ -104,6 +141,7 @@ impl World {
                     if self.m.dirty_pages() + 16 >= self.m.max_dirty_pages() {
                         self.commit();
                     }
+                    self.check_cache();
                 }
             }
             Phase::Remove(n) => {
@@ -114,6 +152,7 @@ impl World {
                     if self.m.dirty_pages() + 16 >= self.m.max_dirty_pages() {
                         self.commit();
                     }
+                    self.check_cache();
                 }
             }
             Phase::Queries(n) => {
@@ -127,8 +166,7 @@ impl World {
                 self.committed = self.live.clone();
             }
             Phase::Reopen => {
-                let m = Meta::open(self.dev.clone()).unwrap();
-                self.m = m;
+                self.m = Self::open(&self.dev, self.budget);
                 self.live = self.committed.clone();
                 assert_eq!(snapshot(&mut self.m).unwrap(), self.live);
             }
@@ -153,6 +191,7 @@ impl World {
             .map(|(k, v)| (*k, v.clone()))
             .collect();
         assert_eq!(self.m.range(t, lo, hi, limit).unwrap(), want);
+        self.check_cache();
     }
 
     fn finish(mut self) {
@@ -161,7 +200,7 @@ impl World {
         drop(self.m);
         let rep = check(self.dev.clone()).unwrap();
         assert!(rep.errors.is_empty(), "{:#?}", rep.errors);
-        let mut m = Meta::open(self.dev).unwrap();
+        let mut m = Self::open(&self.dev, self.budget);
         assert_eq!(snapshot(&mut m).unwrap(), self.live);
     }
 }
@@ -174,7 +213,21 @@ proptest! {
         span in prop_oneof![Just(500u128), Just(5000u128), Just(60000u128)],
         phases in proptest::collection::vec(phase(), 1..25),
     ) {
-        let mut w = World::new(seed, span);
+        let mut w = World::new(seed, span, None);
+        for p in &phases {
+            w.run(p);
+        }
+        w.finish();
+    }
+
+    /// The same with a cache of a few pages.
+    #[test]
+    fn btree_matches_model_tiny_cache(
+        seed in any::<u64>(),
+        span in prop_oneof![Just(500u128), Just(5000u128), Just(60000u128)],
+        phases in proptest::collection::vec(phase(), 1..25),
+    ) {
+        let mut w = World::new(seed, span, TINY);
         for p in &phases {
             w.run(p);
         }
@@ -186,7 +239,49 @@ proptest! {
 /// origins tree height 4, then shrinks back to a single leaf.
 #[test]
 fn deep_trees_grow_and_collapse() {
-    let mut w = World::new(7, 1 << 40);
+    deep_trees(None);
+}
+
+/// The same through a cache of a few pages: most lookups miss, and the
+/// pages evicted are read back from home and validated again.
+#[test]
+fn deep_trees_tiny_cache() {
+    let s = deep_trees(TINY);
+    assert!(s.evictions > 1000 && s.misses > 1000, "{s:?}");
+}
+
+/// A mixed workload with a tiny cache, without reopens: what eviction
+/// may not take (dirty pages, pages committed but not yet checkpointed)
+/// must still be there at each commit and checkpoint.
+#[test]
+fn tiny_cache_keeps_pinned_pages() {
+    for seed in 0..4 {
+        let mut w = World::new(seed, 5000, TINY);
+        for p in [
+            Phase::Insert(2500),
+            Phase::Commit,
+            Phase::Remove(800),
+            Phase::Queries(100),
+            Phase::Commit,
+            Phase::Insert(1500),
+            Phase::Checkpoint,
+            Phase::Remove(1500),
+            Phase::Queries(100),
+            Phase::Commit,
+            Phase::Reopen,
+            Phase::Queries(200),
+        ] {
+            w.run(&p);
+            assert_eq!(snapshot(&mut w.m).unwrap(), w.live, "after {p:?}");
+        }
+        let s = w.m.cache_stats();
+        assert!(s.evictions > 0, "{s:?}");
+        w.finish();
+    }
+}
+
+fn deep_trees(budget: Option<u64>) -> snapmv_engine::meta::CacheStats {
+    let mut w = World::new(7, 1 << 40, budget);
     let mut keys = Vec::new();
     for i in 0..45_000u64 {
         let k = w.key();
@@ -228,14 +323,16 @@ fn deep_trees_grow_and_collapse() {
     assert_eq!(w.m.tree_root(Tree::Exceptions).1, 1);
     assert_eq!(w.m.tree_root(Tree::Origins).1, 1);
     assert_eq!(w.m.usage().meta_blocks, 3);
+    let stats = w.m.cache_stats();
     w.finish();
+    stats
 }
 
 /// Sequential (append) inserts fill leaves completely; reverse order and
 /// keys at the extremes of the u128 space work too.
 #[test]
 fn sequential_and_extreme_keys() {
-    let mut w = World::new(3, 10);
+    let mut w = World::new(3, 10, None);
     let ks: Vec<u128> = (0..5000u128)
         .chain((0..3000u128).map(|i| u128::MAX - i))
         .chain((0..3000u128).map(|i| (1 << 64) + 3000 - i))
@@ -267,7 +364,7 @@ fn sequential_and_extreme_keys() {
 #[ignore]
 fn perf_smoke() {
     use std::time::Instant;
-    let mut w = World::new(11, 1 << 60);
+    let mut w = World::new(11, 1 << 60, None);
     let n = 300_000u64;
     let t0 = Instant::now();
     let mut keys = Vec::with_capacity(n as usize);

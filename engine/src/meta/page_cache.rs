@@ -213,7 +213,9 @@ impl<D: BlockDev> PageCache<D> {
     /// below the floor.
     fn clean_limit(&self) -> usize {
         let pinned = self.pages.len() - self.ring.len();
-        self.budget_pages.saturating_sub(pinned).max(MIN_CLEAN_PAGES)
+        self.budget_pages
+            .saturating_sub(pinned)
+            .max(MIN_CLEAN_PAGES)
     }
 
     /// Evict clean pages until `incoming` more clean pages fit the budget.
@@ -485,10 +487,7 @@ mod tests {
         for b in [11, 16, 17, 18] {
             assert!(c.cached(b), "page {b} evicted");
         }
-        assert_eq!(
-            [12, 13, 14, 15].iter().filter(|b| c.cached(**b)).count(),
-            2
-        );
+        assert_eq!([12, 13, 14, 15].iter().filter(|b| c.cached(**b)).count(), 2);
         // An evicted page is read again, with its content.
         assert_eq!(key_of(&mut c, 10), 10);
         assert_eq!(c.stats().misses, 10);
@@ -564,6 +563,9 @@ mod tests {
         // An evicted page is checked for its role again, too.
         assert!(!c.cached(20));
         let internal = Role::Node { tree: T, level: 1 };
-        assert!(matches!(c.page(20, internal), Err(Error::CorruptTree { .. })));
+        assert!(matches!(
+            c.page(20, internal),
+            Err(Error::CorruptTree { .. })
+        ));
     }
 }
