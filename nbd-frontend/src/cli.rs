@@ -129,6 +129,12 @@ pub enum Cmd {
         /// Export every version read-only.
         #[arg(long)]
         read_only: bool,
+        /// Byte budget of each COW device's metadata page cache (suffixes
+        /// K, KiB, M, MiB, G, GiB). Clean pages beyond it are evicted and
+        /// read again when needed; pages changed and not yet checkpointed
+        /// are kept whatever the budget.
+        #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "32MiB")]
+        cache_budget: u64,
     },
 }
 
@@ -142,13 +148,26 @@ fn parse_tag(s: &str) -> Result<u64, String> {
 }
 
 pub fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let bytes = parse_size(s)?;
+    if !(4096..=1 << 20).contains(&bytes) || !bytes.is_power_of_two() {
+        return Err(format!(
+            "chunk size {bytes} must be a power of two from 4096 to 1048576 bytes"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+/// A size in bytes, with an optional binary suffix (K/KiB, M/MiB, G/GiB).
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mul) = [
         ("KiB", 1024u64),
         ("MiB", 1 << 20),
+        ("GiB", 1 << 30),
         ("K", 1024),
         ("k", 1024),
         ("M", 1 << 20),
+        ("G", 1 << 30),
     ]
     .iter()
     .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n, *m)))
@@ -157,15 +176,8 @@ pub fn parse_chunk_size(s: &str) -> Result<u32, String> {
         .trim()
         .parse()
         .map_err(|_| format!("'{s}' is not a size in bytes"))?;
-    let bytes = n
-        .checked_mul(mul)
-        .ok_or_else(|| format!("'{s}' is too large"))?;
-    if !(4096..=1 << 20).contains(&bytes) || !bytes.is_power_of_two() {
-        return Err(format!(
-            "chunk size {bytes} must be a power of two from 4096 to 1048576 bytes"
-        ));
-    }
-    Ok(bytes as u32)
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 fn parse_origin_override(s: &str) -> Result<(String, PathBuf), String> {
@@ -197,6 +209,30 @@ mod tests {
         assert!(parse_chunk_size("2M").is_err());
         assert!(parse_chunk_size("x").is_err());
         assert!(parse_chunk_size("99999999999999999999K").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("32MiB"), Ok(32 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("32 MB").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn cache_budget_default() {
+        let cli = Cli::try_parse_from(["snapmv", "serve", "cow.img"]).unwrap();
+        match cli.cmd {
+            Cmd::Serve { cache_budget, .. } => {
+                assert_eq!(cache_budget, snapmv_engine::store::DEFAULT_CACHE_BUDGET)
+            }
+            _ => panic!("not serve"),
+        }
+        let cli =
+            Cli::try_parse_from(["snapmv", "serve", "--cache-budget", "1MiB", "c.img"]).unwrap();
+        assert!(matches!(cli.cmd, Cmd::Serve { cache_budget, .. } if cache_budget == 1 << 20));
     }
 
     #[test]

@@ -70,12 +70,14 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             listen,
             unix,
             read_only,
+            cache_budget,
         } => serve::serve(serve::ServeArgs {
             cows: cow.into_iter().chain(cows).collect(),
             origins,
             listen,
             unix,
             read_only,
+            cache_budget,
         }),
     }
 }

@@ -37,6 +37,8 @@ pub struct ServeArgs {
     pub listen: Option<SocketAddr>,
     pub unix: Option<PathBuf>,
     pub read_only: bool,
+    /// Byte budget of each store's metadata page cache.
+    pub cache_budget: u64,
 }
 
 /// One served COW device.
@@ -57,10 +59,26 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     } else {
         open_all(&args.cows, &args.origins)?
     };
+    for s in &served {
+        s.store.set_cache_budget(args.cache_budget);
+    }
+    tracing::info!(bytes = args.cache_budget, "metadata page cache budget");
     let result = run(&served, &args, sigs);
     // Close every store whatever happened: flush, checkpoint, release locks.
     let mut ok = result.is_ok();
     for s in served {
+        let c = s.store.cache_stats();
+        tracing::info!(
+            cow = %s.cow.display(),
+            pages = c.pages,
+            bytes = c.bytes,
+            pinned = c.pinned,
+            hits = c.hits,
+            misses = c.misses,
+            evictions = c.evictions,
+            over_budget = c.over_budget,
+            "metadata page cache"
+        );
         tracing::info!(cow = %s.cow.display(), "closing");
         if let Err(e) = s.store.flush() {
             tracing::error!(cow = %s.cow.display(), error = %e, "flush at shutdown failed");

@@ -575,3 +575,30 @@ fn sigint_shuts_down_cleanly() {
     );
     snapmv(&["check", s(&f.cow)]).ok();
 }
+
+/// `--cache-budget`: a metadata cache of a few pages serves the same data
+/// (pages are evicted and read again), and the shutdown log reports the
+/// cache's counters.
+#[test]
+fn serve_with_a_tiny_cache_budget() {
+    snapmv(&["serve", "cow.img", "--cache-budget", "lots"]).fails_with(2, &["lots"]);
+    if !tools() {
+        return;
+    }
+    let f = fixture_with_a();
+    let srv = serve(&f, &["--cache-budget", "16K"]);
+    nbd_fill(&f, "sdb1", B);
+    assert_eq!(snapmv(&["snapshot", s(&f.cow), "sdb1"]).ok().stdout, "1\n");
+    nbd_fill(&f, "sdb1", C);
+    assert_pattern(&nbd_read(&f, "sdb1@1"), B, "snapshot, tiny cache");
+    assert_pattern(&nbd_read(&f, "sdb1"), C, "origin, tiny cache");
+    assert_eq!(srv.stop(), 0);
+    let log = std::fs::read_to_string(f.path("serve.log")).unwrap();
+    assert!(log.contains("bytes=16384"), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("metadata page cache") && l.contains("evictions="))
+        .unwrap_or_else(|| panic!("no cache counters at shutdown:\n{log}"));
+    assert!(line.contains("misses="), "{line}");
+    snapmv(&["check", s(&f.cow)]).ok();
+}
