@@ -297,13 +297,14 @@ fn dm_snap_mv_usage_example() {
         .map(|l| l.split_whitespace().collect())
         .collect();
     assert_eq!(rows.len(), 3, "{t}");
-    assert_eq!(rows[0][2..], ["0", ".", "0", "\"ORIGIN\""]);
+    // Tag, parent, own, shared, memo (the origin has no own or shared).
+    assert_eq!(rows[0][2..], ["0", ".", ".", ".", "\"ORIGIN\""]);
     assert_eq!(
-        (rows[1][2], rows[1][3], rows[1][5]),
+        (rows[1][2], rows[1][3], rows[1][6]),
         ("1", ".", "\"snap1\"")
     );
     assert_eq!(
-        (rows[2][2], rows[2][3], rows[2][5]),
+        (rows[2][2], rows[2][3], rows[2][6]),
         ("2", "1", "\"snap2\"")
     );
     assert!(
