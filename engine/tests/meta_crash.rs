@@ -34,6 +34,20 @@ struct Run {
     states: Vec<Model>,
     shared: Arc<Mutex<Shared>>,
     rng: ChaCha8Rng,
+    budget: Option<u64>,
+}
+
+/// Odd seeds run with a page cache of a few pages, so clean pages are
+/// evicted and read again between (and after) the crashes.
+fn budget_for(seed: u64) -> Option<u64> {
+    (seed % 2 == 1).then_some(6 * snapmv_engine::meta::PAGE_SIZE as u64)
+}
+
+fn with_budget(mut m: M, budget: Option<u64>) -> M {
+    if let Some(b) = budget {
+        m.set_cache_budget(b);
+    }
+    m
 }
 
 fn pattern(k: u128, len: u64) -> Vec<u8> {
@@ -70,7 +84,8 @@ impl Run {
             chunk_size: chunk,
             force: false,
         };
-        let m = Meta::format(dev.clone(), &opts).unwrap();
+        let budget = budget_for(seed);
+        let m = with_budget(Meta::format(dev.clone(), &opts).unwrap(), budget);
         let shared = Arc::new(Mutex::new(Shared {
             allowed: vec![0],
             images: Vec::new(),
@@ -94,6 +109,7 @@ impl Run {
             states: vec![Model::default()],
             shared,
             rng: ChaCha8Rng::seed_from_u64(seed),
+            budget,
         }
     }
 
@@ -185,16 +201,22 @@ impl Run {
     }
 
     fn reopen(&mut self) {
-        let m = Meta::open(self.dev.clone()).unwrap();
-        self.m = m;
+        self.m = with_budget(Meta::open(self.dev.clone()).unwrap(), self.budget);
         assert_eq!(&snapshot(&mut self.m).unwrap(), self.states.last().unwrap());
     }
 }
 
-fn verify_image(img: Vec<u8>, allowed: &[usize], states: &[Model], chunk: u32) {
+fn verify_image(
+    img: Vec<u8>,
+    allowed: &[usize],
+    states: &[Model],
+    chunk: u32,
+    budget: Option<u64>,
+) {
     let d = CrashDev::from_image(img);
     let find = |s: &Model| allowed.iter().copied().find(|&i| states[i] == *s);
-    let mut ro = Meta::open_read_only(d.clone()).expect("read-only open after crash");
+    let open_ro = Meta::open_read_only(d.clone()).expect("read-only open after crash");
+    let mut ro = with_budget(open_ro, budget);
     let got = snapshot(&mut ro).unwrap();
     let which = find(&got).unwrap_or_else(|| {
         panic!(
@@ -217,7 +239,8 @@ fn verify_image(img: Vec<u8>, allowed: &[usize], states: &[Model], chunk: u32) {
         "check after crash: {:#?}",
         rep.errors
     );
-    let mut rw = Meta::open(d.clone()).expect("read-write open after crash");
+    let open_rw = Meta::open(d.clone()).expect("read-write open after crash");
+    let mut rw = with_budget(open_rw, budget);
     assert!(states[which] == snapshot(&mut rw).unwrap());
     verify_data(&d, &states[which], chunk);
     assert_eq!(rw.geometry().chunk_size, chunk);
@@ -226,7 +249,7 @@ fn verify_image(img: Vec<u8>, allowed: &[usize], states: &[Model], chunk: u32) {
     rw.insert(Tree::Nodes, 1 << 126, &[9u8; 256]).unwrap();
     rw.commit().unwrap();
     drop(rw);
-    let mut again = Meta::open(d.clone()).unwrap();
+    let mut again = with_budget(Meta::open(d.clone()).unwrap(), budget);
     let s = snapshot(&mut again).unwrap();
     assert_eq!(s.trees[1].get(&(1 << 126)), Some(&vec![9u8; 256]));
     if let Some(c) = c {
@@ -259,7 +282,7 @@ fn campaign(seed: u64, chunk: u32, txns: usize, p: f64) -> usize {
     let images = std::mem::take(&mut r.shared.lock().unwrap().images);
     let n = images.len();
     for (img, allowed) in images {
-        verify_image(img, &allowed, &r.states, chunk);
+        verify_image(img, &allowed, &r.states, chunk, r.budget);
     }
     eprintln!("seed {seed}: {n} crash images");
     n
