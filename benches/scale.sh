@@ -300,7 +300,7 @@ for n in sizes:
       f"{float(s['status_s']):.2f} s | {mib(s['rss_before_kib']):.1f} -> {mib(s['rss_after_kib']):.1f} MiB |")
 
 p(f"\n### 4 KiB random reads over NBD (fio, QD{16} per connection, {os.environ['RUNTIME']} s per job, {os.environ['ROUNDS']} round(s))\n")
-p("IOPS: median of the rounds (each round's value in brackets). RSS: the serve process; "
+p("IOPS: median of the rounds (each round's value in the next column, in round order). RSS: the serve process; "
   "\"peak\" is VmHWM during the job (reset before it), the largest over the rounds; \"end\" is VmRSS after the job's last round.\n")
 p("| exceptions | export | conns | IOPS median | IOPS per round | p99 latency (ms, median) | vs 1 conn | serve RSS before -> end (last round) | serve peak RSS |")
 p("|---:|---|---:|---:|---|---:|---:|---:|---:|")
