@@ -421,7 +421,7 @@ pub fn unbind(cow: &Path, id: &str) -> Result<ExitCode> {
     // Offline nobody drives the cleaner, and the engine refuses to unbind an
     // origin whose deleted snapshots are still being cleaned: finish that
     // work here first.
-    let pending = if store.status().cleaning {
+    let pending = if store.status_without_usage().cleaning {
         drain_background(&store)
     } else {
         Ok(())
@@ -556,7 +556,7 @@ fn drive_rollback(store: &Store, id: &str, tag: u64) -> Result<()> {
         // status() walks every snapshot, so refresh the bar at most 10x/s.
         if last.elapsed() >= Duration::from_millis(100) {
             last = Instant::now();
-            match store.status().rollback {
+            match store.status_without_usage().rollback {
                 Some(r) if r.origin == id && r.tag == tag => {
                     pb.set_length(r.total_chunks);
                     pb.set_position(r.done_chunks);
@@ -568,7 +568,7 @@ fn drive_rollback(store: &Store, id: &str, tag: u64) -> Result<()> {
             .step_background(STEP_BUDGET)
             .with_context(|| format!("rollback of snapshot {tag} onto origin {id} failed"))?;
         if !rep.more {
-            if let Some(r) = store.status().rollback {
+            if let Some(r) = store.status_without_usage().rollback {
                 bail!(
                     "rollback of snapshot {} onto origin {} stopped at {}/{} chunks",
                     r.tag,
@@ -675,7 +675,7 @@ fn origin_notes(cow: &Path, clean: bool) -> OriginNotes {
     let mut notes = Vec::new();
     let missing = match open_store_lenient(cow) {
         Ok(store) => {
-            let m = MissingOrigin::from_status(&store.status());
+            let m = MissingOrigin::from_status(&store.status_without_usage());
             if let Err(e) = store.close() {
                 notes.push(format!("closing the read-only store failed: {e}"));
             }

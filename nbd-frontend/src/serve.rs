@@ -344,7 +344,7 @@ fn open_all(cows: &[PathBuf], overrides: &[(String, PathBuf)]) -> Result<Vec<Ser
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
     for c in cows {
         let s = open_one(c, &ov, &used)?;
-        for o in s.store.status().origins {
+        for o in s.store.status_without_usage().origins {
             if let Some(other) = owner.insert(o.id.clone(), s.canon.clone()) {
                 let err = anyhow!(
                     "origin id {} is bound in both {other} and {}; export names must be unique",
@@ -442,7 +442,7 @@ fn open_default(overrides: &[(String, PathBuf)]) -> Result<Served> {
         .ok_or_else(|| anyhow!("no store opened for {}", cow.display()))?;
     // Bind on first run, and also if an earlier first run stopped between
     // format and bind.
-    if s.store.status().origins.is_empty() {
+    if s.store.status_without_usage().origins.is_empty() {
         let abs = std::path::absolute(&origin)
             .with_context(|| format!("cannot resolve {}", origin.display()))?;
         let abs_str = abs

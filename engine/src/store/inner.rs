@@ -710,7 +710,8 @@ impl Inner {
         })
     }
 
-    pub fn status(&self) -> Status {
+    /// The status, with the space accounting when `accounting`.
+    pub fn status(&self, accounting: bool) -> Status {
         let md = sync::lock(&self.md);
         let usage = md.meta.usage();
         let rollback = md.app.rollback;
@@ -721,10 +722,13 @@ impl Inner {
         let mut out = Vec::new();
         let mut usage_error = None;
         for o in origins.values() {
-            let per_leaf = self.leaf_usage(o).unwrap_or_else(|e| {
-                usage_error = Some(format!("space accounting of origin {}: {e}", o.rec.id));
-                HashMap::new()
-            });
+            let per_leaf = match accounting {
+                true => self.leaf_usage(o).unwrap_or_else(|e| {
+                    usage_error = Some(format!("space accounting of origin {}: {e}", o.rec.id));
+                    HashMap::new()
+                }),
+                false => HashMap::new(),
+            };
             let tree = sync::read(&o.tree);
             cleaning |= tree.has_flagged();
             let mut snaps: Vec<SnapshotStatus> = tree

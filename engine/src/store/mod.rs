@@ -97,8 +97,17 @@ impl Store {
         self.inner.rollback(id, tag)
     }
 
+    /// Everything `list` shows, including each snapshot's own and shared
+    /// chunks: that costs a pass over the exceptions (see usage.rs).
     pub fn status(&self) -> Status {
-        self.inner.status()
+        self.inner.status(true)
+    }
+
+    /// `status()` without the space accounting (`own_chunks` and
+    /// `shared_chunks` are 0): cheap whatever the store's size, for callers
+    /// that want ids, progress or the cleaner's state.
+    pub fn status_without_usage(&self) -> Status {
+        self.inner.status(false)
     }
 
     /// Every live version, origin first, then snapshots by tag.
