@@ -8,6 +8,8 @@
 //! structural checks behind the checksums, then:
 //!
 //! - `store::check` (the offline checker) on the damaged image;
+//! - `store::repair` on a copy: afterwards the image checks clean, or the
+//!   repair was refused and wrote nothing;
 //! - `Store::open_read_only`, read every version end to end;
 //! - `Store::open`, read every version, write to each, run the cleaner and
 //!   the rollback copier, take and delete a snapshot, flush, close.
@@ -362,6 +364,28 @@ fn one(data: &[u8]) {
 
     // Offline checker.
     let _ = store::check(dev_from_image(&img) as Dev);
+
+    // Offline repair: it fixes space accounting or refuses, writing nothing.
+    {
+        let cow = dev_from_image(&img);
+        if let Ok(r) = store::repair(cow.clone() as Dev) {
+            match r.refused.is_empty() {
+                true => assert!(
+                    r.after.errors.is_empty(),
+                    "repair of {} left damage: {:?} (found {:?}, fixed {:?})",
+                    b.name,
+                    r.after.errors,
+                    r.found,
+                    r.fixed
+                ),
+                false => assert!(
+                    image_of(&*cow) == img,
+                    "a refused repair of {} wrote to the device",
+                    b.name
+                ),
+            }
+        }
+    }
 
     // Read-only open: nothing may be written.
     {
