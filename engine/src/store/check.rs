@@ -113,6 +113,80 @@ fn fix_own_counters(cow: Dev, fixes: &[(NodeId, u64, u64)], out: &mut Vec<String
     m.checkpoint()
 }
 
+/// Exceptions read per batch: the walk keeps one batch in memory, so its
+/// memory does not grow with the index (10 M exceptions held at once took
+/// ~0.75 GiB).
+const SCAN_BATCH: usize = 4096;
+/// Exception errors reported before the rest are only counted.
+const MAX_EXCEPTION_ERRORS: usize = 1000;
+
+/// Every exception names a bound origin, a chunk inside it and an existing
+/// node of its tree. Streams the index in key order; returns the
+/// exceptions seen per node.
+fn check_exceptions(
+    m: &mut Meta<Dev>,
+    origins: &BTreeMap<u32, super::records::OriginRec>,
+    trees: &BTreeMap<u32, VTree>,
+    errors: &mut Vec<String>,
+) -> Result<HashMap<NodeId, u64>> {
+    let chunk_size = u64::from(m.geometry().chunk_size);
+    let mut own_seen: HashMap<NodeId, u64> = HashMap::new();
+    let mut found: Vec<String> = Vec::new();
+    let mut suppressed = 0u64;
+    let mut lo = 0u128;
+    loop {
+        let batch = m.range(Tree::Exceptions, lo, u128::MAX, SCAN_BATCH)?;
+        for (k, v) in &batch {
+            let (o, c, n) = split_key(*k);
+            let why = match origins.get(&o) {
+                None => Some(format!(
+                    "exception (origin {o}, chunk {c}, node {n:#x}): origin not bound"
+                )),
+                Some(rec) if c >= rec.size.div_ceil(chunk_size) => Some(format!(
+                    "exception (origin {}, chunk {c}): past the origin's end",
+                    rec.id
+                )),
+                Some(_) if n == RB_MARK => None,
+                Some(rec) => match trees.get(&o) {
+                    Some(t) if t.nodes.contains_key(&n) => {
+                        *own_seen.entry(n).or_insert(0) += 1;
+                        None
+                    }
+                    _ => Some(format!(
+                        "exception (origin {}, chunk {c}, node {n:#x}) -> {}: no such node",
+                        rec.id,
+                        describe_val(val_u64(v)?)
+                    )),
+                },
+            };
+            match why {
+                Some(w) if found.len() < MAX_EXCEPTION_ERRORS => found.push(w),
+                Some(_) => suppressed += 1,
+                None => {}
+            }
+        }
+        match (batch.len() == SCAN_BATCH, batch.last()) {
+            (true, Some((k, _))) => match k.checked_add(1) {
+                Some(next) => lo = next,
+                None => break,
+            },
+            _ => break,
+        }
+    }
+    errors.extend(found);
+    if suppressed > 0 {
+        errors.push(format!("... and {suppressed} more exception errors"));
+    }
+    Ok(own_seen)
+}
+
+fn describe_val(val: u64) -> String {
+    match val {
+        ZERO_CHUNK => "zero".to_string(),
+        v => v.to_string(),
+    }
+}
+
 /// The store's invariants. Own-chunk counters that disagree with the index
 /// go to `own_fixes` (node, recorded, seen) as well as `errors`.
 fn semantic(
@@ -163,38 +237,7 @@ fn semantic(
             Err(e) => errors.push(format!("version tree of origin number {o}: {e}")),
         }
     }
-    let mut own_seen: HashMap<NodeId, u64> = HashMap::new();
-    for (k, v) in scan(m, Tree::Exceptions)? {
-        let (o, c, n) = split_key(k);
-        let val = val_u64(&v)?;
-        let Some(rec) = origins.get(&o) else {
-            errors.push(format!(
-                "exception (origin {o}, chunk {c}, node {n:#x}): origin not bound"
-            ));
-            continue;
-        };
-        if c >= rec.size.div_ceil(u64::from(m.geometry().chunk_size)) {
-            errors.push(format!(
-                "exception (origin {}, chunk {c}): past the origin's end",
-                rec.id
-            ));
-        }
-        if n == RB_MARK {
-            continue;
-        }
-        match trees.get(&o) {
-            Some(t) if t.nodes.contains_key(&n) => *own_seen.entry(n).or_insert(0) += 1,
-            _ => errors.push(format!(
-                "exception (origin {}, chunk {c}, node {n:#x}) -> {}: no such node",
-                rec.id,
-                if val == ZERO_CHUNK {
-                    "zero".to_string()
-                } else {
-                    val.to_string()
-                }
-            )),
-        }
-    }
+    let own_seen = check_exceptions(m, &origins, &trees, errors)?;
     for (id, rec) in &own_rec {
         let seen = own_seen.get(id).copied().unwrap_or(0);
         if seen != *rec {
