@@ -97,8 +97,8 @@ fn store_usage(s: &Store) -> BTreeMap<u64, (u64, u64)> {
         .collect()
 }
 
-fn run(seed: u64) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+/// A store on memory devices with one origin, `o`, of `CHUNKS` chunks.
+fn new_store() -> Store {
     let fo = FormatOptions {
         chunk_size: CS as u32,
         force: false,
@@ -106,6 +106,12 @@ fn run(seed: u64) {
     let s = Store::format(Arc::new(MemDev::new(8 << 20)) as Dev, &fo).unwrap();
     s.bind("o", "/o", Arc::new(MemDev::new(CHUNKS * CS)) as Dev, 0)
         .unwrap();
+    s
+}
+
+fn run(seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let s = new_store();
     let mut m = Model::default();
     for step in 0..120 {
         let tags: Vec<u64> = m.snaps.keys().copied().collect();
@@ -182,13 +188,7 @@ fn own_and_shared_match_a_model_of_physical_copies() {
 
 #[test]
 fn origin_writes_give_the_newest_snapshot_own_chunks() {
-    let fo = FormatOptions {
-        chunk_size: CS as u32,
-        force: false,
-    };
-    let s = Store::format(Arc::new(MemDev::new(8 << 20)) as Dev, &fo).unwrap();
-    s.bind("o", "/o", Arc::new(MemDev::new(CHUNKS * CS)) as Dev, 0)
-        .unwrap();
+    let s = new_store();
     let o = s.volume("o", None).unwrap();
     let t1 = s.snapshot("o", None, "", 0).unwrap();
     o.write(0, &[1; 4096 * 3], false).unwrap(); // chunks 0-2 copied for t1
