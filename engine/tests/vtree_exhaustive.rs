@@ -1,6 +1,9 @@
 //! The versioned-pointer algebra against the naive full-copy model:
 //! every operation sequence up to a bound, exhaustively, plus a proptest
-//! over long random sequences.
+//! over long random sequences. Every state reached is compared on content
+//! and on space accounting: each snapshot's own and shared chunks as
+//! `vtree::usage` counts them (what the store's `status` shows) against
+//! the naive model's physical copies (`Algebra::check`).
 
 use proptest::prelude::*;
 use snapmv_engine::vtree::model::{Algebra, Naive, Op};

@@ -3,13 +3,9 @@
 //! *shared* chunks, which it reads from the COW device together with at
 //! least one other version.
 //!
-//! An exception is not owned by the node it is keyed by: an origin write
-//! copies into the newest spine node, and every older snapshot of the
-//! origin that has no copy of its own reads it there. So the accounting
-//! resolves, chunk by chunk, every live leaf (hidden ones included: a
-//! rollback's frozen source is a reader too) through the version tree's own
-//! `resolve`, and counts the readers of each exception. Exceptions no leaf
-//! reads (waiting for the cleaner) count for nobody.
+//! The counting at one chunk (every live leaf resolved, the readers of
+//! each exception counted) is `vtree::usage`; this file feeds it the
+//! origin's exceptions from the B+tree.
 //!
 //! Cost: one pass over the origin's exceptions, in batches under the tree
 //! and metadata locks (released between batches, so serving goes on).
@@ -17,73 +13,14 @@
 use super::inner::{val_u64, Inner, OriginRt};
 use super::records::{exc_key, split_key};
 use crate::error::Result;
-use crate::meta::{Tree, ZERO_CHUNK};
+use crate::meta::Tree;
 use crate::sync;
-use crate::vtree::{ExcView, NodeId, Source, VTree, MAX_NODE, SPINE_BIT};
+use crate::vtree::usage::{account_chunk, LeafUsage};
+use crate::vtree::{NodeId, MAX_NODE};
 use std::collections::HashMap;
 
 /// Exceptions read per batch (under the locks).
 const BATCH: usize = 4096;
-
-/// Own and shared chunks of one leaf.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LeafUsage {
-    pub own: u64,
-    pub shared: u64,
-}
-
-/// The exceptions of one chunk, as an `ExcView` for `VTree::resolve`.
-struct ChunkView<'a> {
-    chunk: u64,
-    /// (node, value), ascending by node.
-    exc: &'a [(NodeId, u64)],
-}
-
-impl ExcView for ChunkView<'_> {
-    fn get(&mut self, chunk: u64, node: NodeId) -> Result<Option<u64>> {
-        assert_eq!(chunk, self.chunk, "a chunk view answers for its chunk only");
-        Ok(self
-            .exc
-            .binary_search_by_key(&node, |e| e.0)
-            .ok()
-            .map(|i| self.exc[i].1))
-    }
-
-    fn seek_spine(&mut self, chunk: u64, from: NodeId) -> Result<Option<(NodeId, u64)>> {
-        assert_eq!(chunk, self.chunk, "a chunk view answers for its chunk only");
-        let from = from.max(SPINE_BIT);
-        Ok(self.exc.iter().find(|e| e.0 >= from).copied())
-    }
-}
-
-/// Add one chunk's accounting to `out`: resolve every leaf, count each
-/// data exception's readers.
-fn account_chunk(
-    tree: &VTree,
-    chunk: u64,
-    exc: &[(NodeId, u64)],
-    out: &mut HashMap<NodeId, LeafUsage>,
-) -> Result<()> {
-    let mut readers: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
-    for &leaf in tree.tags.values() {
-        let mut view = ChunkView { chunk, exc };
-        if let Source::Exc(node, val) = tree.resolve(leaf, chunk, &mut view)? {
-            if val != ZERO_CHUNK {
-                readers.entry(node).or_default().push(leaf);
-            }
-        }
-    }
-    for leaves in readers.values() {
-        for leaf in leaves {
-            let u = out.entry(*leaf).or_default();
-            match leaves.len() {
-                1 => u.own += 1,
-                _ => u.shared += 1,
-            }
-        }
-    }
-    Ok(())
-}
 
 impl Inner {
     /// Own and shared chunks of every leaf of origin `o`.

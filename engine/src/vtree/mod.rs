@@ -9,6 +9,7 @@
 //! store backs with the B+tree and the tests back with a `BTreeMap`.
 
 pub mod model;
+pub mod usage;
 
 use crate::error::{Error, Result};
 use std::collections::HashMap;

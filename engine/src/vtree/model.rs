@@ -3,10 +3,22 @@
 //! exhaustive and property tests run the same operations through both and
 //! compare every version after every step. Chunk contents are two halves so
 //! a half-chunk write exercises the merge with inherited data.
+//!
+//! The naive model also knows, without any version tree, which *physical
+//! copy* each version reads per chunk (as `tests/store_usage.rs` models the
+//! store): the origin's data in place; a zeroed chunk; or a numbered copy
+//! on the COW device. An origin write gives every version that still reads
+//! the origin there one new copy, shared by all of them; a snapshot write
+//! gives the snapshot a new copy unless it alone reads the one it has; a
+//! snapshot shares every copy of its source; a rollback writes the origin
+//! wherever the snapshot does not read it. From that, each snapshot's own
+//! and shared chunks, which the algebra's accounting (`vtree::usage`) must
+//! match.
 
+use super::usage::{account_chunk, LeafUsage};
 use super::*;
 use crate::meta::ZERO_CHUNK;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 pub type Content = [u64; 2];
 
@@ -78,12 +90,34 @@ pub struct Algebra {
     pub last_copies: usize,
 }
 
+/// What a version reads at one chunk, physically.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Physical {
+    /// The origin device, in place.
+    Origin,
+    /// Zeros, with no chunk behind them.
+    Zero,
+    /// A copy on the COW device, by identity.
+    Copy(u64),
+}
+
+/// One chunk of one version in the naive model: what it reads, and where from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NaiveChunk {
+    pub content: Content,
+    pub copy: Physical,
+}
+
+/// Each user-visible snapshot's (tag, own, shared), ascending by tag.
+pub type UsageByTag = Vec<(u64, u64, u64)>;
+
 #[derive(Clone, Debug)]
 pub struct Naive {
-    pub versions: BTreeMap<u64, Vec<Content>>,
+    pub versions: BTreeMap<u64, Vec<NaiveChunk>>,
     pub origin: Vec<Content>,
     next_tag: u64,
     next_val: u64,
+    next_copy: u64,
 }
 
 impl Naive {
@@ -93,6 +127,7 @@ impl Naive {
             origin: vec![[0, 0]; chunks as usize],
             next_tag: 1,
             next_val: 1,
+            next_copy: 0,
         }
     }
 
@@ -100,29 +135,88 @@ impl Naive {
         self.versions.keys().nth(k).copied()
     }
 
+    fn new_copy(&mut self) -> Physical {
+        self.next_copy += 1;
+        Physical::Copy(self.next_copy)
+    }
+
+    fn readers(&self, c: usize, copy: Physical) -> usize {
+        self.versions.values().filter(|v| v[c].copy == copy).count()
+    }
+
+    /// Before the origin overwrites chunk `c`: the versions that read it
+    /// there get one copy of the old data, all the same one.
+    fn copy_before_origin_write(&mut self, c: usize) {
+        if self.readers(c, Physical::Origin) == 0 {
+            return;
+        }
+        let copy = self.new_copy();
+        for v in self.versions.values_mut() {
+            if v[c].copy == Physical::Origin {
+                v[c].copy = copy;
+            }
+        }
+    }
+
+    /// A partial write of `tag` at `c`: in place when the snapshot alone
+    /// reads a copy, else onto a new copy of its own.
+    fn copy_before_snapshot_write(&mut self, tag: u64, c: usize) {
+        let current = self.versions[&tag][c].copy;
+        let alone = matches!(current, Physical::Copy(_)) && self.readers(c, current) == 1;
+        if !alone {
+            let copy = self.new_copy();
+            self.versions.get_mut(&tag).expect("live tag")[c].copy = copy;
+        }
+    }
+
+    /// Each snapshot's own chunks (copies no other version reads) and
+    /// shared chunks (copies read by two or more); the origin in place and
+    /// zeros are neither, and the origin itself reads no copy.
+    pub fn usage(&self) -> UsageByTag {
+        let mut out = UsageByTag::with_capacity(self.versions.len());
+        for (tag, v) in &self.versions {
+            let (mut own, mut shared) = (0, 0);
+            for (c, chunk) in v.iter().enumerate() {
+                if let Physical::Copy(_) = chunk.copy {
+                    match self.readers(c, chunk.copy) {
+                        1 => own += 1,
+                        _ => shared += 1,
+                    }
+                }
+            }
+            out.push((*tag, own, shared));
+        }
+        out
+    }
+
     /// Apply; returns false if the op does not apply (no such snapshot).
     pub fn apply(&mut self, op: Op) -> bool {
         match op {
             Op::WriteOrigin { c, h } => {
+                self.copy_before_origin_write(c as usize);
                 self.origin[c as usize][h] = self.next_val;
                 self.next_val += 1;
             }
             Op::WriteSnap { k, c, h } => {
                 let Some(t) = self.tag(k) else { return false };
+                self.copy_before_snapshot_write(t, c as usize);
                 let v = self.next_val;
                 self.next_val += 1;
-                if let Some(arr) = self.versions.get_mut(&t) {
-                    arr[c as usize][h] = v;
-                }
+                self.versions.get_mut(&t).expect("live tag")[c as usize].content[h] = v;
             }
             Op::ZeroSnap { k, c } => {
                 let Some(t) = self.tag(k) else { return false };
-                if let Some(arr) = self.versions.get_mut(&t) {
-                    arr[c as usize] = [0, 0];
-                }
+                self.versions.get_mut(&t).expect("live tag")[c as usize] = NaiveChunk {
+                    content: [0, 0],
+                    copy: Physical::Zero,
+                };
             }
             Op::SnapOrigin => {
-                self.versions.insert(self.next_tag, self.origin.clone());
+                let chunks = self.origin.iter().map(|&content| NaiveChunk {
+                    content,
+                    copy: Physical::Origin,
+                });
+                self.versions.insert(self.next_tag, chunks.collect());
                 self.next_tag += 1;
             }
             Op::SnapOf { k } => {
@@ -138,7 +232,13 @@ impl Naive {
             Op::CleanStep => {}
             Op::Rollback { k } => {
                 let Some(t) = self.tag(k) else { return false };
-                self.origin = self.versions[&t].clone();
+                // The origin is written wherever the snapshot reads elsewhere.
+                for c in 0..self.origin.len() {
+                    if self.versions[&t][c].copy != Physical::Origin {
+                        self.copy_before_origin_write(c);
+                    }
+                }
+                self.origin = self.versions[&t].iter().map(|x| x.content).collect();
             }
         }
         true
@@ -396,15 +496,53 @@ impl Algebra {
             }
             for (t, arr) in &naive.versions {
                 let got = self.read(Some(*t), c).map_err(|e| e.to_string())?;
-                if got != arr[c as usize] {
+                if got != arr[c as usize].content {
                     return Err(format!(
                         "tag {t} chunk {c}: {got:?} want {:?}",
-                        arr[c as usize]
+                        arr[c as usize].content
                     ));
                 }
             }
         }
+        self.check_usage(naive)?;
         self.check_structure()
+    }
+
+    /// Each user-visible snapshot's (own, shared) chunks, by the tree's
+    /// accounting (`vtree::usage`, as the store's `status` computes them).
+    pub fn usage(&self) -> Result<UsageByTag> {
+        let mut per_leaf: HashMap<NodeId, LeafUsage> = HashMap::new();
+        let mut exc = Vec::new();
+        for c in 0..self.chunks {
+            exc.clear();
+            let at_chunk = self.exc.map.range((c, 0)..=(c, MAX_NODE));
+            exc.extend(at_chunk.map(|((_, node), val)| (*node, *val)));
+            account_chunk(&self.tree, c, &exc, &mut per_leaf)?;
+        }
+        let visible = self
+            .tree
+            .tags
+            .iter()
+            .filter(|(_, leaf)| !self.tree.nodes[*leaf].hidden);
+        let mut out: UsageByTag = visible
+            .map(|(tag, leaf)| {
+                let u = per_leaf.get(leaf).copied().unwrap_or_default();
+                (*tag, u.own, u.shared)
+            })
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    fn check_usage(&self, naive: &Naive) -> std::result::Result<(), String> {
+        let got = self.usage().map_err(|e| e.to_string())?;
+        let want = naive.usage();
+        if got != want {
+            return Err(format!(
+                "(tag, own, shared): {got:?}, model of copies {want:?}"
+            ));
+        }
+        Ok(())
     }
 
     fn check_structure(&self) -> std::result::Result<(), String> {
