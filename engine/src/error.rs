@@ -69,6 +69,11 @@ pub enum Error {
     ReadOnly,
     #[error("the store was closed after a fatal error: {0}")]
     Poisoned(String),
+    /// Internal to the engine, never returned by the store: a lookup under
+    /// the metadata read lock needs a page the cache does not hold; the
+    /// store reads it with no lock held and runs the lookup again.
+    #[error("metadata page {} is not cached (an internal retry that escaped)", .0.block())]
+    NotCached(crate::meta::PageMiss),
 }
 
 impl Error {

@@ -660,3 +660,50 @@ fn model_copy_before_overwrite_crash() {
         assert_checks(&a.cow);
     });
 }
+
+/// Snapshot lookups under the shared metadata lock, with a page cache so
+/// small that they miss: a reader of one chunk fetches pages with no lock
+/// held and offers them back, while a writer of another chunk of the same
+/// snapshot maps a fresh copy (write lock) into the same exception tree
+/// page and commits. Both see their data; the mapping is durable after the
+/// writer's FUA; no lock is left held (store/lookup.rs).
+#[test]
+fn model_shared_lookup_vs_leaf_write() {
+    let images = prepare(0xAA, |s| {
+        let t = s.snapshot("o", None, "", 1).expect("snapshot");
+        let v = s.volume("o", Some(t)).unwrap();
+        v.write(0, &[0x11; CS as usize], false).expect("own chunk");
+    });
+    explore("shared_lookup_vs_leaf_write", images, |b| {
+        b.store.set_cache_budget(0);
+        let s1 = b.store.volume("o", Some(1)).unwrap();
+        let (r1, w1) = (s1.clone(), s1.clone());
+        let r = spawn(move || chunk(&r1, 0));
+        let w = spawn(move || w1.write(CS, &[0x22; 512], true).expect("write"));
+        w.join().unwrap();
+        let seen = r.join().unwrap();
+        assert_bytes(
+            &seen,
+            &patched(0x11, &[]),
+            "shared lookup of an owned chunk",
+        );
+        assert_bytes(
+            &chunk(&s1, 1),
+            &patched(0xAA, &[(0, 512, 0x22)]),
+            "the fresh copy after the write",
+        );
+        assert_eq!(b.store.lock_entries(), 0);
+        let cache = b.store.cache_stats();
+        assert!(
+            cache.misses > cache.locked_misses,
+            "no lookup fetched a page: {cache:?}"
+        );
+        let crash = b.m.crash();
+        let a = boot(&crash);
+        assert_bytes(
+            &chunk(&a.store.volume("o", Some(1)).unwrap(), 1),
+            &patched(0xAA, &[(0, 512, 0x22)]),
+            "the FUA write after a crash",
+        );
+    });
+}

@@ -27,8 +27,15 @@
 //!   full, the checker must be clean and the lock table empty; then the
 //!   store is closed, reopened, and checked in full again.
 //!
+//! - The metadata page cache's budget comes from the seed: the default, or
+//!   so small (the floor of a few clean pages, or 64 KiB) that lookups keep
+//!   missing, so the shared-lock lookups fetch pages with no lock held
+//!   while writers commit, checkpoint and free pages (store/lookup.rs).
+//!   With a small budget the run must show such fetches.
+//!
 //! Knobs: SNAPMV_STRESS_SECS (default 12), SNAPMV_STRESS_SEED (replays a
-//! workload; thread timing still differs), SNAPMV_STRESS_THREADS (default 8).
+//! workload; thread timing still differs), SNAPMV_STRESS_THREADS (default 8),
+//! SNAPMV_STRESS_CACHE (the cache budget in bytes, instead of the seed's).
 #![cfg(not(loom))]
 
 use rand::{Rng, SeedableRng};
@@ -549,8 +556,13 @@ fn stress_threads() {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
     });
+    let budget = env_u64("SNAPMV_STRESS_CACHE").unwrap_or(match seed % 3 {
+        0 => snapmv_engine::meta::DEFAULT_CACHE_BUDGET,
+        1 => 0,
+        _ => 64 << 10,
+    });
     println!(
-        "stress_threads: seed {seed}, {threads} workers, {secs}s \
+        "stress_threads: seed {seed}, {threads} workers, {secs}s, cache budget {budget} \
          (replay the workload: SNAPMV_STRESS_SEED={seed} cargo test -p snapmv-engine \
          --test stress_threads -- --nocapture)"
     );
@@ -570,6 +582,7 @@ fn stress_threads() {
     )
     .expect("format");
     store.bind("o", "mem:o", origin.clone(), 0).expect("bind");
+    store.set_cache_budget(budget);
 
     let sh = Arc::new(Shared {
         store: store.clone(),
@@ -658,6 +671,15 @@ fn stress_threads() {
     let r = store::check(cow.clone() as Dev).expect("check");
     assert!(r.errors.is_empty(), "seed {seed}: checker: {:?}", r.errors);
     let status = store.status();
+    let cache = store.cache_stats();
+    println!("stress_threads: seed {seed}: page cache {cache:?}");
+    if budget < 1 << 20 {
+        // A small budget must have driven lookups through the fetch path.
+        assert!(
+            cache.misses > cache.locked_misses && cache.evictions > 0,
+            "seed {seed}: a budget of {budget} bytes fetched no page: {cache:?}"
+        );
+    }
     drop(sh);
     store.close().expect("close");
 

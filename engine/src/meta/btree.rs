@@ -16,7 +16,7 @@ use super::space_map::SpaceMap;
 use super::types::Tree;
 use crate::dev::BlockDev;
 use crate::error::{Error, Result};
-use crate::format::{self, node, Layout, TreeRoot};
+use crate::format::{self, node, Layout, Page, TreeRoot};
 
 /// Entry size of internal nodes (key + child).
 const IESZ: usize = 24;
@@ -94,9 +94,43 @@ impl<'a, D: BlockDev> BTree<'a, D> {
 
 // ---- lookups ----
 
-impl<D: BlockDev> BTree<'_, D> {
-    fn root(&self) -> TreeRoot {
-        self.roots.get(self.tree)
+/// Where a lookup gets its pages: the cache under exclusive access (a miss
+/// loads), or under shared access (`Shared`: a miss is `Error::NotCached`).
+pub(super) trait PageSource {
+    fn page(&mut self, block: u64, role: Role) -> Result<&Page>;
+}
+
+impl<D: BlockDev> PageSource for PageCache<D> {
+    fn page(&mut self, block: u64, role: Role) -> Result<&Page> {
+        PageCache::page(self, block, role)
+    }
+}
+
+/// The cache under shared access.
+pub(super) struct Shared<'a, D: BlockDev>(pub(super) &'a PageCache<D>);
+
+impl<D: BlockDev> PageSource for Shared<'_, D> {
+    fn page(&mut self, block: u64, role: Role) -> Result<&Page> {
+        self.0.cached_page(block, role)
+    }
+}
+
+/// Read-only walks of one tree, over either page source.
+pub(super) struct TreeReader<'a, P: PageSource> {
+    tree: Tree,
+    layout: &'a Layout,
+    root: TreeRoot,
+    pages: &'a mut P,
+}
+
+impl<'a, P: PageSource> TreeReader<'a, P> {
+    pub(super) fn new(tree: Tree, layout: &'a Layout, root: TreeRoot, pages: &'a mut P) -> Self {
+        TreeReader {
+            tree,
+            layout,
+            root,
+            pages,
+        }
     }
 
     fn role(&self, level: u32) -> Role {
@@ -107,13 +141,7 @@ impl<D: BlockDev> BTree<'_, D> {
     }
 
     fn err(&self, block: u64, reason: &str) -> Error {
-        Error::CorruptTree {
-            tree: self.tree.name(),
-            block,
-            key_lo: 0,
-            key_hi: u128::MAX,
-            reason: reason.into(),
-        }
+        tree_error(self.tree, block, reason)
     }
 
     /// A pointer read from a page must lie in the allocation area.
@@ -128,29 +156,24 @@ impl<D: BlockDev> BTree<'_, D> {
         node::entry_size(0, self.tree.value_size())
     }
 
-    /// Descend from the root towards `key`. Returns the internal path and the
-    /// leaf block. With `lower_key0`, an insert below every key lowers the
-    /// first key of each node on the way (keeps keys as lower bounds).
-    fn descend(&mut self, key: u128, lower_key0: bool) -> Result<(Path, u64)> {
-        let r = self.root();
+    /// Descend from the root towards `key`. Returns the internal path and
+    /// the leaf block (not read yet).
+    pub(super) fn descend(&mut self, key: u128) -> Result<(Path, u64)> {
+        let r = self.root;
         let mut path = Path::with_capacity(r.height as usize);
         let mut b = r.block;
         let mut level = r.height - 1;
         while level > 0 {
             self.check_pointer(b, "child")?;
             let role = self.role(level);
-            let p = self.cache.page(b, role)?;
+            let p = self.pages.page(b, role)?;
             let n = node::count(p);
             if n == 0 {
                 return Err(self.err(b, "empty internal node"));
             }
             let i = node::child_index(p, n, key);
-            let child = node::child_at(&p[..], i);
-            if lower_key0 && i == 0 && key < node::key_at(&p[..], 0, IESZ) {
-                node::set_key(self.cache.page_mut(b, role)?, 0, IESZ, key);
-            }
             path.push((b, i));
-            b = child;
+            b = node::child_at(&p[..], i);
             level -= 1;
         }
         self.check_pointer(b, "leaf")?;
@@ -158,9 +181,9 @@ impl<D: BlockDev> BTree<'_, D> {
     }
 
     pub(super) fn get(&mut self, key: u128) -> Result<Option<Vec<u8>>> {
-        let (_, leaf) = self.descend(key, false)?;
+        let (_, leaf) = self.descend(key)?;
         let esz = self.leaf_esz();
-        let p = self.cache.page(leaf, self.role(0))?;
+        let p = self.pages.page(leaf, self.role(0))?;
         let n = node::count(p);
         Ok(node::search(p, n, esz, key)
             .ok()
@@ -180,13 +203,13 @@ impl<D: BlockDev> BTree<'_, D> {
             return Ok(out);
         }
         let esz = self.leaf_esz();
-        let (mut path, mut leaf) = self.descend(lo, false)?;
+        let (mut path, mut leaf) = self.descend(lo)?;
         let mut i = {
-            let p = self.cache.page(leaf, self.role(0))?;
+            let p = self.pages.page(leaf, self.role(0))?;
             node::search(p, node::count(p), esz, lo).unwrap_or_else(|i| i)
         };
         loop {
-            let p = self.cache.page(leaf, self.role(0))?;
+            let p = self.pages.page(leaf, self.role(0))?;
             let n = node::count(p);
             while i < n {
                 let k = node::key_at(&p[..], i, esz);
@@ -212,10 +235,10 @@ impl<D: BlockDev> BTree<'_, D> {
     /// Advance `path` to the next leaf to the right. None at the end of the
     /// tree, or when the next subtree's lower bound is already past `hi`.
     fn next_leaf(&mut self, path: &mut Path, hi: u128) -> Result<Option<u64>> {
-        let height = self.root().height;
+        let height = self.root.height;
         while let Some((pb, pi)) = path.pop() {
             let level = height - 1 - path.len() as u32;
-            let p = self.cache.page(pb, self.role(level))?;
+            let p = self.pages.page(pb, self.role(level))?;
             if pi + 1 >= node::count(p) {
                 continue;
             }
@@ -227,7 +250,7 @@ impl<D: BlockDev> BTree<'_, D> {
             let mut l = level - 1;
             while l > 0 {
                 self.check_pointer(b, "child")?;
-                let p = self.cache.page(b, self.role(l))?;
+                let p = self.pages.page(b, self.role(l))?;
                 if node::count(p) == 0 {
                     return Err(self.err(b, "empty internal node"));
                 }
@@ -239,6 +262,69 @@ impl<D: BlockDev> BTree<'_, D> {
             return Ok(Some(b));
         }
         Ok(None)
+    }
+}
+
+fn tree_error(tree: Tree, block: u64, reason: &str) -> Error {
+    Error::CorruptTree {
+        tree: tree.name(),
+        block,
+        key_lo: 0,
+        key_hi: u128::MAX,
+        reason: reason.into(),
+    }
+}
+
+impl<D: BlockDev> BTree<'_, D> {
+    fn root(&self) -> TreeRoot {
+        self.roots.get(self.tree)
+    }
+
+    fn role(&self, level: u32) -> Role {
+        Role::Node {
+            tree: self.tree,
+            level,
+        }
+    }
+
+    fn err(&self, block: u64, reason: &str) -> Error {
+        tree_error(self.tree, block, reason)
+    }
+
+    fn leaf_esz(&self) -> usize {
+        node::entry_size(0, self.tree.value_size())
+    }
+
+    fn reader(&mut self) -> TreeReader<'_, PageCache<D>> {
+        TreeReader::new(self.tree, self.layout, self.root(), self.cache)
+    }
+
+    /// Descend towards `key` for an insert: an insert below every key
+    /// lowers the first key of each node on the way (keys stay lower
+    /// bounds). The path is read first, so a failed read changes nothing.
+    fn descend_lowering(&mut self, key: u128) -> Result<(Path, u64)> {
+        let (path, leaf) = self.reader().descend(key)?;
+        let height = self.root().height;
+        for (depth, &(b, i)) in path.iter().enumerate() {
+            let role = self.role(height - 1 - depth as u32);
+            if i == 0 && key < node::key_at(&self.cache.page(b, role)?[..], 0, IESZ) {
+                node::set_key(self.cache.page_mut(b, role)?, 0, IESZ, key);
+            }
+        }
+        Ok((path, leaf))
+    }
+
+    pub(super) fn get(&mut self, key: u128) -> Result<Option<Vec<u8>>> {
+        self.reader().get(key)
+    }
+
+    pub(super) fn range(
+        &mut self,
+        lo: u128,
+        hi: u128,
+        limit: usize,
+    ) -> Result<Vec<(u128, Vec<u8>)>> {
+        self.reader().range(lo, hi, limit)
     }
 }
 
@@ -267,7 +353,7 @@ impl<D: BlockDev> BTree<'_, D> {
         if self.space.available_blocks() < u64::from(height) + 1 {
             return Err(Error::NoSpace);
         }
-        let (mut path, leaf) = self.descend(key, true)?;
+        let (mut path, leaf) = self.descend_lowering(key)?;
         let esz = self.leaf_esz();
         let p = self.cache.page_mut(leaf, self.role(0))?;
         let n = node::count(p);
@@ -384,7 +470,7 @@ impl<D: BlockDev> BTree<'_, D> {
     }
 
     pub(super) fn remove(&mut self, key: u128) -> Result<bool> {
-        let (mut path, leaf) = self.descend(key, false)?;
+        let (mut path, leaf) = self.reader().descend(key)?;
         let esz = self.leaf_esz();
         let i = {
             let p = self.cache.page(leaf, self.role(0))?;

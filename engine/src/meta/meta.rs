@@ -5,10 +5,10 @@
 //! recovery). It keeps what belongs to no one owner: the device, the
 //! store's app state, and the state page that records all of them.
 
-use super::btree::{BTree, Roots};
+use super::btree::{BTree, Roots, Shared, TreeReader};
 use super::empty_store::write_empty_store;
 use super::journal::{write_commit, CheckpointBatch, CommitBatch, CommitPlan, Journal};
-use super::page_cache::{CacheStats, PageCache};
+use super::page_cache::{CacheStats, FetchedPage, PageCache, PageFetcher, PageMiss};
 use super::recovery::{read_superblock, replay};
 use super::space_map::{Reserved, SpaceCounters, SpaceMap};
 use super::types::{FormatOptions, Geometry, Tree, Usage, APP_STATE_MAX};
@@ -276,6 +276,38 @@ impl<D: BlockDev> Meta<D> {
     ) -> Result<Vec<(u128, Vec<u8>)>> {
         self.tree(t).range(lo, hi, limit)
     }
+    /// `get` under shared access (the store's read lock): reads no page
+    /// from the device; a page not held is `Error::NotCached`.
+    pub fn get_cached(&self, t: Tree, key: u128) -> Result<Option<Vec<u8>>> {
+        let mut pages = Shared(&self.cache);
+        TreeReader::new(t, &self.layout, self.roots.get(t), &mut pages).get(key)
+    }
+    pub fn get_u64_cached(&self, t: Tree, key: u128) -> Result<Option<u64>> {
+        Ok(self.get_cached(t, key)?.map(|v| format::rd_u64(&v, 0)))
+    }
+    /// `seek` under shared access, as `get_cached`.
+    pub fn seek_cached(&self, t: Tree, lo: u128, hi: u128) -> Result<Option<(u128, Vec<u8>)>> {
+        let mut pages = Shared(&self.cache);
+        let mut reader = TreeReader::new(t, &self.layout, self.roots.get(t), &mut pages);
+        Ok(reader.range(lo, hi, 1)?.pop())
+    }
+    /// Reads pages that shared lookups missed, with no lock held.
+    pub fn fetcher(&self) -> PageFetcher<D> {
+        self.cache.fetcher()
+    }
+    /// Offer a fetched page to the cache (see `PageCache::insert_fetched`).
+    pub fn insert_fetched(&mut self, page: FetchedPage) -> Result<()> {
+        self.cache.insert_fetched(page)
+    }
+    /// Under exclusive access: load a missed page and keep it until
+    /// `trim_cache`, so a lookup that keeps losing its pages to other
+    /// fetches completes (see `PageCache::load_unevicted`).
+    pub fn load_unevicted(&mut self, miss: PageMiss) -> Result<()> {
+        self.cache.load_unevicted(miss)
+    }
+    pub fn trim_cache(&mut self) {
+        self.cache.trim();
+    }
     /// Insert or replace. `val.len()` must equal `t.value_size()`.
     pub fn insert(&mut self, t: Tree, key: u128, val: &[u8]) -> Result<()> {
         self.writable()?;
@@ -424,6 +456,7 @@ impl<D: BlockDev> Meta<D> {
     /// Checkpoint now if due (or regardless, with `force`), under `&mut self`.
     fn checkpoint_now(&mut self, force: bool) -> Result<()> {
         if let Some(plan) = self.journal.plan_checkpoint(force) {
+            self.cache.note_home_writes_begin();
             self.journal
                 .run_checkpoint(&*self.dev, plan, &mut self.cache, &mut self.space)?;
         }
@@ -458,6 +491,14 @@ impl<D: BlockDev + 'static> Meta<D> {
     fn shared_dev(&self) -> Arc<dyn BlockDev> {
         self.dev.clone()
     }
+    fn plan_checkpoint(&mut self, force: bool) -> Result<Option<CheckpointBatch>> {
+        let dev = self.shared_dev();
+        let plan = self.journal.plan_checkpoint(force);
+        if plan.is_some() {
+            self.cache.note_home_writes_begin();
+        }
+        Ok(plan.map(|p| CheckpointBatch::new(dev, p)))
+    }
     /// Close the open transaction. None if it changed nothing.
     pub fn begin_commit(&mut self) -> Result<Option<CommitBatch>> {
         let dev = self.shared_dev();
@@ -465,19 +506,11 @@ impl<D: BlockDev + 'static> Meta<D> {
     }
     /// Some when the journal is past its threshold: home-write pages.
     pub fn begin_checkpoint(&mut self) -> Result<Option<CheckpointBatch>> {
-        let dev = self.shared_dev();
-        Ok(self
-            .journal
-            .plan_checkpoint(false)
-            .map(|p| CheckpointBatch::new(dev, p)))
+        self.plan_checkpoint(false)
     }
     /// Like `begin_checkpoint` but regardless of the threshold (for close).
     pub fn begin_checkpoint_all(&mut self) -> Result<Option<CheckpointBatch>> {
-        let dev = self.shared_dev();
-        Ok(self
-            .journal
-            .plan_checkpoint(true)
-            .map(|p| CheckpointBatch::new(dev, p)))
+        self.plan_checkpoint(true)
     }
 }
 

@@ -2,10 +2,14 @@
 //! recovery and the checker.
 //!
 //! CONTRACT (the store is written against exactly this API):
-//! - `Meta` is used under one `Mutex` by the store. Every method that does
-//!   I/O under that lock must be bounded (cache misses only); the long I/O
-//!   of a commit happens in `CommitBatch::write` / `CheckpointBatch::write`,
-//!   which the store calls with the lock released.
+//! - `Meta` is used under one `RwLock` by the store. Lookups under the
+//!   read lock (`get_cached`, `seek_cached`) never read the device: a page
+//!   not held fails them with `Error::NotCached`, and the store fetches it
+//!   with no lock held (`fetcher`, `insert_fetched`) and looks up again.
+//!   Every `&mut self` method that does I/O under the write lock must be
+//!   bounded (cache misses only); the long I/O of a commit happens in
+//!   `CommitBatch::write` / `CheckpointBatch::write`, which the store calls
+//!   with the lock released.
 //! - Mutations (insert/remove/alloc/free/set_app_state) join the open
 //!   transaction. `begin_commit` closes it and captures its page images;
 //!   mutations made after that join the next transaction.
@@ -62,7 +66,10 @@ mod types;
 pub use check::{check, CheckReport};
 pub use journal::{CheckpointBatch, CommitBatch};
 pub use meta::Meta;
-pub use page_cache::{CacheStats, DEFAULT_BUDGET as DEFAULT_CACHE_BUDGET, MIN_CLEAN_PAGES};
+pub use page_cache::{
+    CacheStats, FetchedPage, PageFetcher, PageMiss, DEFAULT_BUDGET as DEFAULT_CACHE_BUDGET,
+    MIN_CLEAN_PAGES,
+};
 pub use repair::{repair, RepairReport};
 pub use space_map::Reserved;
 pub use types::{

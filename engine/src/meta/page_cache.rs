@@ -25,14 +25,30 @@
 //! is pinned again (changed) or freed. An evicted page is read from home on
 //! its next access and validated again (crc, type, block number, role).
 //!
-//! A miss costs one 4 KiB read of the home block, done in `load` (the one
-//! place a miss is served), under whatever lock the caller holds.
+//! Two ways in:
+//! - `page`/`page_mut` (exclusive access, `&mut self`): a miss reads the
+//!   home block there and then (`load`), under whatever lock the caller
+//!   holds. The store's writers, commits, open, check and repair use it;
+//!   `CacheStats::locked_misses` counts these misses.
+//! - `cached_page` (shared access, `&self`): lookups under a read lock. A
+//!   page not held is not read; the lookup fails with `Error::NotCached`,
+//!   the caller drops its lock, reads the block with a `PageFetcher` and
+//!   offers it back with `insert_fetched`. The fetch may race with a
+//!   checkpoint writing that block home or with the block being freed and
+//!   reused, so every such event bumps the cache's *epoch*, and a fetched
+//!   page read under an older epoch is dropped (the lookup runs again).
+//!   Between two bumps, a block that is live and not held has exactly its
+//!   home content: a page leaves the cache only when clean (homed) or freed
+//!   (a bump), and changes home only by a checkpoint (a bump).
 
 use super::types::Tree;
 use crate::dev::BlockDev;
 use crate::error::{Error, Result};
 use crate::format::{self, Page, BLOCK, PAGE_SIZE};
 use std::collections::{BTreeSet, HashMap};
+// Hints only (a reference bit, counters): any interleaving of them is
+// correct, so they are std atomics even under loom and shuttle.
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// The default byte budget of the page cache: 8192 pages.
@@ -56,6 +72,12 @@ pub struct CacheStats {
     /// Accesses served from memory, and from a read of the home block.
     pub hits: u64,
     pub misses: u64,
+    /// Of the misses, those read under exclusive access (`page`,
+    /// `page_mut`); the rest were fetched with no lock held.
+    pub locked_misses: u64,
+    /// Fetched pages dropped because a checkpoint or a free happened while
+    /// they were read (the lookup ran again).
+    pub stale_fetches: u64,
     /// Clean pages dropped to stay within the budget.
     pub evictions: u64,
     /// Times a page entered the cache and left it over budget because the
@@ -78,8 +100,9 @@ struct CachedPage {
     checked: bool,
     /// Whether `buf` equals the home block (see the module docs).
     homed: bool,
-    /// CLOCK reference bit: accessed since the hand last passed.
-    referenced: bool,
+    /// CLOCK reference bit: accessed since the hand last passed. Set
+    /// under shared access too.
+    referenced: AtomicBool,
     /// Position in the clock ring; `Some` exactly when the page is clean.
     slot: Option<usize>,
 }
@@ -97,7 +120,47 @@ pub(super) struct PageCache<D: BlockDev> {
     /// The clock hand, an index into `ring`.
     hand: usize,
     budget_pages: usize,
+    /// Bumped before any checkpoint writes home and whenever a page is
+    /// freed: see the module docs.
+    epoch: u64,
     stats: CacheStats,
+    /// Counted under shared access.
+    hits: AtomicU64,
+    shared_misses: AtomicU64,
+}
+
+/// A page a shared lookup needs and the cache does not hold.
+#[derive(Clone, Copy, Debug)]
+pub struct PageMiss {
+    block: u64,
+    role: Role,
+    epoch: u64,
+}
+
+impl PageMiss {
+    pub fn block(&self) -> u64 {
+        self.block
+    }
+}
+
+/// Reads missed pages with no lock held (see the module docs).
+pub struct PageFetcher<D: BlockDev> {
+    dev: Arc<D>,
+}
+
+/// A page read by a `PageFetcher`, or why it could not be: offered back
+/// with `insert_fetched`, which judges it against the epoch.
+pub struct FetchedPage {
+    miss: PageMiss,
+    content: Result<Box<Page>>,
+}
+
+impl<D: BlockDev> PageFetcher<D> {
+    pub fn fetch(&self, miss: PageMiss) -> FetchedPage {
+        let content = read_block(&*self.dev, miss.block)
+            .and_then(|buf| validate(miss.block, &buf, miss.role).map(|()| buf));
+        FetchedPage { miss, content }
+    }
 }
 
 /// Read one block from its home on `dev`, bypassing any cache.
@@ -146,7 +209,10 @@ impl<D: BlockDev> PageCache<D> {
             ring: Vec::new(),
             hand: 0,
             budget_pages: budget_pages(DEFAULT_BUDGET),
+            epoch: 0,
             stats: CacheStats::default(),
+            hits: AtomicU64::new(0),
+            shared_misses: AtomicU64::new(0),
         }
     }
 
@@ -158,11 +224,14 @@ impl<D: BlockDev> PageCache<D> {
 
     pub(super) fn stats(&self) -> CacheStats {
         let pages = self.pages.len() as u64;
+        let shared_misses = self.shared_misses.load(Relaxed);
         CacheStats {
             budget: self.budget_pages as u64 * PAGE_SIZE as u64,
             pages,
             bytes: pages * PAGE_SIZE as u64,
             pinned: pages - self.ring.len() as u64,
+            hits: self.stats.hits + self.hits.load(Relaxed),
+            misses: self.stats.locked_misses + shared_misses,
             ..self.stats
         }
     }
@@ -241,8 +310,8 @@ impl<D: BlockDev> PageCache<D> {
             }
             let block = self.ring[self.hand];
             let p = self.cached_mut(block);
-            if p.referenced {
-                p.referenced = false;
+            if *p.referenced.get_mut() {
+                *p.referenced.get_mut() = false;
                 self.hand += 1;
                 continue;
             }
@@ -271,22 +340,12 @@ impl<D: BlockDev> PageCache<D> {
         if self.pages.contains_key(&block) {
             self.stats.hits += 1;
         } else {
-            self.stats.misses += 1;
+            self.stats.locked_misses += 1;
             let buf = self.read_home(block)?;
-            self.make_room(1);
-            let page = CachedPage {
-                buf,
-                checked: false,
-                homed: true,
-                referenced: false,
-                slot: None,
-            };
-            self.pages.insert(block, page);
-            self.sync_clock(block);
-            self.note_entered();
+            self.insert_clean(block, buf, false);
         }
         let p = self.cached_mut(block);
-        p.referenced = true;
+        *p.referenced.get_mut() = true;
         if !p.checked {
             if let Err(e) = validate(block, &p.buf, role) {
                 // A page read from home is dropped so a later read retries;
@@ -302,6 +361,21 @@ impl<D: BlockDev> PageCache<D> {
         Ok(self.cached_mut(block))
     }
 
+    /// A page read from home joins the cache (and the clock).
+    fn insert_clean(&mut self, block: u64, buf: Box<Page>, checked: bool) {
+        self.make_room(1);
+        let page = CachedPage {
+            buf,
+            checked,
+            homed: true,
+            referenced: AtomicBool::new(false),
+            slot: None,
+        };
+        self.pages.insert(block, page);
+        self.sync_clock(block);
+        self.note_entered();
+    }
+
     fn cached_mut(&mut self, block: u64) -> &mut CachedPage {
         match self.pages.get_mut(&block) {
             Some(p) => p,
@@ -312,6 +386,81 @@ impl<D: BlockDev> PageCache<D> {
     /// A page validated for `role`, loaded from home on a miss.
     pub(super) fn page(&mut self, block: u64, role: Role) -> Result<&Page> {
         Ok(&self.load(block, role)?.buf)
+    }
+
+    /// A page for a lookup under shared access: served from memory, or
+    /// `Error::NotCached` (see the module docs). A page replayed from the
+    /// journal and not yet validated is validated on every such access
+    /// (marking it needs exclusive access), which is cheap and rare.
+    pub(super) fn cached_page(&self, block: u64, role: Role) -> Result<&Page> {
+        let Some(p) = self.pages.get(&block) else {
+            self.shared_misses.fetch_add(1, Relaxed);
+            return Err(Error::NotCached(PageMiss {
+                block,
+                role,
+                epoch: self.epoch,
+            }));
+        };
+        self.hits.fetch_add(1, Relaxed);
+        p.referenced.store(true, Relaxed);
+        if !p.checked {
+            validate(block, &p.buf, role)?;
+        }
+        Ok(&p.buf)
+    }
+
+    /// What reads missed pages with no lock held.
+    pub(super) fn fetcher(&self) -> PageFetcher<D> {
+        PageFetcher {
+            dev: self.dev.clone(),
+        }
+    }
+
+    /// Offer a fetched page. Dropped if the epoch moved since the miss (a
+    /// checkpoint or a free may have raced with the read: the caller looks
+    /// up again) or if the page is held by now (that copy is as new or
+    /// newer). Otherwise the read's result stands: the page joins the cache,
+    /// or its damage is the lookup's error.
+    pub(super) fn insert_fetched(&mut self, fetched: FetchedPage) -> Result<()> {
+        let FetchedPage { miss, content } = fetched;
+        #[cfg(not(snapmv_planted_bug = "fetch_ignores_epoch"))]
+        if miss.epoch != self.epoch {
+            self.stats.stale_fetches += 1;
+            return Ok(());
+        }
+        if self.pages.contains_key(&miss.block) {
+            return Ok(());
+        }
+        self.insert_clean(miss.block, content?, true);
+        Ok(())
+    }
+
+    /// Under exclusive access, after shared lookups kept missing pages that
+    /// other fetches evicted again: read the page here, and keep it
+    /// whatever the budget until `trim`, so the lookup's next round finds
+    /// every page it has loaded so far.
+    pub(super) fn load_unevicted(&mut self, miss: PageMiss) -> Result<()> {
+        if self.pages.contains_key(&miss.block) {
+            return Ok(());
+        }
+        self.stats.locked_misses += 1;
+        let buf = self.read_home(miss.block)?;
+        validate(miss.block, &buf, miss.role)?;
+        let page = CachedPage {
+            buf,
+            checked: true,
+            homed: true,
+            referenced: AtomicBool::new(true),
+            slot: None,
+        };
+        self.pages.insert(miss.block, page);
+        self.sync_clock(miss.block);
+        Ok(())
+    }
+
+    /// Evict down to the budget (after `load_unevicted`).
+    pub(super) fn trim(&mut self) {
+        self.make_room(0);
     }
 
     /// Mutable access to a page for the open transaction. The page is
@@ -343,7 +492,7 @@ impl<D: BlockDev> PageCache<D> {
             buf,
             checked,
             homed: false,
-            referenced: true,
+            referenced: AtomicBool::new(true),
             slot: None,
         };
         self.pages.insert(block, page);
@@ -369,8 +518,16 @@ impl<D: BlockDev> PageCache<D> {
     /// Forget a freed page, and its change in the open transaction: the
     /// journal revokes the block instead.
     pub(super) fn discard(&mut self, block: u64) {
+        // The block may be reused, and a fetch of it may be in flight.
+        self.epoch += 1;
         self.remove(block);
         self.dirty.remove(&block);
+    }
+
+    /// A checkpoint is about to write pages home: fetches in flight may
+    /// read a block half-written, or before its new content lands.
+    pub(super) fn note_home_writes_begin(&mut self) {
+        self.epoch += 1;
     }
 
     pub(super) fn dirty_count(&self) -> usize {
@@ -567,5 +724,94 @@ mod tests {
             c.page(20, internal),
             Err(Error::CorruptTree { .. })
         ));
+    }
+
+    fn miss_of(c: &PageCache<MemDev>, b: u64) -> PageMiss {
+        match c.cached_page(b, LEAF) {
+            Err(Error::NotCached(m)) => m,
+            other => panic!("page {b}: expected a miss, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn a_shared_miss_is_fetched_outside_and_offered_back() {
+        let mut c = cache(8);
+        let miss = miss_of(&c, 10);
+        assert_eq!(miss.block(), 10);
+        let fetched = c.fetcher().fetch(miss);
+        c.insert_fetched(fetched).unwrap();
+        let p = c.cached_page(10, LEAF).unwrap();
+        assert_eq!(node::key_at(&p[..], 0, node::entry_size(0, 8)), 10);
+        let s = c.stats();
+        assert_eq!((s.misses, s.locked_misses, s.hits), (1, 0, 1));
+        // A page loaded meanwhile (here: changed) wins over the fetched copy.
+        let miss = miss_of(&c, 11);
+        let fetched = c.fetcher().fetch(miss);
+        node::set_key(c.page_mut(11, LEAF).unwrap(), 0, node::entry_size(0, 8), 99);
+        c.insert_fetched(fetched).unwrap();
+        assert_eq!(key_of(&mut c, 11), 99);
+    }
+
+    /// The race the epoch exists for: a page is read for a shared lookup
+    /// while another thread changes it, commits, checkpoints it home and
+    /// it is evicted. The old bytes must not enter the cache. (The planted
+    /// bug `fetch_ignores_epoch` fails this test.)
+    #[test]
+    fn a_fetch_that_raced_a_checkpoint_is_dropped() {
+        let mut c = cache(6);
+        let miss = miss_of(&c, 10);
+        let stale = c.fetcher().fetch(miss);
+        // Meanwhile: change, commit, checkpoint home, evict.
+        node::set_key(c.page_mut(10, LEAF).unwrap(), 0, node::entry_size(0, 8), 77);
+        let images = c.seal_dirty();
+        c.note_home_writes_begin();
+        c.dev.write_at(10 * BLOCK, &images[0].1[..]).unwrap();
+        c.note_written_home(10, &images[0].1);
+        for b in 20..40 {
+            c.page(b, LEAF).unwrap();
+        }
+        assert!(!c.cached(10), "the test needs the page evicted");
+        c.insert_fetched(stale).unwrap();
+        assert_eq!(c.stats().stale_fetches, 1);
+        assert!(!c.cached(10), "a stale fetch entered the cache");
+        assert_eq!(key_of(&mut c, 10), 77);
+    }
+
+    /// The same for a freed page whose block is reused: a fetch that read
+    /// the freed page must not bring it back.
+    #[test]
+    fn a_fetch_that_raced_a_free_is_dropped() {
+        let mut c = cache(6);
+        let stale = c.fetcher().fetch(miss_of(&c, 12));
+        c.page_mut(12, LEAF).unwrap();
+        c.discard(12);
+        c.insert_fetched(stale).unwrap();
+        assert!(!c.cached(12));
+        assert_eq!(c.stats().stale_fetches, 1);
+    }
+
+    #[test]
+    fn damage_found_by_a_fetch_is_the_lookups_error() {
+        let mut c = cache(6);
+        c.dev.write_at(13 * BLOCK + 100, &[0xff; 8]).unwrap();
+        let fetched = c.fetcher().fetch(miss_of(&c, 13));
+        assert!(matches!(
+            c.insert_fetched(fetched),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(!c.cached(13));
+    }
+
+    #[test]
+    fn pages_loaded_unevicted_stay_until_trimmed() {
+        let mut c = cache(0);
+        for b in 50..60 {
+            c.load_unevicted(miss_of(&c, b)).unwrap();
+        }
+        assert_eq!(c.stats().pages, 10);
+        assert_eq!(c.stats().locked_misses, 10);
+        c.trim();
+        assert_eq!(c.stats().pages, MIN_CLEAN_PAGES as u64);
+        assert!(c.within_bound());
     }
 }

@@ -4,7 +4,7 @@
 //! app state, so any step may be the last before a crash.
 
 use super::inner::{Inner, OriginRt};
-use super::io::{rb_pending, Volume};
+use super::io::Volume;
 use super::records::{exc_key, split_key};
 use crate::error::{Error, Result};
 use crate::meta::Tree;
@@ -33,7 +33,7 @@ impl Inner {
         }
         self.maybe_commit()?;
         let more = {
-            let md = sync::lock(&self.md);
+            let md = sync::write(&self.md);
             md.app.rollback.is_some() || md.app.clean_pass.is_some()
         } || self.any_flagged();
         Ok(StepReport { work, more })
@@ -46,7 +46,7 @@ impl Inner {
     }
 
     fn rollback_steps(&self, me: &Arc<Self>, budget: usize) -> Result<usize> {
-        let Some(rb) = sync::lock(&self.md).app.rollback else {
+        let Some(rb) = sync::write(&self.md).app.rollback else {
             return Ok(0);
         };
         let o = self
@@ -63,7 +63,7 @@ impl Inner {
         };
         let mut done = 0;
         while done < budget {
-            let Some(rb) = sync::lock(&self.md).app.rollback else {
+            let Some(rb) = sync::write(&self.md).app.rollback else {
                 break;
             };
             if rb.cursor >= rb.total {
@@ -77,18 +77,17 @@ impl Inner {
             let last = (first + RB_BATCH.min((budget - done) as u64)).min(rb.total) - 1;
             #[cfg(not(snapmv_planted_bug = "no_rb_lock"))]
             let _locks = self.locks.exclusive_range(o.num, first, last);
-            let pending = {
-                let mut md = sync::lock(&self.md);
+            let pending = self.lookup(&o, |_, md| {
                 let mut v = Vec::new();
                 for c in first..=last {
-                    if rb_pending(&mut md, o.num, c)?.is_some() {
+                    if md.rollback_pending(o.num, c)?.is_some() {
                         v.push(c);
                     }
                 }
-                v
-            };
+                Ok(v)
+            })?;
             vol.copy_rollback_chunks(&pending)?;
-            let mut md = sync::lock(&self.md);
+            let mut md = sync::write(&self.md);
             for c in first..=last {
                 md.del_exc(o.num, c, RB_MARK)?;
             }
@@ -113,7 +112,7 @@ impl Inner {
     fn finish_rollback(&self, o: &OriginRt) -> Result<()> {
         let _g = sync::write(&o.gate);
         let mut tree = sync::write(&o.tree);
-        let mut md = sync::lock(&self.md);
+        let mut md = sync::write(&self.md);
         let Some(rb) = md.app.rollback else {
             return Ok(());
         };
@@ -135,19 +134,19 @@ impl Inner {
             if done >= budget {
                 break;
             }
-            let pass = sync::lock(&self.md).app.clean_pass;
+            let pass = sync::write(&self.md).app.clean_pass;
             let Some((pass_gen, cursor)) = pass else {
                 if !self.any_flagged() {
                     break;
                 }
-                let mut md = sync::lock(&self.md);
+                let mut md = sync::write(&self.md);
                 md.app.clean_gen += 1;
                 md.app.clean_pass = Some((md.app.clean_gen, 0));
                 md.save_app()?;
                 done += 1;
                 continue;
             };
-            let next = sync::lock(&self.md)
+            let next = sync::write(&self.md)
                 .meta
                 .seek(Tree::Exceptions, cursor, u128::MAX)?;
             let Some((key, _)) = next else {
@@ -173,7 +172,7 @@ impl Inner {
                         Some(n) => exc_key(n, 0, 0),
                         None => u128::MAX,
                     };
-                    let mut md = sync::lock(&self.md);
+                    let mut md = sync::write(&self.md);
                     md.app.clean_pass = Some((pass_gen, next));
                     md.save_app()?;
                 }
@@ -196,7 +195,7 @@ impl Inner {
             locks.push(self.locks.exclusive(o.num, c));
             self.clean_chunk(o, c, pass_gen)?;
             n += 1;
-            let mut md = sync::lock(&self.md);
+            let mut md = sync::write(&self.md);
             md.app.clean_pass = Some((pass_gen, exc_key(o.num, c + 1, 0)));
             md.save_app()?;
             let lo = exc_key(o.num, c + 1, 0);
@@ -206,7 +205,7 @@ impl Inner {
                 _ => break,
             }
         }
-        let gen = sync::lock(&self.md).gen;
+        let gen = sync::write(&self.md).gen;
         self.sync_gen(gen)?;
         drop(locks);
         Ok(n)
@@ -215,7 +214,7 @@ impl Inner {
     /// Apply the cleaner's decisions at one chunk (its lock is held).
     fn clean_chunk(&self, o: &OriginRt, c: u64, pass_gen: u64) -> Result<()> {
         let tree = sync::read(&o.tree);
-        let mut md = sync::lock(&self.md);
+        let mut md = sync::write(&self.md);
         let lo = exc_key(o.num, c, 0);
         let hi = exc_key(o.num, c, MAX_NODE);
         let mut exc: Vec<(NodeId, u64)> = Vec::new();
@@ -237,7 +236,7 @@ impl Inner {
                         // unmapping (another thread's commit runs between).
                         md.free_val(val)?;
                         drop(md);
-                        md = sync::lock(&self.md);
+                        md = sync::write(&self.md);
                         md.del_exc(o.num, c, node)?;
                     }
                     #[cfg(not(snapmv_planted_bug = "clean_free_early"))]
@@ -269,9 +268,9 @@ impl Inner {
             let _g = sync::write(&o.gate);
             let mut tree = sync::write(&o.tree);
             let ch = tree.finish_pass(pass_gen);
-            sync::lock(&self.md).apply_changes(o.num, &tree, &ch)?;
+            sync::write(&self.md).apply_changes(o.num, &tree, &ch)?;
         }
-        let mut md = sync::lock(&self.md);
+        let mut md = sync::write(&self.md);
         md.app.clean_pass = None;
         md.save_app()
     }

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::meta::{FormatOptions, Geometry, Meta, Reserved, Tree, ZERO_CHUNK};
 use crate::store::api::*;
 use crate::sync::{self, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
-use crate::vtree::{self, ExcView, Node, NodeId, VTree, SPINE_BIT};
+use crate::vtree::{self, Node, NodeId, VTree, SPINE_BIT};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Commit early once a transaction dirties this many pages, so one
@@ -64,7 +64,9 @@ fn absent_err(rec: &OriginRec, reason: &str) -> Error {
     }
 }
 
-/// Everything under the metadata mutex.
+/// Everything under the metadata lock (an `RwLock`: lookups share it,
+/// see lookup.rs; changes hold it exclusively, for in-memory work and
+/// bounded page misses).
 pub struct MetaState {
     pub meta: Meta<Dev>,
     pub own: HashMap<NodeId, u64>,
@@ -79,7 +81,7 @@ pub struct MetaState {
 pub struct Inner {
     pub cow: Dev,
     pub geo: Geometry,
-    pub md: Mutex<MetaState>,
+    pub md: RwLock<MetaState>,
     pub origins: RwLock<BTreeMap<u32, Arc<OriginRt>>>,
     pub locks: ChunkLocks,
     pub gc: Arc<GroupCommit>,
@@ -88,29 +90,6 @@ pub struct Inner {
     pub admin: Mutex<()>,
     /// `gc.changes()` when `maybe_commit` last looked at the dirty pages.
     pub last_look: AtomicU64,
-}
-
-/// An `ExcView` over one origin's exceptions in the B+tree.
-pub struct ExcTreeView<'a> {
-    pub md: &'a mut MetaState,
-    pub origin: u32,
-}
-
-impl ExcView for ExcTreeView<'_> {
-    fn get(&mut self, chunk: u64, node: NodeId) -> Result<Option<u64>> {
-        self.md.get_exc(self.origin, chunk, node)
-    }
-    fn seek_spine(&mut self, chunk: u64, from: NodeId) -> Result<Option<(NodeId, u64)>> {
-        let lo = exc_key(self.origin, chunk, from.max(SPINE_BIT));
-        let hi = exc_key(self.origin, chunk, vtree::MAX_NODE);
-        match self.md.meta.seek(Tree::Exceptions, lo, hi)? {
-            Some((k, v)) => {
-                let val = self.md.checked(k, val_u64(&v)?)?;
-                Ok(Some((split_key(k).2, val)))
-            }
-            None => Ok(None),
-        }
-    }
 }
 
 pub fn val_u64(v: &[u8]) -> Result<u64> {
@@ -123,10 +102,6 @@ pub fn val_u64(v: &[u8]) -> Result<u64> {
 }
 
 impl MetaState {
-    pub fn view(&mut self, origin: u32) -> ExcTreeView<'_> {
-        ExcTreeView { md: self, origin }
-    }
-
     /// A metadata update that failed half-way leaves the open transaction
     /// in an unknown state. Stop the store, as jbd2 aborts its journal: the
     /// durable state is the last commit, and a reopen recovers it.
@@ -329,7 +304,7 @@ impl Inner {
     /// it covers.
     pub fn commit_once(&self) -> Result<u64> {
         let (batch, gen) = {
-            let mut md = sync::lock(&self.md);
+            let mut md = sync::write(&self.md);
             md.flush_own()?;
             let gen = md.gen;
             (md.meta.begin_commit()?, gen)
@@ -344,14 +319,14 @@ impl Inner {
         match batch {
             Some(b) => {
                 b.write()?;
-                sync::lock(&self.md).meta.end_commit(b)?;
+                sync::write(&self.md).meta.end_commit(b)?;
             }
             None => self.cow.flush()?,
         }
-        let cp = sync::lock(&self.md).meta.begin_checkpoint()?;
+        let cp = sync::write(&self.md).meta.begin_checkpoint()?;
         if let Some(cp) = cp {
             cp.write()?;
-            sync::lock(&self.md).meta.end_checkpoint(cp)?;
+            sync::write(&self.md).meta.end_checkpoint(cp)?;
         }
         Ok(gen)
     }
@@ -367,7 +342,7 @@ impl Inner {
     /// Make everything completed so far durable, devices included.
     pub fn sync_all(&self) -> Result<()> {
         self.check_ok()?;
-        let want = sync::lock(&self.md).bump();
+        let want = sync::write(&self.md).bump();
         self.sync_gen(want)
     }
 
@@ -392,7 +367,7 @@ impl Inner {
 
     /// Whether chunks freed by a not-yet-durable transaction wait for a commit.
     pub fn space_pending(&self) -> bool {
-        sync::lock(&self.md).meta.quarantined_blocks() > 0
+        sync::write(&self.md).meta.quarantined_blocks() > 0
     }
 
     /// Commit early if the open transaction grew large.
@@ -405,7 +380,7 @@ impl Inner {
         }
         self.last_look.store(now, Ordering::Relaxed);
         let want = {
-            let md = sync::lock(&self.md);
+            let md = sync::write(&self.md);
             let limit = DIRTY_LIMIT.min(md.meta.max_dirty_pages() / 2);
             (md.meta.dirty_pages() > limit).then_some(md.gen)
         };
@@ -456,7 +431,7 @@ impl Inner {
             cow,
             geo,
             gc: gc.clone(),
-            md: Mutex::new(MetaState {
+            md: RwLock::new(MetaState {
                 gc,
                 meta,
                 own,
@@ -543,7 +518,7 @@ impl Inner {
             return Err(Error::OriginExists(id.to_string()));
         }
         let gen = {
-            let mut md = sync::lock(&self.md);
+            let mut md = sync::write(&self.md);
             let num = md.app.next_origin;
             md.app.next_origin = num
                 .checked_add(1)
@@ -587,7 +562,7 @@ impl Inner {
             )));
         }
         let gen = {
-            let mut md = sync::lock(&self.md);
+            let mut md = sync::write(&self.md);
             let r = md.meta.remove(Tree::Origins, u128::from(o.num));
             md.guard(r)?;
             o.bound.store(false, Ordering::Release);
@@ -605,7 +580,7 @@ impl Inner {
         let _a = sync::lock(&self.admin);
         let o = self.origin_by_id(id)?;
         let _g = sync::write(&o.gate);
-        if let Some(rb) = sync::lock(&self.md).app.rollback {
+        if let Some(rb) = sync::write(&self.md).app.rollback {
             if rb.origin == o.num && of.is_none() {
                 return Err(Error::Busy(format!(
                     "origin {id}: rollback of snapshot {} in progress",
@@ -619,7 +594,7 @@ impl Inner {
                 return Err(no_snap(id, t));
             }
         }
-        let mut md = sync::lock(&self.md);
+        let mut md = sync::write(&self.md);
         let tag = md.app.next_tag;
         md.app.next_tag += 1;
         let (a, b) = (md.next_node()?, md.next_node()?);
@@ -669,7 +644,7 @@ impl Inner {
 
     pub fn delete(&self, id: &str, tag: u64) -> Result<()> {
         self.on_snapshot(id, tag, |o, tree| {
-            let mut md = sync::lock(&self.md);
+            let mut md = sync::write(&self.md);
             let ch = tree.delete(tag, md.app.clean_gen)?;
             md.apply_changes(o.num, tree, &ch)?;
             Ok(md.gen)
@@ -678,7 +653,7 @@ impl Inner {
 
     pub fn rollback(&self, id: &str, tag: u64) -> Result<()> {
         self.on_snapshot(id, tag, |o, tree| {
-            let mut md = sync::lock(&self.md);
+            let mut md = sync::write(&self.md);
             if let Some(rb) = md.app.rollback {
                 return Err(Error::Busy(format!(
                     "a rollback (snapshot {}) is already in progress",
@@ -712,7 +687,7 @@ impl Inner {
 
     /// The status, with the space accounting when `accounting`.
     pub fn status(&self, accounting: bool) -> Status {
-        let md = sync::lock(&self.md);
+        let md = sync::write(&self.md);
         let usage = md.meta.usage();
         let rollback = md.app.rollback;
         let clean_pass = md.app.clean_pass.is_some();
@@ -794,10 +769,10 @@ impl Inner {
         // A full checkpoint empties the journal: after a clean close nothing
         // depends on the ring, so damage there cannot pass for a torn tail.
         self.gc.exclusive(|| {
-            let cp = sync::lock(&self.md).meta.begin_checkpoint_all()?;
+            let cp = sync::write(&self.md).meta.begin_checkpoint_all()?;
             if let Some(cp) = cp {
                 cp.write()?;
-                sync::lock(&self.md).meta.end_checkpoint(cp)?;
+                sync::write(&self.md).meta.end_checkpoint(cp)?;
             }
             Ok(())
         })

@@ -7,7 +7,7 @@
 //! An origin write that had to copy waits for the copy and its mapping to
 //! be durable (group commit) before it overwrites the origin in place.
 
-use super::inner::{no_snap, FlushHold, Inner, MetaState, OriginRt};
+use super::inner::{no_snap, FlushHold, Inner, OriginRt};
 use super::records::RollbackState;
 use crate::dev::check_range;
 use crate::error::{Error, Result};
@@ -54,34 +54,8 @@ fn pieces(offset: u64, len: usize, cs: u64) -> Vec<Piece> {
     out
 }
 
-/// Whether chunk `c` of origin `o` still waits for the rollback copier.
-pub(crate) fn rb_pending(md: &mut MetaState, o: u32, c: u64) -> Result<Option<RollbackState>> {
-    match md.app.rollback {
-        Some(rb) if rb.origin == o && c >= rb.cursor => Ok(match md.get_exc(o, c, RB_MARK)? {
-            Some(_) => None,
-            None => Some(rb),
-        }),
-        _ => Ok(None),
-    }
-}
-
-/// Reserve `n` chunks or none: on ENOSPC, give back what was taken.
-/// Reservations change nothing a commit writes; each becomes an allocation
-/// only with its mapping (`MetaState::map_fresh`), so a commit by another thread
-/// while this operation does its I/O cannot make the allocation durable alone.
-fn reserve_n(md: &mut MetaState, n: usize) -> Result<Vec<Reserved>> {
-    let mut got = Vec::with_capacity(n);
-    for _ in 0..n {
-        match md.meta.reserve_chunk() {
-            Ok(r) => got.push(r),
-            Err(e) => {
-                md.release_all(got)?;
-                return Err(e);
-            }
-        }
-    }
-    Ok(got)
-}
+/// Chunks `block_status` resolves per shared-lock hold.
+const STATUS_BATCH: u64 = 256;
 
 /// An origin piece's plan.
 struct OPlan {
@@ -177,19 +151,17 @@ impl Volume {
         }
         // Mid-rollback: chunks the copier has not reached read through the snapshot.
         let _l = self.inner.locks.shared(self.o.num, p.chunk);
-        let src = {
-            let tree = sync::read(&self.o.tree);
-            let mut md = sync::lock(&self.inner.md);
-            match rb_pending(&mut md, self.o.num, p.chunk)? {
-                None => Source::Origin,
+        let src = self.inner.lookup(&self.o, |tree, md| {
+            match md.rollback_pending(self.o.num, p.chunk)? {
+                None => Ok(Source::Origin),
                 Some(rb) => {
                     let leaf = tree
                         .leaf_of(rb.src)
                         .ok_or_else(|| no_snap(&self.o.rec.id, rb.src))?;
-                    tree.resolve(leaf, p.chunk, &mut md.view(self.o.num))?
+                    tree.resolve(leaf, p.chunk, &mut md.cached_view(self.o.num))
                 }
             }
-        };
+        })?;
         self.read_source(src, p.chunk, p.in_off, out)
     }
 
@@ -198,11 +170,9 @@ impl Volume {
         // cannot happen while we read what the resolution pointed at.
         #[cfg(not(snapmv_planted_bug = "no_chunk_lock"))]
         let _l = self.inner.locks.shared(self.o.num, p.chunk);
-        let src = {
-            let tree = sync::read(&self.o.tree);
-            let mut md = sync::lock(&self.inner.md);
-            tree.resolve(leaf, p.chunk, &mut md.view(self.o.num))?
-        };
+        let src = self.inner.lookup(&self.o, |tree, md| {
+            tree.resolve(leaf, p.chunk, &mut md.cached_view(self.o.num))
+        })?;
         self.read_source(src, p.chunk, p.in_off, out)
     }
 
@@ -323,34 +293,39 @@ impl Volume {
             };
             return Ok((ps.iter().map(none).collect(), Vec::new(), None));
         }
-        let mut md = sync::lock(&self.inner.md);
-        let mut plans = Vec::with_capacity(ps.len());
-        let mut rb_seen = None;
-        for p in ps {
-            let rb_src = match rb_pending(&mut md, self.o.num, p.chunk)? {
-                Some(rb) => {
-                    rb_seen = Some(rb);
-                    let leaf = tree
-                        .leaf_of(rb.src)
-                        .ok_or_else(|| no_snap(&self.o.rec.id, rb.src))?;
-                    Some(tree.resolve(leaf, p.chunk, &mut md.view(self.o.num))?)
-                }
-                None => None,
-            };
-            // The copier's empty piece over a chunk the snapshot shares with
-            // the origin changes nothing, so it needs no copy either.
-            let changes = p.len > 0 || matches!(rb_src, Some(Source::Exc(..)));
-            let target = match changes {
-                true => tree.origin_write_target(p.chunk, &mut md.view(self.o.num))?,
-                false => None,
-            };
-            plans.push(OPlan {
-                copy_to: target,
-                rb_src,
-            });
-        }
+        drop(tree);
+        // Pure lookups under the shared locks; the chunk locks keep what
+        // they found true until the mapping.
+        let (plans, rb_seen) = self.inner.lookup(&self.o, |tree, md| {
+            let mut plans = Vec::with_capacity(ps.len());
+            let mut rb_seen = None;
+            for p in ps {
+                let rb_src = match md.rollback_pending(self.o.num, p.chunk)? {
+                    Some(rb) => {
+                        rb_seen = Some(rb);
+                        let leaf = tree
+                            .leaf_of(rb.src)
+                            .ok_or_else(|| no_snap(&self.o.rec.id, rb.src))?;
+                        Some(tree.resolve(leaf, p.chunk, &mut md.cached_view(self.o.num))?)
+                    }
+                    None => None,
+                };
+                // The copier's empty piece over a chunk the snapshot shares
+                // with the origin changes nothing, so it needs no copy either.
+                let changes = p.len > 0 || matches!(rb_src, Some(Source::Exc(..)));
+                let target = match changes {
+                    true => tree.origin_write_target(p.chunk, &mut md.cached_view(self.o.num))?,
+                    false => None,
+                };
+                plans.push(OPlan {
+                    copy_to: target,
+                    rb_src,
+                });
+            }
+            Ok((plans, rb_seen))
+        })?;
         let need = plans.iter().filter(|p| p.copy_to.is_some()).count();
-        let reserved = reserve_n(&mut md, need)?;
+        let reserved = self.inner.reserve(need)?;
         Ok((plans, reserved, rb_seen))
     }
 
@@ -374,7 +349,7 @@ impl Volume {
         let copied = !reserved.is_empty();
         if copied {
             let gen = {
-                let mut md = sync::lock(&self.inner.md);
+                let mut md = sync::write(&self.inner.md);
                 if r.is_err() {
                     md.release_all(reserved)?;
                     return r;
@@ -416,7 +391,7 @@ impl Volume {
         // 4. Rollback marks go in after the data they vouch for, so a commit
         // (which flushes origins first) never makes a mark durable before it.
         if let Some(rb) = rb {
-            let mut md = sync::lock(&self.inner.md);
+            let mut md = sync::write(&self.inner.md);
             for (p, pl) in ps.iter().zip(&plans) {
                 if pl.rb_src.is_some() {
                     assert!(p.chunk >= rb.cursor);
@@ -428,22 +403,19 @@ impl Volume {
     }
 
     fn write_leaf(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
-        let (leaf, plans, reserved) = {
-            let tree = sync::read(&self.o.tree);
-            let leaf = self.leaf(&tree)?;
-            let mut md = sync::lock(&self.inner.md);
-            let mut plans = Vec::with_capacity(ps.len());
-            for p in ps {
-                plans.push(tree.leaf_write_plan(leaf, p.chunk, &mut md.view(self.o.num))?);
-            }
-            let need = plans
-                .iter()
-                .filter(|p| matches!(p, LeafPlan::Fresh { .. }))
-                .count();
-            (leaf, plans, reserve_n(&mut md, need)?)
-        };
+        let leaf = self.leaf(&sync::read(&self.o.tree))?;
+        let plans = self.inner.lookup(&self.o, |tree, md| {
+            ps.iter()
+                .map(|p| tree.leaf_write_plan(leaf, p.chunk, &mut md.cached_view(self.o.num)))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let need = plans
+            .iter()
+            .filter(|p| matches!(p, LeafPlan::Fresh { .. }))
+            .count();
+        let reserved = self.inner.reserve(need)?;
         let r = self.write_leaf_data(ps, &plans, &reserved, data);
-        let mut md = sync::lock(&self.inner.md);
+        let mut md = sync::write(&self.inner.md);
         if r.is_err() {
             // Nothing was mapped: the reservations go back, and no commit
             // ever saw them.
@@ -528,7 +500,7 @@ impl Volume {
             let last = (c + OP_CHUNKS).min(end) - 1;
             let _locks = self.inner.locks.exclusive_range(self.o.num, c, last);
             let leaf = self.leaf(&sync::read(&self.o.tree))?;
-            let mut md = sync::lock(&self.inner.md);
+            let mut md = sync::write(&self.inner.md);
             for chunk in c..=last {
                 // A short last chunk of the origin is still a whole chunk here.
                 let prev = md.get_exc(self.o.num, chunk, leaf)?;
@@ -631,34 +603,44 @@ impl Volume {
             }]);
         };
         let cs = self.cs();
-        let tree = sync::read(&self.o.tree);
-        let leaf = tree
-            .leaf_of(tag)
-            .ok_or_else(|| no_snap(&self.o.rec.id, tag))?;
-        let mut md = sync::lock(&self.inner.md);
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = offset;
-        // Bounded: at most 65536 chunks per call; the caller asks again.
-        for _ in 0..65536 {
-            if pos >= end {
-                break;
+        // Bounded: at most 65536 chunks per call (the caller asks again),
+        // looked up in batches, each under the shared locks for a moment.
+        let last = (end - 1) / cs;
+        let stop = last.min(offset / cs + 65535);
+        let mut first = offset / cs;
+        while first <= stop {
+            let batch_end = stop.min(first + STATUS_BATCH - 1);
+            let kinds = self.inner.lookup(&self.o, |tree, md| {
+                let leaf = tree
+                    .leaf_of(tag)
+                    .ok_or_else(|| no_snap(&self.o.rec.id, tag))?;
+                let mut view = md.cached_view(self.o.num);
+                (first..=batch_end)
+                    .map(|c| {
+                        Ok(match tree.resolve(leaf, c, &mut view)? {
+                            Source::Exc(_, ZERO_CHUNK) => ExtentKind::Zero,
+                            Source::Exc(..) => ExtentKind::Own,
+                            Source::Origin => ExtentKind::Shared,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            for kind in kinds {
+                let next = (pos / cs + 1) * cs;
+                let next = next.min(end);
+                match out.last_mut() {
+                    Some(e) if e.kind == kind => e.len += next - pos,
+                    _ => out.push(Extent {
+                        offset: pos,
+                        len: next - pos,
+                        kind,
+                    }),
+                }
+                pos = next;
             }
-            let c = pos / cs;
-            let next = ((c + 1) * cs).min(end);
-            let kind = match tree.resolve(leaf, c, &mut md.view(self.o.num))? {
-                Source::Exc(_, ZERO_CHUNK) => ExtentKind::Zero,
-                Source::Exc(..) => ExtentKind::Own,
-                Source::Origin => ExtentKind::Shared,
-            };
-            match out.last_mut() {
-                Some(e) if e.kind == kind => e.len += next - pos,
-                _ => out.push(Extent {
-                    offset: pos,
-                    len: next - pos,
-                    kind,
-                }),
-            }
-            pos = next;
+            first = batch_end + 1;
         }
         Ok(out)
     }

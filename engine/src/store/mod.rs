@@ -8,6 +8,7 @@ mod commit;
 mod inner;
 mod io;
 pub(crate) mod locks;
+mod lookup;
 pub mod records;
 mod usage;
 
@@ -173,12 +174,12 @@ impl Store {
     /// checkpointed stay whatever the budget (`CacheStats::over_budget`
     /// counts the times they alone exceeded it).
     pub fn set_cache_budget(&self, bytes: u64) {
-        sync::lock(&self.inner.md).meta.set_cache_budget(bytes);
+        sync::write(&self.inner.md).meta.set_cache_budget(bytes);
     }
 
     /// The metadata page cache's counters.
     pub fn cache_stats(&self) -> CacheStats {
-        sync::lock(&self.inner.md).meta.cache_stats()
+        sync::write(&self.inner.md).meta.cache_stats()
     }
 
     /// Chunk-lock table entries in use (zero when idle; for tests).

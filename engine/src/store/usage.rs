@@ -30,7 +30,7 @@ impl Inner {
         let mut lo = exc_key(o.num, 0, 0);
         loop {
             let tree = sync::read(&o.tree);
-            let mut md = sync::lock(&self.md);
+            let mut md = sync::write(&self.md);
             let batch = md.meta.range(Tree::Exceptions, lo, hi, BATCH)?;
             let full = batch.len() == BATCH;
             let mut groups = group_by_chunk(&batch)?;
