@@ -287,9 +287,18 @@ impl<D: BlockDev> Meta<D> {
     }
     /// `seek` under shared access, as `get_cached`.
     pub fn seek_cached(&self, t: Tree, lo: u128, hi: u128) -> Result<Option<(u128, Vec<u8>)>> {
+        Ok(self.range_cached(t, lo, hi, 1)?.pop())
+    }
+    /// `range` under shared access, as `get_cached`.
+    pub fn range_cached(
+        &self,
+        t: Tree,
+        lo: u128,
+        hi: u128,
+        limit: usize,
+    ) -> Result<Vec<(u128, Vec<u8>)>> {
         let mut pages = Shared(&self.cache);
-        let mut reader = TreeReader::new(t, &self.layout, self.roots.get(t), &mut pages);
-        Ok(reader.range(lo, hi, 1)?.pop())
+        TreeReader::new(t, &self.layout, self.roots.get(t), &mut pages).range(lo, hi, limit)
     }
     /// Reads pages that shared lookups missed, with no lock held.
     pub fn fetcher(&self) -> PageFetcher<D> {

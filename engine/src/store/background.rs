@@ -33,7 +33,7 @@ impl Inner {
         }
         self.maybe_commit()?;
         let more = {
-            let md = sync::write(&self.md);
+            let md = sync::read(&self.md);
             md.app.rollback.is_some() || md.app.clean_pass.is_some()
         } || self.any_flagged();
         Ok(StepReport { work, more })
@@ -46,7 +46,7 @@ impl Inner {
     }
 
     fn rollback_steps(&self, me: &Arc<Self>, budget: usize) -> Result<usize> {
-        let Some(rb) = sync::write(&self.md).app.rollback else {
+        let Some(rb) = sync::read(&self.md).app.rollback else {
             return Ok(0);
         };
         let o = self
@@ -63,7 +63,7 @@ impl Inner {
         };
         let mut done = 0;
         while done < budget {
-            let Some(rb) = sync::write(&self.md).app.rollback else {
+            let Some(rb) = sync::read(&self.md).app.rollback else {
                 break;
             };
             if rb.cursor >= rb.total {
@@ -134,7 +134,7 @@ impl Inner {
             if done >= budget {
                 break;
             }
-            let pass = sync::write(&self.md).app.clean_pass;
+            let pass = sync::read(&self.md).app.clean_pass;
             let Some((pass_gen, cursor)) = pass else {
                 if !self.any_flagged() {
                     break;
@@ -146,9 +146,8 @@ impl Inner {
                 done += 1;
                 continue;
             };
-            let next = sync::write(&self.md)
-                .meta
-                .seek(Tree::Exceptions, cursor, u128::MAX)?;
+            let next =
+                self.lookup_meta(|md| md.meta.seek_cached(Tree::Exceptions, cursor, u128::MAX))?;
             let Some((key, _)) = next else {
                 self.finish_pass(pass_gen)?;
                 done += 1;
@@ -195,17 +194,19 @@ impl Inner {
             locks.push(self.locks.exclusive(o.num, c));
             self.clean_chunk(o, c, pass_gen)?;
             n += 1;
-            let mut md = sync::write(&self.md);
-            md.app.clean_pass = Some((pass_gen, exc_key(o.num, c + 1, 0)));
-            md.save_app()?;
+            {
+                let mut md = sync::write(&self.md);
+                md.app.clean_pass = Some((pass_gen, exc_key(o.num, c + 1, 0)));
+                md.save_app()?;
+            }
             let lo = exc_key(o.num, c + 1, 0);
             let hi = exc_key(o.num, (1 << 48) - 1, MAX_NODE);
-            match md.meta.seek(Tree::Exceptions, lo, hi)? {
+            match self.lookup_meta(|md| md.meta.seek_cached(Tree::Exceptions, lo, hi))? {
                 Some((k, _)) if n < max.min(CLEAN_BATCH) => c = split_key(k).1,
                 _ => break,
             }
         }
-        let gen = sync::write(&self.md).gen;
+        let gen = sync::read(&self.md).gen;
         self.sync_gen(gen)?;
         drop(locks);
         Ok(n)
@@ -213,18 +214,22 @@ impl Inner {
 
     /// Apply the cleaner's decisions at one chunk (its lock is held).
     fn clean_chunk(&self, o: &OriginRt, c: u64, pass_gen: u64) -> Result<()> {
-        let tree = sync::read(&o.tree);
-        let mut md = sync::write(&self.md);
+        // The chunk's exceptions, looked up under the shared locks; the
+        // chunk's lock (held) keeps them as they are until the changes.
         let lo = exc_key(o.num, c, 0);
         let hi = exc_key(o.num, c, MAX_NODE);
-        let mut exc: Vec<(NodeId, u64)> = Vec::new();
-        for (k, v) in md.meta.range(Tree::Exceptions, lo, hi, usize::MAX)? {
-            let node = split_key(k).2;
-            if node != RB_MARK {
-                let val = md.checked(k, super::inner::val_u64(&v)?)?;
-                exc.push((node, val));
+        let exc = self.lookup_meta(|md| {
+            let mut exc: Vec<(NodeId, u64)> = Vec::new();
+            for (k, v) in md.meta.range_cached(Tree::Exceptions, lo, hi, usize::MAX)? {
+                let node = split_key(k).2;
+                if node != RB_MARK {
+                    exc.push((node, md.checked(k, super::inner::val_u64(&v)?)?));
+                }
             }
-        }
+            Ok(exc)
+        })?;
+        let tree = sync::read(&o.tree);
+        let mut md = sync::write(&self.md);
         for a in tree.clean_chunk(&exc, pass_gen) {
             match a {
                 // The unmapping and the free join one transaction: the md

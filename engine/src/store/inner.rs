@@ -367,7 +367,7 @@ impl Inner {
 
     /// Whether chunks freed by a not-yet-durable transaction wait for a commit.
     pub fn space_pending(&self) -> bool {
-        sync::write(&self.md).meta.quarantined_blocks() > 0
+        sync::read(&self.md).meta.quarantined_blocks() > 0
     }
 
     /// Commit early if the open transaction grew large.
@@ -380,7 +380,7 @@ impl Inner {
         }
         self.last_look.store(now, Ordering::Relaxed);
         let want = {
-            let md = sync::write(&self.md);
+            let md = sync::read(&self.md);
             let limit = DIRTY_LIMIT.min(md.meta.max_dirty_pages() / 2);
             (md.meta.dirty_pages() > limit).then_some(md.gen)
         };
@@ -580,7 +580,7 @@ impl Inner {
         let _a = sync::lock(&self.admin);
         let o = self.origin_by_id(id)?;
         let _g = sync::write(&o.gate);
-        if let Some(rb) = sync::write(&self.md).app.rollback {
+        if let Some(rb) = sync::read(&self.md).app.rollback {
             if rb.origin == o.num && of.is_none() {
                 return Err(Error::Busy(format!(
                     "origin {id}: rollback of snapshot {} in progress",
@@ -687,7 +687,7 @@ impl Inner {
 
     /// The status, with the space accounting when `accounting`.
     pub fn status(&self, accounting: bool) -> Status {
-        let md = sync::write(&self.md);
+        let md = sync::read(&self.md);
         let usage = md.meta.usage();
         let rollback = md.app.rollback;
         let clean_pass = md.app.clean_pass.is_some();

@@ -111,12 +111,27 @@ impl Inner {
         o: &OriginRt,
         mut f: impl FnMut(&VTree, &MetaState) -> Result<T>,
     ) -> Result<T> {
+        // Lock order everywhere: the version tree, then the metadata.
+        self.lookup_under(|| sync::read(&o.tree), |tree, md| f(tree, md))
+    }
+
+    /// `lookup` over the metadata alone.
+    pub fn lookup_meta<T>(&self, mut f: impl FnMut(&MetaState) -> Result<T>) -> Result<T> {
+        self.lookup_under(|| (), |_, md| f(md))
+    }
+
+    /// The fetch-and-retry loop, with `outer` (a guard taken before the
+    /// metadata lock, and dropped with it before any fetch) passed to `f`.
+    fn lookup_under<G, T>(
+        &self,
+        outer: impl Fn() -> G,
+        mut f: impl FnMut(&G, &MetaState) -> Result<T>,
+    ) -> Result<T> {
         for _ in 0..SHARED_ROUNDS {
             let (miss, fetcher) = {
-                // Lock order everywhere: the version tree, then the metadata.
-                let tree = sync::read(&o.tree);
+                let guard = outer();
                 let md = sync::read(&self.md);
-                match f(&tree, &md) {
+                match f(&guard, &md) {
                     Err(Error::NotCached(miss)) => (miss, md.meta.fetcher()),
                     r => return r,
                 }
@@ -124,10 +139,10 @@ impl Inner {
             let page = fetcher.fetch(miss);
             sync::write(&self.md).meta.insert_fetched(page)?;
         }
-        let tree = sync::read(&o.tree);
+        let guard = outer();
         let mut md = sync::write(&self.md);
         let r = loop {
-            match f(&tree, &md) {
+            match f(&guard, &md) {
                 Err(Error::NotCached(miss)) => {
                     if let Err(e) = md.meta.load_unevicted(miss) {
                         break Err(e);

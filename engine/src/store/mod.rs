@@ -179,7 +179,7 @@ impl Store {
 
     /// The metadata page cache's counters.
     pub fn cache_stats(&self) -> CacheStats {
-        sync::write(&self.inner.md).meta.cache_stats()
+        sync::read(&self.inner.md).meta.cache_stats()
     }
 
     /// Chunk-lock table entries in use (zero when idle; for tests).
