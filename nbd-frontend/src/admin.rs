@@ -9,6 +9,7 @@ use crate::status::StatusWire;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use snapmv_engine::dev::OpenOptions;
+use snapmv_engine::meta::{Damage, DamageKind};
 use snapmv_engine::store::{Dev, OriginDev, Store};
 use snapmv_engine::FileDev;
 use std::path::{Path, PathBuf};
@@ -643,12 +644,23 @@ pub fn check(cow: &Path, json: bool) -> Result<ExitCode> {
         Err(e @ (E::Corrupt { .. } | E::CorruptTree { .. })) => {
             let msg = e.to_string();
             if json {
+                let block = match e {
+                    E::Corrupt { block, .. } | E::CorruptTree { block, .. } => block,
+                    _ => 0,
+                };
                 println!(
                     "{}",
                     serde_json::json!({
                         "cow": canon.display().to_string(),
                         "clean": false,
                         "errors": [msg],
+                        "damage": [{
+                            "tree": null,
+                            "path": [block],
+                            "keys": null,
+                            "kind": DamageKind::Corrupt.name(),
+                            "detail": msg,
+                        }],
                     })
                 );
             } else {
@@ -719,6 +731,8 @@ fn report_check(
                 "cow": canon.display().to_string(),
                 "clean": clean,
                 "errors": rep.errors,
+                "damage": rep.damage.iter().map(damage_json).collect::<Vec<_>>(),
+                "omitted": rep.omitted,
                 "pages_checked": rep.pages_checked,
                 "exceptions": rep.exceptions,
                 "data_chunks_referenced": rep.data_chunks_referenced,
@@ -751,6 +765,44 @@ fn report_check(
     } else {
         ExitCode::from(CHECK_DAMAGE)
     }
+}
+
+/// One damage as `check --json` gives it: `tree` (or the fixed structure),
+/// `path` (blocks from the root to the damaged page), `keys` (`from`, and
+/// `to` or null for the end of the key space, as hex strings: keys are
+/// 128-bit), `kind`, `detail`; a counter's kind adds `recorded` and
+/// `found`.
+fn damage_json(d: &Damage) -> serde_json::Value {
+    let keys = d.keys.map(|k| {
+        serde_json::json!({
+            "from": format!("{:#x}", k.from),
+            "to": k.to.map(|to| format!("{to:#x}")),
+        })
+    });
+    let mut v = serde_json::json!({
+        "tree": d.place.name(),
+        "path": d.path,
+        "keys": keys,
+        "kind": d.kind.name(),
+        "detail": d.detail,
+    });
+    match d.kind {
+        DamageKind::CounterMismatch {
+            what,
+            recorded,
+            found,
+        } => {
+            v["counter"] = what.into();
+            v["recorded"] = recorded.into();
+            v["found"] = found.into();
+        }
+        DamageKind::OwnChunksMismatch { recorded, found } => {
+            v["recorded"] = recorded.into();
+            v["found"] = found.into();
+        }
+        _ => {}
+    }
+    v
 }
 
 fn report_unreadable(cow: &Path, msg: &str, json: bool) -> ExitCode {

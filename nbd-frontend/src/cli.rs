@@ -95,6 +95,9 @@ pub enum Cmd {
     /// the exit status says only whether the metadata is clean.
     Check {
         cow: PathBuf,
+        /// Print one JSON object. Its `damage` lists each damage found as
+        /// `tree`, `path` (blocks from the root to the damaged page),
+        /// `keys` (`from`, `to`), `kind` and `detail`.
         #[arg(long)]
         json: bool,
         /// Offline: reclaim leaked space and fix counters from what the

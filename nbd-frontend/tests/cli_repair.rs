@@ -1,6 +1,7 @@
 //! `snapmv check --repair` on the COW device a power cut of a live server
 //! left with a leaked chunk (engine/tests/fixtures/powercut-leak.cow.zst):
-//! check finds the leak (exit 1), repair fixes it (exit 0), check is clean.
+//! check finds the leak (exit 1; with --json as structured damage), repair
+//! fixes it (exit 0), check is clean.
 
 mod cli_support;
 use cli_support::*;
@@ -33,6 +34,23 @@ fn repair_reclaims_the_powercut_leak() {
     };
     let r = snapmv(&["check", s(&cow)]).expect_code(1);
     assert!(r.stdout.contains("(leaked): 43568..43583"), "{}", r.stdout);
+    // The same as structured damage: space accounting, in no one page.
+    let r = snapmv(&["check", "--json", s(&cow)]).expect_code(1);
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    let damage = v["damage"].as_array().unwrap();
+    let leak = damage.iter().find(|d| d["kind"] == "leaked").unwrap();
+    assert_eq!(leak["tree"], "space map", "{leak}");
+    assert_eq!(leak["path"], serde_json::json!([]));
+    assert!(leak["detail"].as_str().unwrap().ends_with("43568..43583"));
+    let counter = damage
+        .iter()
+        .find(|d| d["kind"] == "counter_mismatch")
+        .unwrap();
+    assert_eq!(counter["counter"], "data chunks", "{counter}");
+    assert_eq!(
+        (&counter["recorded"], &counter["found"]),
+        (&2343.into(), &2342.into())
+    );
     let r = snapmv(&["check", "--repair", s(&cow)]).ok();
     assert!(
         r.stdout

@@ -48,10 +48,14 @@
 //! - `journal`: `Journal`, the ring, commit and checkpoint;
 //! - `empty_store`: what `Meta::format` writes;
 //! - `meta`: the `Meta` façade over them;
-//! - `check`, `repair`: the offline checker and space repair.
+//! - `check`, `repair`: the offline checker and space repair;
+//!   `damage`, the structured damage it reports; `bulk_read`, its reads
+//!   in long runs of blocks.
 
 mod btree;
+mod bulk_read;
 mod check;
+mod damage;
 mod empty_store;
 mod journal;
 // The file is named for the type it holds, the `Meta` façade.
@@ -64,6 +68,7 @@ mod space_map;
 mod types;
 
 pub use check::{check, CheckReport};
+pub use damage::{Damage, DamageKind, KeyRange, Place};
 pub use journal::{CheckpointBatch, CommitBatch};
 pub use meta::Meta;
 pub use page_cache::{

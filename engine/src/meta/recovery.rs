@@ -7,7 +7,7 @@
 use crate::dev::BlockDev;
 use crate::error::{Error, Result};
 use crate::format::{self, BlockKind, Layout, Page, Superblock, BLOCK, PAGE_SIZE};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// What replay found.
@@ -68,36 +68,81 @@ pub(super) fn read_superblock(dev: &dyn BlockDev) -> Result<Superblock> {
 
 /// Replay committed transactions from the tail `sb` records.
 pub(super) fn replay(dev: &dyn BlockDev, sb: &Superblock) -> Result<Replay> {
-    let r = RingReader {
-        dev,
-        layout: &sb.layout,
-        uuid: sb.uuid,
-    };
-    let n = sb.layout.journal_blocks;
-    let (mut pos, mut seq, mut scanned, mut txns) = (sb.tail_pos, sb.tail_seq, 0u64, 0u64);
     let mut images: BTreeMap<u64, Arc<Page>> = BTreeMap::new();
-    while let Some(txn) = r.read_txn(pos, seq, n - scanned)? {
+    let end = read_committed(dev, sb, |txn| {
         for rev in &txn.revokes {
             images.remove(rev);
         }
         for (home, img) in txn.images {
             images.insert(home, Arc::from(img));
         }
-        pos = (pos + txn.len) % n;
-        scanned += txn.len;
-        seq += 1;
-        txns += 1;
-    }
-    tracing::debug!(txns, pages = images.len(), "journal replayed");
-    let damage = r.find_later_txn(pos, seq)?;
+    })?;
+    tracing::debug!(txns = end.txns, pages = images.len(), "journal replayed");
+    let r = RingReader {
+        dev,
+        layout: &sb.layout,
+        uuid: sb.uuid,
+    };
+    let damage = r.find_later_txn(end.pos, end.seq)?;
     Ok(Replay {
-        head: pos,
-        next_seq: seq,
-        used: scanned,
-        txns,
+        head: end.pos,
+        next_seq: end.seq,
+        used: end.scanned,
+        txns: end.txns,
         images,
         damage,
     })
+}
+
+/// The home blocks `replay` holds an image of, without keeping the images
+/// or looking past the log's end: the checker reads every other block
+/// straight from home, in long runs.
+pub(super) fn replayed_homes(dev: &dyn BlockDev, sb: &Superblock) -> Result<BTreeSet<u64>> {
+    let mut homes = BTreeSet::new();
+    read_committed(dev, sb, |txn| {
+        for rev in &txn.revokes {
+            homes.remove(rev);
+        }
+        homes.extend(txn.images.iter().map(|(home, _)| *home));
+    })?;
+    Ok(homes)
+}
+
+/// Where the committed transactions from the tail end.
+struct LogEnd {
+    pos: u64,
+    seq: u64,
+    scanned: u64,
+    txns: u64,
+}
+
+/// Hand each committed transaction from the tail `sb` records to `each`,
+/// in order.
+fn read_committed(
+    dev: &dyn BlockDev,
+    sb: &Superblock,
+    mut each: impl FnMut(Txn),
+) -> Result<LogEnd> {
+    let r = RingReader {
+        dev,
+        layout: &sb.layout,
+        uuid: sb.uuid,
+    };
+    let n = sb.layout.journal_blocks;
+    let mut end = LogEnd {
+        pos: sb.tail_pos,
+        seq: sb.tail_seq,
+        scanned: 0,
+        txns: 0,
+    };
+    while let Some(txn) = r.read_txn(end.pos, end.seq, n - end.scanned)? {
+        end.pos = (end.pos + txn.len) % n;
+        end.scanned += txn.len;
+        end.seq += 1;
+        end.txns += 1;
+        each(txn);
+    }
+    Ok(end)
 }
 
 /// A parsed, verified transaction.

@@ -8,7 +8,7 @@ use super::api::Dev;
 use super::inner::{scan, val_u64};
 use super::records::{decode_app, decode_node, decode_origin, node_id_from_key, split_key, OWN_AT};
 use crate::error::Result;
-use crate::meta::{self, CheckReport, Meta, Tree, ZERO_CHUNK};
+use crate::meta::{self, CheckReport, Damage, DamageKind, KeyRange, Meta, Place, Tree, ZERO_CHUNK};
 use crate::vtree::{Node, NodeId, VTree, RB_MARK};
 use std::collections::{BTreeMap, HashMap};
 
@@ -22,22 +22,32 @@ pub fn check(cow: Dev) -> Result<CheckReport> {
     let mut m = match Meta::open_read_only(cow) {
         Ok(m) => m,
         Err(e) => {
-            report
-                .errors
-                .push(format!("cannot open for the semantic check: {e}"));
+            report.push(incomplete(format!(
+                "cannot open for the semantic check: {e}"
+            )));
             return Ok(report);
         }
     };
     let mut own_fixes = Vec::new();
-    if let Err(e) = semantic(&mut m, &mut report.errors, &mut own_fixes) {
-        report.errors.push(format!("semantic check stopped: {e}"));
+    if let Err(e) = semantic(&mut m, &mut report, &mut own_fixes) {
+        report.push(incomplete(format!("semantic check stopped: {e}")));
     }
-    report
-        .errors
-        .extend(own_fixes.iter().map(|(id, rec, seen)| {
-            format!("node {id:#x}: record says {rec} own chunks, index holds {seen}")
-        }));
+    for &(id, recorded, found) in &own_fixes {
+        let kind = DamageKind::OwnChunksMismatch { recorded, found };
+        let detail = format!("record says {recorded} own chunks, index holds {found}");
+        report.push(node_damage(id, kind, detail));
+    }
     Ok(report)
+}
+
+/// A pass that could not run or finish: what it did not reach is unchecked.
+fn incomplete(detail: String) -> Damage {
+    Damage::new(Place::Store, DamageKind::Incomplete, detail)
+}
+
+/// Damage to the record of node `id`.
+fn node_damage(id: NodeId, kind: DamageKind, detail: String) -> Damage {
+    Damage::new(Place::Tree(Tree::Nodes), kind, detail).with_keys(KeyRange::key(u128::from(id)))
 }
 
 /// What `repair` did: the metadata layer's space repair, plus the node
@@ -65,16 +75,16 @@ pub fn repair(cow: Dev) -> Result<RepairReport> {
         found: before.errors.clone(),
         ..RepairReport::default()
     };
-    let mut semantic_errors = Vec::new();
+    let mut semantic_damage = CheckReport::default();
     let mut own_fixes = Vec::new();
     {
         let mut m = Meta::open_read_only(cow.clone())?;
-        if let Err(e) = semantic(&mut m, &mut semantic_errors, &mut own_fixes) {
-            semantic_errors.push(format!("cannot walk the store's records: {e}"));
+        if let Err(e) = semantic(&mut m, &mut semantic_damage, &mut own_fixes) {
+            semantic_damage.push(incomplete(format!("cannot walk the store's records: {e}")));
         }
     }
-    report.found.extend(semantic_errors.iter().cloned());
-    report.refused = semantic_errors;
+    report.found.extend(semantic_damage.errors.iter().cloned());
+    report.refused = semantic_damage.errors;
     if !report.refused.is_empty() {
         return Ok(report);
     }
@@ -117,8 +127,6 @@ fn fix_own_counters(cow: Dev, fixes: &[(NodeId, u64, u64)], out: &mut Vec<String
 /// memory does not grow with the index (10 M exceptions held at once took
 /// ~0.75 GiB).
 const SCAN_BATCH: usize = 4096;
-/// Exception errors reported before the rest are only counted.
-const MAX_EXCEPTION_ERRORS: usize = 1000;
 
 /// Every exception names a bound origin, a chunk inside it and an existing
 /// node of its tree. Streams the index in key order; returns the
@@ -127,24 +135,23 @@ fn check_exceptions(
     m: &mut Meta<Dev>,
     origins: &BTreeMap<u32, super::records::OriginRec>,
     trees: &BTreeMap<u32, VTree>,
-    errors: &mut Vec<String>,
+    report: &mut CheckReport,
 ) -> Result<HashMap<NodeId, u64>> {
     let chunk_size = u64::from(m.geometry().chunk_size);
     let mut own_seen: HashMap<NodeId, u64> = HashMap::new();
-    let mut found: Vec<String> = Vec::new();
-    let mut suppressed = 0u64;
     let mut lo = 0u128;
     loop {
         let batch = m.range(Tree::Exceptions, lo, u128::MAX, SCAN_BATCH)?;
         for (k, v) in &batch {
             let (o, c, n) = split_key(*k);
             let why = match origins.get(&o) {
-                None => Some(format!(
-                    "exception (origin {o}, chunk {c}, node {n:#x}): origin not bound"
+                None => Some((
+                    DamageKind::UnboundOrigin,
+                    format!("origin number {o} (chunk {c}, node {n:#x}) is not bound"),
                 )),
-                Some(rec) if c >= rec.size.div_ceil(chunk_size) => Some(format!(
-                    "exception (origin {}, chunk {c}): past the origin's end",
-                    rec.id
+                Some(rec) if c >= rec.size.div_ceil(chunk_size) => Some((
+                    DamageKind::PastOriginEnd,
+                    format!("chunk {c} is past the end of origin {}", rec.id),
                 )),
                 Some(_) if n == RB_MARK => None,
                 Some(rec) => match trees.get(&o) {
@@ -152,17 +159,19 @@ fn check_exceptions(
                         *own_seen.entry(n).or_insert(0) += 1;
                         None
                     }
-                    _ => Some(format!(
-                        "exception (origin {}, chunk {c}, node {n:#x}) -> {}: no such node",
-                        rec.id,
-                        describe_val(val_u64(v)?)
+                    _ => Some((
+                        DamageKind::NoSuchNode,
+                        format!(
+                            "origin {} has no node {n:#x} (chunk {c}, mapped to {})",
+                            rec.id,
+                            describe_val(val_u64(v)?)
+                        ),
                     )),
                 },
             };
-            match why {
-                Some(w) if found.len() < MAX_EXCEPTION_ERRORS => found.push(w),
-                Some(_) => suppressed += 1,
-                None => {}
+            if let Some((kind, detail)) = why {
+                let d = Damage::new(Place::Tree(Tree::Exceptions), kind, detail);
+                report.push(d.with_keys(KeyRange::key(*k)));
             }
         }
         match (batch.len() == SCAN_BATCH, batch.last()) {
@@ -172,10 +181,6 @@ fn check_exceptions(
             },
             _ => break,
         }
-    }
-    errors.extend(found);
-    if suppressed > 0 {
-        errors.push(format!("... and {suppressed} more exception errors"));
     }
     Ok(own_seen)
 }
@@ -188,28 +193,21 @@ fn describe_val(val: u64) -> String {
 }
 
 /// The store's invariants. Own-chunk counters that disagree with the index
-/// go to `own_fixes` (node, recorded, seen) as well as `errors`.
+/// go to `own_fixes` (node, recorded, seen), for the caller to report or
+/// repair.
 fn semantic(
     m: &mut Meta<Dev>,
-    errors: &mut Vec<String>,
+    report: &mut CheckReport,
     own_fixes: &mut Vec<(NodeId, u64, u64)>,
 ) -> Result<()> {
     if let Err(e) = decode_app(m.app_state()) {
-        errors.push(format!("app state: {e}"));
+        report.push(Damage::new(
+            Place::AppState,
+            DamageKind::Corrupt,
+            e.to_string(),
+        ));
     }
-    let mut origins = BTreeMap::new();
-    for (k, v) in scan(m, Tree::Origins)? {
-        match decode_origin(&v) {
-            Ok(o) if u128::from(o.num) == k => {
-                origins.insert(o.num, o);
-            }
-            Ok(o) => errors.push(format!(
-                "origins tree: key {k} holds origin number {}",
-                o.num
-            )),
-            Err(e) => errors.push(format!("origins tree: key {k}: {e}")),
-        }
-    }
+    let origins = check_origins(m, report)?;
     let mut per_origin: BTreeMap<u32, Vec<Node>> = BTreeMap::new();
     let mut own_rec: HashMap<NodeId, u64> = HashMap::new();
     for (k, v) in scan(m, Tree::Nodes)? {
@@ -218,15 +216,20 @@ fn semantic(
                 own_rec.insert(n.id, own);
                 per_origin.entry(o).or_default().push(n);
             }
-            Err(e) => errors.push(format!("nodes tree: key {k:#x}: {e}")),
+            Err(e) => report.push(
+                Damage::new(Place::Tree(Tree::Nodes), DamageKind::Corrupt, e.to_string())
+                    .with_keys(KeyRange::key(k)),
+            ),
         }
     }
     let mut trees: BTreeMap<u32, VTree> = BTreeMap::new();
     for (o, nodes) in per_origin {
         if !origins.contains_key(&o) {
-            errors.push(format!(
-                "nodes tree: {} node(s) of unbound origin number {o}",
-                nodes.len()
+            let detail = format!("{} node(s) of unbound origin number {o}", nodes.len());
+            report.push(Damage::new(
+                Place::Tree(Tree::Nodes),
+                DamageKind::UnboundOrigin,
+                detail,
             ));
             continue;
         }
@@ -234,10 +237,14 @@ fn semantic(
             Ok(t) => {
                 trees.insert(o, t);
             }
-            Err(e) => errors.push(format!("version tree of origin number {o}: {e}")),
+            Err(e) => report.push(Damage::new(
+                Place::Store,
+                DamageKind::BrokenVersionTree,
+                format!("version tree of origin number {o}: {e}"),
+            )),
         }
     }
-    let own_seen = check_exceptions(m, &origins, &trees, errors)?;
+    let own_seen = check_exceptions(m, &origins, &trees, report)?;
     for (id, rec) in &own_rec {
         let seen = own_seen.get(id).copied().unwrap_or(0);
         if seen != *rec {
@@ -245,4 +252,26 @@ fn semantic(
         }
     }
     Ok(())
+}
+
+/// The origin records, by number; those that do not decode, or sit under
+/// another number's key, are reported instead.
+fn check_origins(
+    m: &mut Meta<Dev>,
+    report: &mut CheckReport,
+) -> Result<BTreeMap<u32, super::records::OriginRec>> {
+    let mut origins = BTreeMap::new();
+    for (k, v) in scan(m, Tree::Origins)? {
+        let detail = match decode_origin(&v) {
+            Ok(o) if u128::from(o.num) == k => {
+                origins.insert(o.num, o);
+                continue;
+            }
+            Ok(o) => format!("holds origin number {}", o.num),
+            Err(e) => e.to_string(),
+        };
+        let d = Damage::new(Place::Tree(Tree::Origins), DamageKind::Corrupt, detail);
+        report.push(d.with_keys(KeyRange::key(k)));
+    }
+    Ok(origins)
 }
