@@ -31,8 +31,9 @@ declare -A expect=(
   [no_flush_barrier]="model_flush_vs_writes"
   [no_rb_lock]="model_rollback_vs_write"
   [skip_cow_flush]="model_copy_before_overwrite_crash"
+  [destage_early]="model_destage_waits_for_the_copy"
 )
-order=(no_chunk_lock no_write_lock no_gate no_clean_lock no_flush_barrier no_rb_lock skip_cow_flush)
+order=(no_chunk_lock no_write_lock no_gate no_clean_lock no_flush_barrier no_rb_lock skip_cow_flush destage_early)
 if [ $# -gt 0 ]; then order=("$@"); fi
 
 target="$PWD/target/loom-planted"

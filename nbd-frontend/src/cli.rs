@@ -138,6 +138,18 @@ pub enum Cmd {
         /// are kept whatever the budget.
         #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "32MiB")]
         cache_budget: u64,
+        /// Byte budget of each COW device's staged first writes: the new
+        /// data of origin writes whose old chunk was just copied for a
+        /// snapshot, held in memory (and read from there) until the commit
+        /// that makes the copy durable, then written in place. Writers
+        /// wait for a commit when it is used up.
+        #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "64MiB")]
+        staging_budget: u64,
+        /// How long staged first writes wait for others to share their
+        /// commit (suffixes us, ms, s; default unit ms). FLUSH, FUA and
+        /// snapshots commit at once.
+        #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "5ms")]
+        commit_delay: std::time::Duration,
     },
 }
 
@@ -181,6 +193,30 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("'{s}' is not a size in bytes"))?;
     n.checked_mul(mul)
         .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// A duration: `250us`, `5ms`, `1s`, or a bare number of milliseconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let t = s.trim();
+    let (num, unit): (&str, fn(u64) -> Duration) = if let Some(n) = t.strip_suffix("us") {
+        (n, Duration::from_micros)
+    } else if let Some(n) = t.strip_suffix("ms") {
+        (n, Duration::from_millis)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, Duration::from_secs)
+    } else {
+        (t, Duration::from_millis)
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (e.g. 500us, 5ms, 1s)"))?;
+    let d = unit(n);
+    if d > Duration::from_secs(60) {
+        return Err(format!("'{s}' is longer than a minute"));
+    }
+    Ok(d)
 }
 
 fn parse_origin_override(s: &str) -> Result<(String, PathBuf), String> {
@@ -236,6 +272,31 @@ mod tests {
         let cli =
             Cli::try_parse_from(["snapmv", "serve", "--cache-budget", "1MiB", "c.img"]).unwrap();
         assert!(matches!(cli.cmd, Cmd::Serve { cache_budget, .. } if cache_budget == 1 << 20));
+    }
+
+    #[test]
+    fn staging_options() {
+        use std::time::Duration;
+        let cli = Cli::try_parse_from(["snapmv", "serve", "cow.img"]).unwrap();
+        match cli.cmd {
+            Cmd::Serve {
+                staging_budget,
+                commit_delay,
+                ..
+            } => {
+                assert_eq!(staging_budget, snapmv_engine::store::DEFAULT_STAGING_BUDGET);
+                assert_eq!(commit_delay, Duration::from_millis(5));
+            }
+            _ => panic!("not serve"),
+        }
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_millis(2)));
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("61s").is_err());
+        let bad = Cli::try_parse_from(["snapmv", "serve", "--commit-delay", "x", "c.img"]);
+        assert!(bad.is_err());
     }
 
     #[test]

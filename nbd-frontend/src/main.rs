@@ -4,6 +4,7 @@
 mod admin;
 mod cli;
 mod control;
+mod driver;
 mod lock;
 mod repair;
 mod serve;
@@ -71,6 +72,8 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             unix,
             read_only,
             cache_budget,
+            staging_budget,
+            commit_delay,
         } => serve::serve(serve::ServeArgs {
             cows: cow.into_iter().chain(cows).collect(),
             origins,
@@ -78,6 +81,8 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             unix,
             read_only,
             cache_budget,
+            staging_budget,
+            commit_delay,
         }),
     }
 }

@@ -3,6 +3,7 @@
 //! shut down cleanly on SIGINT/SIGTERM.
 
 use crate::control::ControlServer;
+use crate::driver::{self, DriverConfig, Signal};
 use crate::lock::{self, CowLock, LockMode};
 use anyhow::{anyhow, bail, Context, Result};
 use snapmv_engine::dev::OpenOptions;
@@ -14,22 +15,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const DEFAULT_DIR: &str = "snapmv-data";
 const DEFAULT_COW_SIZE: u64 = 4 << 30;
 const DEFAULT_ORIGIN_SIZE: u64 = 1 << 30;
 const DEFAULT_ORIGIN_ID: &str = "origin";
 const DEFAULT_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 10809);
-
-/// Chunks per background step: large enough to copy quickly, small enough
-/// that the stop flag and the periodic flush are checked often.
-const BG_BUDGET: usize = 64;
-const BG_IDLE: Duration = Duration::from_millis(50);
-const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 pub struct ServeArgs {
     pub cows: Vec<PathBuf>,
@@ -39,6 +33,10 @@ pub struct ServeArgs {
     pub read_only: bool,
     /// Byte budget of each store's metadata page cache.
     pub cache_budget: u64,
+    /// Byte budget of each store's staged first writes.
+    pub staging_budget: u64,
+    /// How long staged first writes wait for others to share their commit.
+    pub commit_delay: Duration,
 }
 
 /// One served COW device.
@@ -61,8 +59,14 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     };
     for s in &served {
         s.store.set_cache_budget(args.cache_budget);
+        s.store.set_staging_budget(args.staging_budget);
     }
     tracing::info!(bytes = args.cache_budget, "metadata page cache budget");
+    tracing::info!(
+        bytes = args.staging_budget,
+        commit_delay_us = args.commit_delay.as_micros() as u64,
+        "first-write staging"
+    );
     let result = run(&served, &args, sigs);
     // Close every store whatever happened: flush, checkpoint, release locks.
     let mut ok = result.is_ok();
@@ -78,6 +82,13 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
             evictions = c.evictions,
             over_budget = c.over_budget,
             "metadata page cache"
+        );
+        let st = s.store.staging_stats();
+        tracing::info!(
+            cow = %s.cow.display(),
+            staged = st.staged,
+            destaged = st.destaged,
+            "first-write staging"
         );
         tracing::info!(cow = %s.cow.display(), "closing");
         if let Err(e) = s.store.flush() {
@@ -121,17 +132,20 @@ fn run(served: &[Served], args: &ServeArgs, sigs: libc::sigset_t) -> Result<()> 
         tracing::info!(path = %u.display(), "NBD listening on Unix socket");
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
+    let signals: Vec<Arc<Signal>> = served.iter().map(|_| Arc::default()).collect();
     let mut drivers: Vec<JoinHandle<()>> = Vec::new();
+    let driver_cfg = DriverConfig {
+        commit_delay: args.commit_delay,
+    };
     let mut controls: Vec<ControlServer> = Vec::new();
     let started = (|| -> Result<()> {
-        for s in served {
-            let (store, stop, name) = (s.store.clone(), stop.clone(), s.canon.clone());
+        for (s, signal) in served.iter().zip(&signals) {
+            let (store, signal, name) = (s.store.clone(), signal.clone(), s.canon.clone());
             drivers.push(
                 std::thread::Builder::new()
-                    .name("snapmv-background".into())
-                    .spawn(move || background_driver(store, stop, name))
-                    .context("cannot start a background thread")?,
+                    .name("snapmv-driver".into())
+                    .spawn(move || driver::run(store, signal, driver_cfg, name))
+                    .context("cannot start a driver thread")?,
             );
         }
         // Control sockets last: a connectable socket tells scripts (and the
@@ -160,7 +174,9 @@ fn run(served: &[Served], args: &ServeArgs, sigs: libc::sigset_t) -> Result<()> 
     for c in controls {
         c.stop();
     }
-    stop.store(true, Ordering::SeqCst);
+    for signal in &signals {
+        signal.stop();
+    }
     for d in drivers {
         if d.join().is_err() {
             tracing::error!("background thread panicked");
@@ -210,47 +226,6 @@ fn start_control(s: &Served) -> Option<ControlServer> {
         "no control socket: snapshot, delete, rollback and list cannot reach this server, \
          which keeps serving NBD");
     None
-}
-
-/// Advance the cleaner and rollback copier, and flush periodically; the
-/// engine starts no threads of its own.
-fn background_driver(store: Store, stop: Arc<AtomicBool>, cow: String) {
-    let mut last_flush = Instant::now();
-    let mut last_err: Option<String> = None;
-    let mut was_busy = false;
-    while !stop.load(Ordering::SeqCst) {
-        let more = match store.step_background(BG_BUDGET) {
-            Ok(r) => {
-                last_err = None;
-                r.more
-            }
-            Err(e) => {
-                // Log each distinct error once rather than 20 times a second.
-                let msg = e.to_string();
-                if last_err.as_deref() != Some(&msg) {
-                    tracing::error!(%cow, error = %msg, "background work failed");
-                    last_err = Some(msg);
-                }
-                std::thread::sleep(Duration::from_secs(1));
-                false
-            }
-        };
-        if was_busy && !more {
-            tracing::info!(%cow, "background work (cleaning/rollback) caught up");
-        }
-        was_busy = more;
-        if last_flush.elapsed() >= FLUSH_EVERY {
-            if let Err(e) = store.flush() {
-                tracing::error!(%cow, error = %e, "periodic flush failed");
-            }
-            last_flush = Instant::now();
-        }
-        if more {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(BG_IDLE);
-        }
-    }
 }
 
 fn block_term_signals() -> Result<libc::sigset_t> {

@@ -77,6 +77,11 @@ impl GroupCommit {
         }
     }
 
+    /// The highest generation known durable.
+    pub fn durable(&self) -> u64 {
+        sync::lock_consistent(&self.st).done
+    }
+
     /// Stop the store: every later operation fails until a reopen.
     pub fn stop(&self, why: String) {
         let mut st = sync::lock_consistent(&self.st);

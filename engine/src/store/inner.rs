@@ -7,6 +7,7 @@
 use super::commit::GroupCommit;
 use super::locks::ChunkLocks;
 use super::records::*;
+use super::staging::Staging;
 use crate::error::{Error, Result};
 use crate::meta::{FormatOptions, Geometry, Meta, Reserved, Tree, ZERO_CHUNK};
 use crate::store::api::*;
@@ -27,8 +28,15 @@ pub struct OriginRt {
     /// Data ops hold it shared; snapshot/delete/rollback-start exclusive.
     pub gate: RwLock<()>,
     pub tree: RwLock<VTree>,
-    /// Written since the last commit flushed it.
-    pub dirty: AtomicBool,
+    /// In-place writes completed, and of those, how many a completed
+    /// flush covers (see `flush_written`).
+    written: AtomicU64,
+    flushed: AtomicU64,
+    /// A completed write that the next commit's metadata vouches for (a
+    /// rollback copy and its mark or cursor; a snapshot's source): the
+    /// commit flushes the origin before its journal write. Other in-place
+    /// writes wait for a FLUSH, FUA or the periodic flush, as on a disk.
+    ordered: AtomicBool,
     pub bound: AtomicBool,
     /// A rollback onto this origin is running (fast path for origin reads).
     pub rb_active: AtomicBool,
@@ -37,6 +45,48 @@ pub struct OriginRt {
 impl OriginRt {
     pub fn chunks(&self, chunk_size: u64) -> u64 {
         self.rec.size.div_ceil(chunk_size)
+    }
+
+    /// An in-place write (or a change a flush must order, such as a
+    /// rollback's start) completed on this origin.
+    pub fn note_written(&self) {
+        self.written.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// As `note_written`, for a write the next commit must not get ahead
+    /// of (see `ordered`).
+    pub fn note_ordered_write(&self) {
+        self.note_written();
+        self.ordered.store(true, Ordering::Release);
+    }
+
+    /// In a commit, before its journal write (commits run one at a time):
+    /// flush if an ordered write is pending.
+    pub fn flush_ordered(&self) -> Result<()> {
+        match self.ordered.swap(false, Ordering::AcqRel) {
+            true => self.flush_written(),
+            false => Ok(()),
+        }
+    }
+
+    /// Make every write completed so far durable. Any thread may call it
+    /// (committers, destagers, FLUSHes): it returns only once a flush that
+    /// began after those writes has completed, its own or another's. (A
+    /// "dirty" flag cleared before flushing would let a second caller
+    /// return while the first one's flush is still running.)
+    pub fn flush_written(&self) -> Result<()> {
+        let written = self.written.load(Ordering::Acquire);
+        if self.flushed.load(Ordering::Acquire) >= written {
+            return Ok(());
+        }
+        self.dev()?.flush()?;
+        self.flushed.fetch_max(written, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Bytes of chunk `c` inside the origin (the last one may be short).
+    pub fn chunk_len(&self, c: u64, chunk_size: u64) -> usize {
+        (self.rec.size - c * chunk_size).min(chunk_size) as usize
     }
 
     /// The origin's device, or `OriginAbsent` if the store was opened without it.
@@ -90,7 +140,18 @@ pub struct Inner {
     pub admin: Mutex<()>,
     /// `gc.changes()` when `maybe_commit` last looked at the dirty pages.
     pub last_look: AtomicU64,
+    /// Origin chunks written but not yet in place (staging.rs).
+    pub staging: Staging,
+    /// Called when there is work for the caller's driver thread (staged
+    /// writes, a delete or rollback for the background steps); see
+    /// `Store::set_waker`. The engine itself starts no threads.
+    waker: Mutex<Option<Waker>>,
 }
+
+/// See `Store::set_waker`.
+// std's Arc: loom's cannot hold an unsized closure, and a waker is no
+// synchronisation of the engine's own.
+pub type Waker = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 pub fn val_u64(v: &[u8]) -> Result<u64> {
     let a: [u8; 8] = v.try_into().map_err(|_| Error::Corrupt {
@@ -312,9 +373,7 @@ impl Inner {
         // Origin data written before its metadata (rollback marks and
         // cursors) must be durable before that metadata is.
         for o in sync::read(&self.origins).values() {
-            if o.dirty.swap(false, Ordering::AcqRel) {
-                o.dev()?.flush()?;
-            }
+            o.flush_ordered()?;
         }
         match batch {
             Some(b) => {
@@ -339,11 +398,96 @@ impl Inner {
         self.gc.sync(want, || self.commit_once())
     }
 
-    /// Make everything completed so far durable, devices included.
+    /// Make everything completed so far durable, devices included: the
+    /// commit, then every staged chunk in place, then the origins flushed.
     pub fn sync_all(&self) -> Result<()> {
         self.check_ok()?;
         let want = sync::write(&self.md).bump();
-        self.sync_gen(want)
+        self.sync_gen(want)?;
+        if self.read_only {
+            return Ok(());
+        }
+        if !self.staging.is_empty() {
+            self.destage(want)?;
+        }
+        self.flush_dirty_origins()
+    }
+
+    fn flush_dirty_origins(&self) -> Result<()> {
+        for o in sync::read(&self.origins).values() {
+            o.flush_written()?;
+        }
+        Ok(())
+    }
+
+    /// Write in place every staged chunk whose copy is durable by
+    /// generation `durable` (DESIGN.md's ordering rule), one chunk lock at
+    /// a time. A chunk another thread destaged meanwhile is skipped. A
+    /// failed in-place write stops the store: acknowledged data could not
+    /// be kept.
+    pub fn destage(&self, durable: u64) -> Result<()> {
+        // Planted bug: the in-place write need not wait for the commit.
+        let durable = match cfg!(snapmv_planted_bug = "destage_early") {
+            true => u64::MAX,
+            false => durable.min(self.gc.durable()),
+        };
+        for (num, chunk) in self.staging.due(durable) {
+            let Some(o) = self.origin_by_num(num) else {
+                continue;
+            };
+            let _l = self.locks.exclusive(num, chunk);
+            let Some(ranges) = self.staging.ranges_if_due((num, chunk), durable) else {
+                continue;
+            };
+            let base = chunk * self.chunk_size();
+            let written = o.dev().and_then(|d| {
+                ranges
+                    .iter()
+                    .try_for_each(|(off, data)| d.write_at(base + *off as u64, data))
+            });
+            if let Err(e) = written {
+                self.gc.stop(format!(
+                    "writing a staged origin chunk in place failed: {e}"
+                ));
+                return Err(e);
+            }
+            o.note_written();
+            self.staging.remove((num, chunk));
+        }
+        Ok(())
+    }
+
+    pub fn set_waker(&self, waker: Waker) {
+        *sync::lock(&self.waker) = Some(waker);
+    }
+
+    /// Tell the driver there is work (outside every engine lock but the
+    /// caller's own).
+    pub fn wake(&self) {
+        let waker = sync::lock(&self.waker).clone();
+        if let Some(w) = waker {
+            w();
+        }
+    }
+
+    /// Before an admin operation on an origin (gate held exclusively, so
+    /// nothing is being staged): everything staged goes in place, durably.
+    /// A snapshot must not share a chunk whose new content is only staged,
+    /// and contract 2 wants completed writes durable before it anyway.
+    fn drain_staging(&self) -> Result<()> {
+        match self.staging.is_empty() {
+            true => Ok(()),
+            false => self.sync_all(),
+        }
+    }
+
+    /// Commit, then destage everything staged: the driver's step, and what
+    /// a writer does when staging is full.
+    pub fn commit_staged(&self) -> Result<()> {
+        self.check_writable()?;
+        let want = sync::write(&self.md).bump();
+        self.sync_gen(want)?;
+        self.destage(want)
     }
 
     /// A write (or write-zeroes, or trim) has completed: if a FLUSH is open,
@@ -444,6 +588,8 @@ impl Inner {
             read_only,
             admin: Mutex::new(()),
             last_look: AtomicU64::new(0),
+            staging: Staging::new(),
+            waker: Mutex::new(None),
         }
     }
 
@@ -549,6 +695,7 @@ impl Inner {
         let _a = sync::lock(&self.admin);
         let o = self.origin_by_id(id)?;
         let _g = sync::write(&o.gate);
+        self.drain_staging()?;
         let count = sync::read(&o.tree).tags.len() as u64; // hidden leaves count too
         if count > 0 {
             return Err(Error::HasSnapshots {
@@ -580,6 +727,7 @@ impl Inner {
         let _a = sync::lock(&self.admin);
         let o = self.origin_by_id(id)?;
         let _g = sync::write(&o.gate);
+        self.drain_staging()?;
         if let Some(rb) = sync::read(&self.md).app.rollback {
             if rb.origin == o.num && of.is_none() {
                 return Err(Error::Busy(format!(
@@ -611,9 +759,9 @@ impl Inner {
         let gen = md.gen;
         drop(md);
         drop(tree);
-        // Marking the origin dirty makes the commit flush it: every write that
-        // completed before the snapshot is durable when it returns.
-        o.dirty.store(true, Ordering::Release);
+        // An ordered write makes the commit flush the origin: every write
+        // that completed before the snapshot is durable when it returns.
+        o.note_ordered_write();
         self.sync_gen(gen)?;
         Ok(tag)
     }
@@ -632,6 +780,7 @@ impl Inner {
         let _a = sync::lock(&self.admin);
         let o = self.origin_by_id(id)?;
         let _g = sync::write(&o.gate);
+        self.drain_staging()?;
         let gen = {
             let mut tree = sync::write(&o.tree);
             if !visible(&tree, tag) {
@@ -639,7 +788,10 @@ impl Inner {
             }
             f(&o, &mut tree)?
         };
-        self.sync_gen(gen)
+        self.sync_gen(gen)?;
+        // A delete leaves cleaning, a rollback copying: background work.
+        self.wake();
+        Ok(())
     }
 
     pub fn delete(&self, id: &str, tag: u64) -> Result<()> {
@@ -680,7 +832,7 @@ impl Inner {
             });
             md.save_app()?;
             o.rb_active.store(true, Ordering::Release);
-            o.dirty.store(true, Ordering::Release);
+            o.note_ordered_write();
             Ok(md.gen)
         })
     }
@@ -824,7 +976,9 @@ fn new_origin(rec: OriginRec, dev: OriginDev, tree: VTree) -> OriginRt {
         dev,
         gate: RwLock::new(()),
         tree: RwLock::new(tree),
-        dirty: AtomicBool::new(false),
+        written: AtomicU64::new(0),
+        flushed: AtomicU64::new(0),
+        ordered: AtomicBool::new(false),
         bound: AtomicBool::new(true),
         rb_active: AtomicBool::new(false),
     }

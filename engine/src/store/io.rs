@@ -122,8 +122,7 @@ impl Volume {
 
     /// Bytes of chunk `c` that lie inside the origin (the last may be short).
     fn chunk_len(&self, c: u64) -> usize {
-        let cs = self.cs();
-        (self.size() - c * cs).min(cs) as usize
+        self.o.chunk_len(c, self.cs())
     }
 
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -147,7 +146,17 @@ impl Volume {
     fn read_origin_piece(&self, p: Piece, out: &mut [u8]) -> Result<()> {
         let at = p.chunk * self.cs() + p.in_off as u64;
         if !self.o.rb_active.load(Ordering::Acquire) {
-            return self.o.dev()?.read_at(at, out);
+            // Staged bytes (taken first: see `Staging::overlay_for`) over
+            // what is in place.
+            let staged = self
+                .inner
+                .staging
+                .overlay_for((self.o.num, p.chunk), p.in_off, out.len());
+            self.o.dev()?.read_at(at, out)?;
+            if let Some(s) = staged {
+                s.apply(out);
+            }
+            return Ok(());
         }
         // Mid-rollback: chunks the copier has not reached read through the snapshot.
         let _l = self.inner.locks.shared(self.o.num, p.chunk);
@@ -248,6 +257,12 @@ impl Volume {
     /// Write pieces in ascending chunk order (one per chunk) as one
     /// all-or-nothing operation with respect to space.
     fn write_pieces(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
+        // Back-pressure: with the staging budget used up, a writer first
+        // waits for a commit and the destaging it allows (no chunk lock is
+        // held here).
+        if !self.inner.staging.is_empty() && self.inner.staging.full() {
+            self.inner.commit_staged()?;
+        }
         match self.write_pieces_once(ps, data) {
             Err(Error::NoSpace) if self.inner.space_pending() => {
                 self.inner.sync_all()?;
@@ -333,61 +348,41 @@ impl Volume {
     /// copier's path, with empty pieces that only bring a chunk up to date.
     fn write_origin(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
         let (plans, reserved, rb) = self.plan_origin(ps)?;
+        // Stage first writes (staging.rs), except where a rollback is
+        // pending: its marks must follow their data in place.
+        let stage = rb.is_none()
+            && !self.o.rb_active.load(Ordering::Acquire)
+            && !cfg!(snapmv_planted_bug = "skip_cow_flush");
         // 1. Preserve the old origin data for the snapshots that share it,
         // in reserved chunks (nothing a commit writes has changed yet).
-        let copy_pieces = || ps.iter().zip(&plans).filter(|(_, pl)| pl.copy_to.is_some());
-        let io = || -> Result<()> {
-            for ((p, _), r) in copy_pieces().zip(&reserved) {
-                let old = self.read_full(Source::Origin, p.chunk)?;
-                self.inner
-                    .cow
-                    .write_at(self.inner.geo.chunk_offset(r.chunk()), &old)?;
-            }
-            Ok(())
-        };
-        let r = io();
-        let copied = !reserved.is_empty();
-        if copied {
-            let gen = {
+        let r = self.copy_out(ps, &plans, &reserved);
+        let mut gen = 0;
+        if !reserved.is_empty() {
+            gen = {
                 let mut md = sync::write(&self.inner.md);
                 if r.is_err() {
                     md.release_all(reserved)?;
                     return r;
                 }
                 // Each copy's allocation and mapping join one transaction.
-                for ((p, pl), res) in copy_pieces().zip(reserved) {
+                let copies = ps.iter().zip(&plans).filter(|(_, pl)| pl.copy_to.is_some());
+                for ((p, pl), res) in copies.zip(reserved) {
                     let node = pl.copy_to.expect("filtered on copy_to");
                     md.map_fresh(self.o.num, p.chunk, node, res)?;
                 }
                 md.gen
             };
             // 2. Ordering rule: the copy and its mapping are durable before
-            // the origin is overwritten. Group commit shares the flush.
+            // the origin is overwritten. Staged, the in-place write waits
+            // for that commit (`Inner::destage`); otherwise it waits here.
+            // Group commit shares the flush either way.
             #[cfg(not(snapmv_planted_bug = "skip_cow_flush"))]
-            self.inner.sync_gen(gen)?;
-            #[cfg(snapmv_planted_bug = "skip_cow_flush")]
-            let _ = gen;
-        }
-        r?;
-        // 3. Overwrite in place (whole chunk where a rollback is still pending).
-        for (p, pl) in ps.iter().zip(&plans) {
-            let piece = &data[p.buf_off..p.buf_off + p.len];
-            match pl.rb_src {
-                Some(src @ Source::Exc(..)) => {
-                    let mut full = self.read_full(src, p.chunk)?;
-                    full[p.in_off..p.in_off + p.len].copy_from_slice(piece);
-                    let n = self.chunk_len(p.chunk);
-                    self.o.dev()?.write_at(p.chunk * self.cs(), &full[..n])?;
-                }
-                _ if p.len > 0 => {
-                    self.o
-                        .dev()?
-                        .write_at(p.chunk * self.cs() + p.in_off as u64, piece)?;
-                }
-                _ => {}
+            if !stage {
+                self.inner.sync_gen(gen)?;
             }
         }
-        self.o.dirty.store(true, Ordering::Release);
+        r?;
+        self.apply_origin(ps, &plans, data, stage.then_some(gen))?;
         // 4. Rollback marks go in after the data they vouch for, so a commit
         // (which flushes origins first) never makes a mark durable before it.
         if let Some(rb) = rb {
@@ -398,6 +393,68 @@ impl Volume {
                     md.put_exc(self.o.num, p.chunk, RB_MARK, ZERO_CHUNK)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Copy the old content of each chunk planned for a copy into its
+    /// reservation.
+    fn copy_out(&self, ps: &[Piece], plans: &[OPlan], reserved: &[Reserved]) -> Result<()> {
+        let copies = ps.iter().zip(plans).filter(|(_, pl)| pl.copy_to.is_some());
+        for ((p, _), r) in copies.zip(reserved) {
+            let old = self.read_full(Source::Origin, p.chunk)?;
+            self.inner
+                .cow
+                .write_at(self.inner.geo.chunk_offset(r.chunk()), &old)?;
+        }
+        Ok(())
+    }
+
+    /// Step 3, the new data: staged where this write made the copy
+    /// (`staged_gen` is the generation that makes the copies durable),
+    /// merged into a chunk already staged, otherwise in place (the whole
+    /// chunk where a rollback is still pending).
+    fn apply_origin(
+        &self,
+        ps: &[Piece],
+        plans: &[OPlan],
+        data: &[u8],
+        staged_gen: Option<u64>,
+    ) -> Result<()> {
+        let (mut wake, mut in_place) = (false, false);
+        for (p, pl) in ps.iter().zip(plans) {
+            let piece = &data[p.buf_off..p.buf_off + p.len];
+            let key = (self.o.num, p.chunk);
+            match (pl.rb_src, staged_gen) {
+                (Some(src @ Source::Exc(..)), _) => {
+                    let mut full = self.read_full(src, p.chunk)?;
+                    full[p.in_off..p.in_off + p.len].copy_from_slice(piece);
+                    let n = self.chunk_len(p.chunk);
+                    self.o.dev()?.write_at(p.chunk * self.cs(), &full[..n])?;
+                    in_place = true;
+                }
+                (_, Some(gen)) if pl.copy_to.is_some() => {
+                    wake |= self.inner.staging.stage(key, p.in_off, piece, gen);
+                }
+                // (A chunk still staged takes the piece into its entry.)
+                _ if p.len > 0 && !self.inner.staging.merge(key, p.in_off, piece) => {
+                    let at = p.chunk * self.cs() + p.in_off as u64;
+                    self.o.dev()?.write_at(at, piece)?;
+                    in_place = true;
+                }
+                _ => {}
+            }
+        }
+        match (in_place, staged_gen) {
+            // A rollback's copies: its marks, next, vouch for them.
+            (true, None) if plans.iter().any(|pl| pl.rb_src.is_some()) => {
+                self.o.note_ordered_write()
+            }
+            (true, _) => self.o.note_written(),
+            (false, _) => {}
+        }
+        if wake {
+            self.inner.wake();
         }
         Ok(())
     }

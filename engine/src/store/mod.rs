@@ -10,12 +10,14 @@ mod io;
 pub(crate) mod locks;
 mod lookup;
 pub mod records;
+mod staging;
 mod usage;
 
 pub use api::*;
 pub use check::{check, repair, RepairReport};
 pub use inner::FlushHold;
 pub use io::Volume;
+pub use staging::{StagingStats, DEFAULT_STAGING_BUDGET};
 
 use crate::error::Result;
 use crate::sync::{self, Arc};
@@ -180,6 +182,45 @@ impl Store {
     /// The metadata page cache's counters.
     pub fn cache_stats(&self) -> CacheStats {
         sync::read(&self.inner.md).meta.cache_stats()
+    }
+
+    /// Set the staging budget: the bytes of first writes to origin chunks
+    /// held in memory until the commit that makes their copies durable
+    /// (default `DEFAULT_STAGING_BUDGET`, 64 MiB; 0 stages one sub-operation
+    /// at a time). A writer that finds it used up commits and destages
+    /// first.
+    pub fn set_staging_budget(&self, bytes: u64) {
+        self.inner.staging.set_budget(bytes);
+    }
+
+    /// What is staged now, and what staging has done.
+    pub fn staging_stats(&self) -> StagingStats {
+        self.inner.staging.stats()
+    }
+
+    /// Commit, then write in place every staged origin chunk (the driver
+    /// thread's step: call it a few milliseconds after writes were
+    /// staged, so that one commit covers many of them). FLUSH, FUA,
+    /// snapshot, delete, rollback and close do this themselves.
+    pub fn commit_staged(&self) -> Result<()> {
+        let _stop = self.inner.gc.panic_stop();
+        self.inner.commit_staged()
+    }
+
+    /// Whether staging has passed half its budget (the driver then commits
+    /// without waiting out its delay).
+    pub fn staging_pressing(&self) -> bool {
+        self.inner.staging.pressing()
+    }
+
+    /// Register the function the engine calls when the caller's driver
+    /// thread has work: writes were staged (it should `commit_staged` after
+    /// its commit delay, or at once when `staging_pressing`), or a delete
+    /// or rollback left background work (`step_background`). It is called
+    /// on the thread that made the work, with engine locks held: it must
+    /// only signal (a condition variable, an eventfd), never call back.
+    pub fn set_waker(&self, waker: impl Fn() + Send + Sync + 'static) {
+        self.inner.set_waker(std::sync::Arc::new(waker));
     }
 
     /// Chunk-lock table entries in use (zero when idle; for tests).
