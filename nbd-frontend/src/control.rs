@@ -232,6 +232,8 @@ fn read_line<R: BufRead>(r: &mut R, max: usize) -> std::io::Result<Line> {
 /// One served COW device's control socket.
 pub struct ControlServer {
     stop: Arc<AtomicBool>,
+    /// Written to at stop: wakes the accept loop's `poll`.
+    wake: UnixStream,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
 }
@@ -260,9 +262,9 @@ impl ControlServer {
                     path.display()
                 )
             })?;
-            // Non-blocking accept polled against the stop flag keeps
-            // shutdown simple: no self-connect trick, no signal-interrupted
-            // syscalls.
+            // The accept loop blocks in `poll` over the listener and a
+            // wake-up socket; accept itself must not block on a connection
+            // that went away between the two.
             listener.set_nonblocking(true)?;
             Ok(())
         })();
@@ -272,11 +274,18 @@ impl ControlServer {
             return Err(e);
         }
         let stop = Arc::new(AtomicBool::new(false));
+        let (wake, wake_rx) = match wake_pair() {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e).context("cannot create the control thread's wake-up socket");
+            }
+        };
         let st = stop.clone();
         let p = path.clone();
         let thread = std::thread::Builder::new()
             .name("snapmv-control".into())
-            .spawn(move || accept_loop(listener, p, cow, store, st));
+            .spawn(move || accept_loop(listener, wake_rx, p, cow, store, st));
         let thread = match thread {
             Ok(t) => t,
             Err(e) => {
@@ -286,6 +295,7 @@ impl ControlServer {
         };
         Ok(ControlServer {
             stop,
+            wake,
             thread: Some(thread),
             path,
         })
@@ -303,6 +313,8 @@ impl ControlServer {
 
     fn stop_inner(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // Non-blocking: if the buffer is full, a wake-up is pending anyway.
+        let _ = (&self.wake).write(&[1]);
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 tracing::error!("control thread panicked");
@@ -318,68 +330,115 @@ impl Drop for ControlServer {
     }
 }
 
+/// A connected pair of non-blocking sockets: (writer, reader).
+fn wake_pair() -> std::io::Result<(UnixStream, UnixStream)> {
+    let (tx, rx) = UnixStream::pair()?;
+    tx.set_nonblocking(true)?;
+    rx.set_nonblocking(true)?;
+    Ok((tx, rx))
+}
+
+/// Block until `listener` or `wake` is readable.
+fn wait_readable(listener: &UnixListener, wake: &UnixStream) -> std::io::Result<()> {
+    let mut fds = [listener.as_raw_fd(), wake.as_raw_fd()].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: `fds` is a live local array of two pollfd structs, and both
+    // fds belong to sockets borrowed for the duration of the call.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+    match rc {
+        -1 => Err(std::io::Error::last_os_error()),
+        _ => Ok(()),
+    }
+}
+
+/// Accept connections until stopped, each served on its own thread. Blocks
+/// in `poll`; the stop wakes it through `wake`. At the end the open
+/// connections are shut down (their blocking reads return) and joined.
 fn accept_loop(
     listener: UnixListener,
+    wake: UnixStream,
     path: PathBuf,
     cow: String,
     store: Store,
     stop: Arc<AtomicBool>,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
-    let mut conns: Vec<JoinHandle<()>> = Vec::new();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let mut conns: Vec<(JoinHandle<()>, UnixStream)> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
-        conns.retain(|h| !h.is_finished());
+        conns.retain(|(h, _)| !h.is_finished());
+        if let Err(e) = wait_readable(&listener, &wake) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                tracing::warn!(error = %e, socket = %path.display(), "control poll failed");
+                // Back-off after an error, not synchronisation.
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            continue;
+        }
         match listener.accept() {
             Ok((stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                match peer_uid(&stream) {
-                    Some(uid) if uid == 0 || uid == me => {}
-                    other => {
-                        tracing::warn!(?other, "control connection from a foreign user refused");
-                        continue;
-                    }
-                }
-                if active.load(Ordering::SeqCst) >= MAX_CONNS {
-                    let mut s = stream;
-                    let _ = send(
-                        &mut s,
-                        &Reply::Error {
-                            message: "too many control connections; try again".into(),
-                        },
-                    );
-                    continue;
-                }
-                active.fetch_add(1, Ordering::SeqCst);
-                let (store, cow, stop, active) =
-                    (store.clone(), cow.clone(), stop.clone(), active.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("snapmv-control-conn".into())
-                    .spawn(move || {
-                        serve_conn(stream, &store, &cow, &stop);
-                        active.fetch_sub(1, Ordering::SeqCst);
-                    });
-                match spawned {
-                    Ok(h) => conns.push(h),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot spawn control connection thread");
-                    }
+                if let Some(c) = admit(stream, &store, &cow, &stop, &active) {
+                    conns.push(c);
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 tracing::warn!(error = %e, socket = %path.display(), "control accept failed");
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
     }
-    // Connection threads hold store clones; join them so the caller can
-    // close the store as its sole owner.
-    for h in conns {
+    // Connection threads hold store clones; end and join them so the
+    // caller can close the store as its sole owner.
+    for (h, s) in conns {
+        let _ = s.shutdown(std::net::Shutdown::Both);
         let _ = h.join();
+    }
+}
+
+/// Check a new connection's peer and the connection limit, and start its
+/// thread. Returns the thread and a handle to shut the socket down.
+fn admit(
+    stream: UnixStream,
+    store: &Store,
+    cow: &str,
+    stop: &Arc<AtomicBool>,
+    active: &Arc<AtomicUsize>,
+) -> Option<(JoinHandle<()>, UnixStream)> {
+    let _ = stream.set_nonblocking(false);
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match peer_uid(&stream) {
+        Some(uid) if uid == 0 || uid == me => {}
+        other => {
+            tracing::warn!(?other, "control connection from a foreign user refused");
+            return None;
+        }
+    }
+    if active.load(Ordering::SeqCst) >= MAX_CONNS {
+        let mut s = stream;
+        let message = "too many control connections; try again".into();
+        let _ = send(&mut s, &Reply::Error { message });
+        return None;
+    }
+    let handle = stream.try_clone().ok()?;
+    active.fetch_add(1, Ordering::SeqCst);
+    let (store, cow, stop, done) = (store.clone(), cow.to_string(), stop.clone(), active.clone());
+    let spawned = std::thread::Builder::new()
+        .name("snapmv-control-conn".into())
+        .spawn(move || {
+            serve_conn(stream, &store, &cow, &stop);
+            done.fetch_sub(1, Ordering::SeqCst);
+        });
+    match spawned {
+        Ok(h) => Some((h, handle)),
+        Err(e) => {
+            active.fetch_sub(1, Ordering::SeqCst);
+            tracing::error!(error = %e, "cannot spawn control connection thread");
+            None
+        }
     }
 }
 
@@ -411,23 +470,20 @@ fn send(s: &mut UnixStream, r: &Reply) -> std::io::Result<()> {
 }
 
 fn serve_conn(stream: UnixStream, store: &Store, cow: &str, stop: &AtomicBool) {
-    // A short read timeout lets the thread notice shutdown; idle time is
-    // counted across timeouts.
-    let tick = Duration::from_millis(250);
-    let _ = stream.set_read_timeout(Some(tick));
+    // Reads block; the stop shuts the socket down, which ends them. The
+    // read timeout is the idle policy only.
+    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(_) => return,
     };
     let mut reader = BufReader::new(stream);
-    let mut idle = Duration::ZERO;
     let mut pending: Vec<u8> = Vec::new();
     loop {
-        if stop.load(Ordering::SeqCst) || idle >= IDLE_TIMEOUT {
+        if stop.load(Ordering::SeqCst) {
             return;
         }
-        // Accumulate across read timeouts so a slowly typed line still works.
         let room = (MAX_LINE + 1).saturating_sub(pending.len());
         match reader
             .by_ref()
@@ -435,16 +491,8 @@ fn serve_conn(stream: UnixStream, store: &Store, cow: &str, stop: &AtomicBool) {
             .read_until(b'\n', &mut pending)
         {
             Ok(0) => return,
-            Ok(_) => idle = Duration::ZERO,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                idle += tick;
-                continue;
-            }
+            Ok(_) => {}
+            // Idle for IDLE_TIMEOUT, shut down, or a broken connection.
             Err(_) => return,
         }
         if pending.last() != Some(&b'\n') {
@@ -599,5 +647,31 @@ mod tests {
         let (addr2, _fd2) = short_addr(&path).unwrap();
         let _c = UnixStream::connect(&addr2).unwrap();
         let _ = l.accept().unwrap();
+    }
+
+    /// The accept loop blocks in `poll` and connections block in `read`:
+    /// stopping must wake both. A client that answered a request and then
+    /// sits idle sees its connection closed, and `stop` returns (with the
+    /// old idle-tick design it also returned, but only after polling).
+    #[test]
+    fn stop_ends_blocked_accepts_and_idle_connections() {
+        use snapmv_engine::store::{Dev, FormatOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let cow = Arc::new(snapmv_engine::MemDev::new(8 << 20)) as Dev;
+        let fo = FormatOptions {
+            chunk_size: 4096,
+            force: false,
+        };
+        let store = Store::format(cow, &fo).unwrap();
+        let path = dir.path().join("c.sock");
+        let server = ControlServer::start(path.clone(), "c".into(), store).unwrap();
+        let mut client = Client::connect(&path).unwrap();
+        assert!(matches!(client.call(&Request::Hello), Ok(Reply::Hello { .. })));
+        let mut idle = UnixStream::connect(&path).unwrap();
+        server.stop();
+        assert!(!path.exists(), "socket file left behind");
+        let mut buf = [0u8; 1];
+        assert_eq!(idle.read(&mut buf).unwrap_or(0), 0, "idle connection still open");
+        assert!(client.call(&Request::Hello).is_err(), "served after stop");
     }
 }
