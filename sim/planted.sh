@@ -2,7 +2,7 @@
 # Show that the simulator catches each bug planted in the engine
 # (engine hooks: #[cfg(snapmv_planted_bug = "...")]).
 #
-#   sim/planted.sh                 # all seven
+#   sim/planted.sh                 # all of them
 #   sim/planted.sh skip_checksum   # one
 #
 # skip_cow_flush, skip_checksum and early_reuse are caught by the sequential
@@ -13,7 +13,12 @@
 # the sequential swarm, to show that mode misses it. evict_dirty (the page
 # cache evicts dirty or not-yet-checkpointed pages) is caught by the engine's
 # B+tree model run through a page cache of a few pages
-# (engine/tests/meta_model.rs): those tests must fail.
+# (engine/tests/meta_model.rs): those tests must fail. fetch_ignores_epoch
+# (a page read with no lock held enters the cache although a checkpoint or
+# a free raced the read) is caught by the page cache's race tests
+# (engine/src/meta/page_cache.rs, `a_fetch_that_raced_*`). destage_early
+# (staged first writes go in place before the commit that makes their
+# copy durable) needs a commit racing a write: the concurrent simulator.
 #
 # One target directory (target/planted) serves every bug: the planted cfg is
 # added only to workspace crates through a per-bug RUSTC_WORKSPACE_WRAPPER,
@@ -21,7 +26,7 @@
 # Exit status is non-zero if any planted bug goes uncaught.
 set -eu
 cd "$(dirname "$0")/.."
-bugs="${*:-skip_cow_flush skip_checksum early_reuse alloc_early flush_no_cover clean_free_early evict_dirty}"
+bugs="${*:-skip_cow_flush skip_checksum early_reuse alloc_early flush_no_cover clean_free_early evict_dirty fetch_ignores_epoch destage_early}"
 concurrent_seeds="${SNAPMV_CONCURRENT_SEEDS:-2000}"
 target="${CARGO_TARGET_DIR:-target}/planted"
 mkdir -p "$target/wrappers"
@@ -58,7 +63,23 @@ WRAP
             status=1
         fi
         ;;
-    alloc_early | flush_no_cover | clean_free_early)
+    fetch_ignores_epoch)
+        if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
+            cargo test -p snapmv-engine --profile test --lib -- a_fetch_that_raced >"$log" 2>&1; then
+            tail -5 "$log"
+            echo "=== $b: NOT CAUGHT: the page cache's race tests passed (log: $log)"
+            status=1
+        elif grep -q "^test .*a_fetch_that_raced.* FAILED" "$log"; then
+            echo "CAUGHT $b by the page cache's race tests:"
+            grep -E "^test .* FAILED" "$log" | head -4
+            echo "=== $b: caught"
+        else
+            tail -20 "$log"
+            echo "=== $b: NOT CAUGHT: the build or run failed otherwise (log: $log)"
+            status=1
+        fi
+        ;;
+    alloc_early | flush_no_cover | clean_free_early | destage_early)
         # The concurrent simulator: the first failing seed is the catch.
         if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
             cargo run -q -p snapmv-sim --features shuttle --profile test --bin snapmv-sim-concurrent -- \

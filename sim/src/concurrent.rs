@@ -545,13 +545,16 @@ fn read_check(rng: &mut ChaCha8Rng, sh: &Shared, store: &Store) {
 }
 
 /// The background driver, as `serve` runs it: cleaner and rollback copier
-/// steps, and a periodic flush (a FLUSH like any other for the oracle).
+/// steps, commits of staged first writes (which destage them: no
+/// durability for the oracle, but the in-place writes race the clients),
+/// and a periodic flush (a FLUSH like any other for the oracle).
 fn background(steps: usize, sh: &Shared, store: &Store, domain: &Domain) {
     for k in 0..steps {
         if domain.is_dead() {
             return;
         }
         let _ = store.step_background(4);
+        let _ = store.commit_staged();
         if k % 4 == 3 {
             let i = sh.start(Op::Flush);
             sh.end(i, store.flush().is_ok(), None);

@@ -617,7 +617,12 @@ impl World {
             Op::Rollback { origin, tag } => self.do_rollback(origin, tag, fired)?,
             Op::Step { budget } => {
                 self.stats.steps += 1;
-                let r = self.store()?.step_background(budget);
+                // The driver's work: background steps, and a commit that
+                // destages staged first writes (a commit, not a FLUSH).
+                let store = self.store()?;
+                let r = store
+                    .step_background(budget)
+                    .and_then(|rep| store.commit_staged().map(|()| rep));
                 match self.classify(r, fired, &format!("{op}"))? {
                     Res::Ok(rep) => {
                         self.note(format!("{op} -> work {} more {}", rep.work, rep.more))
