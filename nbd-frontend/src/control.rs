@@ -666,12 +666,19 @@ mod tests {
         let path = dir.path().join("c.sock");
         let server = ControlServer::start(path.clone(), "c".into(), store).unwrap();
         let mut client = Client::connect(&path).unwrap();
-        assert!(matches!(client.call(&Request::Hello), Ok(Reply::Hello { .. })));
+        assert!(matches!(
+            client.call(&Request::Hello),
+            Ok(Reply::Hello { .. })
+        ));
         let mut idle = UnixStream::connect(&path).unwrap();
         server.stop();
         assert!(!path.exists(), "socket file left behind");
         let mut buf = [0u8; 1];
-        assert_eq!(idle.read(&mut buf).unwrap_or(0), 0, "idle connection still open");
+        assert_eq!(
+            idle.read(&mut buf).unwrap_or(0),
+            0,
+            "idle connection still open"
+        );
         assert!(client.call(&Request::Hello).is_err(), "served after stop");
     }
 }
