@@ -40,9 +40,23 @@
 //! Every random choice comes from the seed (ChaCha8 per thread, shuttle's
 //! scheduler seeded with it), so a seed replays bit-identically; the run's
 //! trace hash shows it.
+//!
+//! The seed also picks the metadata page-cache budget (`cache_budget`),
+//! set after every format and open. The origin's metadata is a handful of
+//! pages, within the cache's floor of 4 clean pages, so a budget alone
+//! would evict nothing: a seed with a budget also binds a *ballast* origin
+//! whose snapshot is zeroed whole (a few exception-tree leaves, no data),
+//! closes and reopens the store before the threads start (every page
+//! homed, the cache cold), and its background driver walks every
+//! exception now and then (`status`, what `snapmv list` does while
+//! serving). With a budget of a few pages the threads then miss (re-read
+//! home blocks) and evict while they race, which is where a page-cache
+//! miss handled outside the metadata lock would go wrong. Seeds with the
+//! default budget run as before.
 
 use crate::pattern::{self, Decoded, SECTOR};
 use crate::simdev::{mix, Domain, Image, SimDev};
+use crate::workload::CACHE_BUDGETS;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use shuttle::scheduler::{PctScheduler, RandomScheduler};
@@ -61,6 +75,9 @@ const COW_SIZE: u64 = 6 << 20;
 const INIT: u64 = 1;
 /// Never completed, or not yet.
 const OPEN: u64 = u64::MAX;
+/// Chunks of the ballast origin: its snapshot's zero exceptions fill a few
+/// exception-tree leaves (168 records at most each) no client touches.
+const BALLAST_CHUNKS: u64 = 512;
 
 /// The size of one execution.
 #[derive(Clone, Copy, Debug)]
@@ -94,6 +111,14 @@ pub struct Outcome {
     pub sure_writes: u64,
     /// Whether the armed power cut fired during the run.
     pub cut_mid_run: bool,
+    /// The seed's page-cache budget (`None`: the engine's default).
+    pub cache_budget: Option<u64>,
+    /// Page-cache misses and evictions while the threads ran, and fetches
+    /// dropped because a checkpoint or a free raced them (the race a miss
+    /// read with no lock held must survive).
+    pub cache_misses: u64,
+    pub cache_evictions: u64,
+    pub cache_stale_fetches: u64,
     pub failure: Option<String>,
 }
 
@@ -104,6 +129,22 @@ impl Outcome {
             "cargo run --release -p snapmv-sim --features shuttle --bin snapmv-sim-concurrent -- run --seed {}",
             self.seed
         )
+    }
+}
+
+/// The page-cache budget of `seed`, from a stream of its own, so the
+/// seed's other choices (cut point, clients, schedule) are what they were
+/// before budgets existed.
+pub fn cache_budget(seed: u64) -> Option<u64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(seed ^ 0xcac4_e0b0));
+    CACHE_BUDGETS[rng.gen_range(0..CACHE_BUDGETS.len())]
+}
+
+/// Set `budget` on a store just formatted or opened; the default is not
+/// set at all, so those seeds run exactly as before.
+fn set_cache_budget(store: &Store, budget: Option<u64>) {
+    if let Some(bytes) = budget {
+        store.set_cache_budget(bytes);
     }
 }
 
@@ -296,6 +337,8 @@ struct Machine {
     cow: SimDev,
     origin: SimDev,
     store: Store,
+    /// Whether the ballast origin is bound (the seed has a cache budget).
+    ballast: bool,
 }
 
 /// Format, bind, fill the origin, and take snapshot 1 of it and 2 of 1,
@@ -310,6 +353,7 @@ fn setup(seed: u64, sh: &Shared) -> Result<Machine, String> {
     };
     let e = |e: snapmv_engine::Error| format!("setup: {e}");
     let store = Store::format(Arc::new(YieldDev(cow.clone())), &fo).map_err(e)?;
+    set_cache_budget(&store, cache_budget(seed));
     let odev: Dev = Arc::new(YieldDev(origin.clone()));
     store.bind("o", "sim://o", odev, 0).map_err(e)?;
     let i = sh.start(Op::Write {
@@ -331,11 +375,51 @@ fn setup(seed: u64, sh: &Shared) -> Result<Machine, String> {
         sh.end(i, true, Some(t));
         lock(&sh.live).push(t);
     }
-    Ok(Machine {
+    let mut m = Machine {
         domain,
         cow,
         origin,
         store,
+        ballast: false,
+    };
+    if let Some(bytes) = cache_budget(seed) {
+        m = add_ballast(m, seed)?;
+        m.store.set_cache_budget(bytes);
+    }
+    Ok(m)
+}
+
+/// A fresh device for the ballast origin (its content is never read).
+fn ballast_dev(domain: &Domain, seed: u64) -> SimDev {
+    let size = BALLAST_CHUNKS * u64::from(CHUNK);
+    SimDev::new(domain, 2, "b", size, mix(seed ^ 0xba))
+}
+
+/// Bind the ballast origin, zero its snapshot whole, then close and reopen
+/// the store: the close checkpoints, so every page is homed and the
+/// threads start from a cold cache. Snapshot tags 1 and 2 are taken
+/// before, so the ballast snapshot is tag 3 and never in `Shared::live`.
+fn add_ballast(m: Machine, seed: u64) -> Result<Machine, String> {
+    let e = |e: snapmv_engine::Error| format!("setup (ballast): {e}");
+    let ballast = ballast_dev(&m.domain, seed);
+    let bdev: Dev = Arc::new(YieldDev(ballast.clone()));
+    m.store.bind("b", "sim://b", bdev, 0).map_err(e)?;
+    let t = m.store.snapshot("b", None, "ballast", 0).map_err(e)?;
+    let size = BALLAST_CHUNKS * u64::from(CHUNK);
+    let v = m.store.volume("b", Some(t)).map_err(e)?;
+    v.write_zeroes(0, size, false).map_err(e)?;
+    drop(v);
+    m.store.close().map_err(e)?;
+    let (o, b) = (m.origin.clone(), ballast);
+    let mut resolve = |id: &str, _: &str| -> snapmv_engine::Result<Dev> {
+        let dev = if id == "b" { b.clone() } else { o.clone() };
+        Ok(Arc::new(YieldDev(dev)))
+    };
+    let store = Store::open(Arc::new(YieldDev(m.cow.clone())), &mut resolve).map_err(e)?;
+    Ok(Machine {
+        store,
+        ballast: true,
+        ..m
     })
 }
 
@@ -344,6 +428,7 @@ fn execute(seed: u64, opts: &Opts) -> Outcome {
     *lock(&sh.next_stamp) = INIT;
     let mut out = Outcome {
         seed,
+        cache_budget: cache_budget(seed),
         ..Outcome::default()
     };
     let m = match setup(seed, &sh) {
@@ -365,14 +450,18 @@ fn execute(seed: u64, opts: &Opts) -> Outcome {
     }
     {
         let (sh, store, domain) = (sh.clone(), m.store.clone(), m.domain.clone());
-        let steps = opts.ops_per_client * 2;
+        let (steps, walks) = (opts.ops_per_client * 2, m.ballast);
         threads.push(shuttle::thread::spawn(move || {
-            background(steps, &sh, &store, &domain)
+            background(steps, walks, &sh, &store, &domain)
         }));
     }
     for t in threads {
         let _ = t.join();
     }
+    let cache = m.store.cache_stats();
+    out.cache_misses = cache.misses;
+    out.cache_evictions = cache.evictions;
+    out.cache_stale_fetches = cache.stale_fetches;
     out.cut_mid_run = m.domain.is_dead();
     m.domain.power_off();
     let (cow, origin) = (m.cow.crash(), m.origin.crash());
@@ -547,8 +636,9 @@ fn read_check(rng: &mut ChaCha8Rng, sh: &Shared, store: &Store) {
 /// The background driver, as `serve` runs it: cleaner and rollback copier
 /// steps, commits of staged first writes (which destage them: no
 /// durability for the oracle, but the in-place writes race the clients),
-/// and a periodic flush (a FLUSH like any other for the oracle).
-fn background(steps: usize, sh: &Shared, store: &Store, domain: &Domain) {
+/// and a periodic flush (a FLUSH like any other for the oracle); with
+/// `walks`, a periodic `status` too.
+fn background(steps: usize, walks: bool, sh: &Shared, store: &Store, domain: &Domain) {
     for k in 0..steps {
         if domain.is_dead() {
             return;
@@ -558,6 +648,11 @@ fn background(steps: usize, sh: &Shared, store: &Store, domain: &Domain) {
         if k % 4 == 3 {
             let i = sh.start(Op::Flush);
             sh.end(i, store.flush().is_ok(), None);
+        }
+        if walks && k % 4 == 1 {
+            // Reads every exception page: with a small budget, evicts
+            // pages the clients use, so their next access misses.
+            let _ = store.status();
         }
         shuttle::thread::yield_now();
     }
@@ -613,10 +708,16 @@ fn verify(log: &Log, cow: Image, origin: Image, out: &mut Outcome) -> Result<(),
     let domain = Domain::new();
     let cdev = SimDev::from_image(&domain, 0, "cow", cow, 1);
     let odev = SimDev::from_image(&domain, 1, "o", origin, 1);
-    let mut resolve =
-        |_: &str, _: &str| -> snapmv_engine::Result<Dev> { Ok(Arc::new(odev.clone())) };
+    let mut resolve = |id: &str, _: &str| -> snapmv_engine::Result<Dev> {
+        match id {
+            // The ballast's content is never read: a fresh device of its size.
+            "b" => Ok(Arc::new(ballast_dev(&domain, 1))),
+            _ => Ok(Arc::new(odev.clone())),
+        }
+    };
     let store = Store::open(Arc::new(cdev.clone()), &mut resolve)
         .map_err(|e| format!("reopen after the cut: {e}"))?;
+    set_cache_budget(&store, out.cache_budget);
     let oracle = Oracle::new(log);
     out.sure_writes = oracle.sure_writes();
     oracle.check_reads()?;
@@ -784,7 +885,12 @@ impl<'a> Oracle<'a> {
 
     /// Which snapshots must exist, and every sector of every version.
     fn check_versions(&self, store: &Store) -> Result<(), String> {
-        let listed: BTreeSet<u64> = store.versions().into_iter().filter_map(|v| v.tag).collect();
+        let listed: BTreeSet<u64> = store
+            .versions()
+            .into_iter()
+            .filter(|v| v.origin == "o")
+            .filter_map(|v| v.tag)
+            .collect();
         for &t in self.snaps.keys() {
             let deletes: Vec<&Rec> = self
                 .recs

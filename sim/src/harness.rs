@@ -109,6 +109,11 @@ pub struct Stats {
     pub damage_unread: u64,
     pub sectors_verified: u64,
     pub checker_runs: u64,
+    /// Metadata page-cache misses (home-block reads) and evictions, summed
+    /// over every store the run opened: zero unless the seed's cache
+    /// budget is small.
+    pub cache_misses: u64,
+    pub cache_evictions: u64,
 }
 
 impl Stats {
@@ -131,6 +136,8 @@ impl Stats {
         self.damage_unread += o.damage_unread;
         self.sectors_verified += o.sectors_verified;
         self.checker_runs += o.checker_runs;
+        self.cache_misses += o.cache_misses;
+        self.cache_evictions += o.cache_evictions;
     }
 }
 
@@ -140,7 +147,8 @@ impl fmt::Display for Stats {
             f,
             "ops {} (reads {} writes {} snapshots {} deletes {} rollbacks {} steps {}), \
              reboots: crash {} clean {} power-cut {}, ENOSPC {}, refused {}, faults surfaced {}, \
-             metadata damage: injected {} detected {} never-read {}, sectors verified {}, checker runs {}",
+             metadata damage: injected {} detected {} never-read {}, sectors verified {}, checker runs {}, \
+             page cache: misses {} evictions {}",
             self.ops,
             self.reads,
             self.writes,
@@ -158,7 +166,9 @@ impl fmt::Display for Stats {
             self.damage_detected,
             self.damage_unread,
             self.sectors_verified,
-            self.checker_runs
+            self.checker_runs,
+            self.cache_misses,
+            self.cache_evictions
         )
     }
 }
@@ -290,6 +300,7 @@ impl World {
         let cow_dev: Dev = Arc::new(w.cow.clone());
         let store = Store::format(cow_dev, &fo)
             .map_err(|e| w.fail(Clause::UnexpectedError, format!("format: {e}")))?;
+        w.set_cache_budget(&store);
         for i in 0..w.origins.len() {
             let id = w.model.origins[i].id.clone();
             let d: Dev = Arc::new(w.origins[i].clone());
@@ -445,6 +456,25 @@ impl World {
             self.recent.pop_front();
         }
         self.recent.push_back(format!("op {}: {s}", self.op));
+    }
+
+    /// The seed's page-cache budget, on a store just formatted or opened.
+    /// The default is not set at all, so those seeds run as they did
+    /// before budgets existed.
+    fn set_cache_budget(&self, store: &Store) {
+        if let Some(bytes) = self.cfg.cache_budget {
+            store.set_cache_budget(bytes);
+        }
+    }
+
+    /// Add the open store's page-cache counters to the run's, before the
+    /// store goes (its counters go with it).
+    fn count_cache(&mut self) {
+        if let Some(s) = &self.store {
+            let c = s.cache_stats();
+            self.stats.cache_misses += c.misses;
+            self.stats.cache_evictions += c.evictions;
+        }
     }
 
     pub fn store(&self) -> Result<&Store, Failure> {
@@ -641,6 +671,7 @@ impl World {
                 self.domain.cut_power_after(after);
             }
             Op::CleanReopen => {
+                self.count_cache();
                 let r = match self.store.take() {
                     Some(s) => s.close(),
                     None => Ok(()),
@@ -991,6 +1022,7 @@ impl World {
         // Power off first, so nothing the engine does while being dropped
         // can reach the media.
         self.domain.power_off();
+        self.count_cache();
         if let Some(s) = self.store.take() {
             drop(s);
         }
@@ -1076,6 +1108,7 @@ impl World {
         let cow_dev: Dev = Arc::new(self.cow.clone());
         match Store::open(cow_dev, &mut resolver) {
             Ok(s) => {
+                self.set_cache_budget(&s);
                 self.store = Some(s);
                 Ok(Ok(()))
             }
@@ -1534,6 +1567,7 @@ pub fn run_seed(seed: u64, ops: u64, opts: &RunOpts) -> RunResult {
             // exercises the checker at least once.
             let mut g2 = Generator::new(cfg.clone());
             w.exec(Op::CleanReopen, &mut g2)?;
+            w.count_cache();
             Ok(())
         }));
     let panic_msg = PANIC_MSG

@@ -120,6 +120,20 @@ impl Kind {
     }
 }
 
+/// The metadata page-cache budgets a seed may run with. `None` leaves the
+/// engine's default (32 MiB: nothing is ever evicted here); the others make
+/// evictions and misses (re-reads of home blocks) part of the run: 16 KiB
+/// is below the engine's floor of 4 clean pages, so it is that floor.
+pub const CACHE_BUDGETS: [Option<u64>; 4] = [None, Some(16 << 10), Some(64 << 10), Some(256 << 10)];
+
+/// A cache budget for descriptions: "default" or its size.
+pub fn cache_budget_text(budget: Option<u64>) -> String {
+    match budget {
+        None => "default".into(),
+        Some(b) => format!("{} KiB", b >> 10),
+    }
+}
+
 /// Everything a seed decides before the first operation.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -136,6 +150,9 @@ pub struct Config {
     pub max_budget: usize,
     /// Cap on live snapshots per origin (keeps the model small).
     pub max_snapshots: usize,
+    /// The metadata page-cache budget set after every format and open
+    /// (`None`: the engine's default, and no call at all).
+    pub cache_budget: Option<u64>,
 }
 
 impl Config {
@@ -151,6 +168,7 @@ impl Config {
             fates: CrashFates::default(),
             max_budget: 4,
             max_snapshots: 12,
+            cache_budget: None,
         }
     }
 
@@ -216,6 +234,9 @@ impl Config {
             },
             max_budget: [1, 2, 4, 16][r.gen_range(0..4)],
             max_snapshots: [3, 8, 16, 32][r.gen_range(0..4)],
+            // Drawn last, so every earlier choice of a seed is what it was
+            // before budgets existed.
+            cache_budget: CACHE_BUDGETS[r.gen_range(0..CACHE_BUDGETS.len())],
         }
     }
 
@@ -246,7 +267,7 @@ impl Config {
             .map(|(k, _)| format!("{k:?}"))
             .collect();
         format!(
-            "{} origin(s) {:?} sectors, cow {} MiB, chunk {} KiB, fua {:.2}, fates keep {:.2} drop {:.2} torn {:.2}, budget<={}, snaps<={}, off: [{}]",
+            "{} origin(s) {:?} sectors, cow {} MiB, chunk {} KiB, fua {:.2}, fates keep {:.2} drop {:.2} torn {:.2}, budget<={}, snaps<={}, page cache {}, off: [{}]",
             self.origins,
             self.origin_sectors,
             self.cow_bytes >> 20,
@@ -257,6 +278,7 @@ impl Config {
             self.fates.torn,
             self.max_budget,
             self.max_snapshots,
+            cache_budget_text(self.cache_budget),
             off.join(" ")
         )
     }

@@ -6,7 +6,8 @@
 //! `SNAPMV_CONCURRENT_SEEDS` sets the slice's size, `SNAPMV_CONCURRENT_FROM`
 //! its first seed. Longer campaigns: `snapmv-sim-concurrent swarm`.
 
-use snapmv_sim::concurrent::{run_seed, Opts, YieldDev};
+use snapmv_sim::concurrent::{cache_budget, run_seed, Opts, YieldDev};
+use snapmv_sim::workload::CACHE_BUDGETS;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -23,11 +24,15 @@ fn ci_slice_keeps_the_contract() {
     );
     let opts = Opts::default();
     let (mut ops, mut sure, mut mid, mut failures) = (0, 0, 0, Vec::new());
+    let (mut misses, mut evictions, mut stale) = (0, 0, 0);
     for seed in from..from + n {
         let o = run_seed(seed, &opts);
         ops += o.ops;
         sure += o.sure_writes;
         mid += u64::from(o.cut_mid_run);
+        misses += o.cache_misses;
+        evictions += o.cache_evictions;
+        stale += o.cache_stale_fetches;
         if let Some(f) = &o.failure {
             failures.push(format!(
                 "seed {seed}: {f}\n  replay: {}",
@@ -36,25 +41,65 @@ fn ci_slice_keeps_the_contract() {
         }
     }
     println!(
-        "concurrent crash slice: seeds {from}..{}, {ops} ops, {sure} durable writes checked, {mid} cuts mid-run",
+        "concurrent crash slice: seeds {from}..{}, {ops} ops, {sure} durable writes checked, {mid} cuts mid-run, \
+         page cache {misses} misses {evictions} evictions {stale} stale fetches while the threads ran",
         from + n
     );
-    // The slice must really exercise both cut placements and durability.
+    // The slice must really exercise both cut placements and durability,
+    // and page-cache evictions while the threads race.
     assert!(mid > n / 4, "too few power cuts fell mid-run: {mid} of {n}");
     assert!(sure > n, "too few durable writes to check: {sure}");
+    assert!(evictions > n, "too few page-cache evictions: {evictions}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
 fn a_seed_replays_bit_identically() {
-    for seed in [7, 8, 1234] {
+    // Page cache: 7 and 1234 64 KiB, 8 16 KiB, 2 the default.
+    for seed in [7, 8, 1234, 2] {
         let a = run_seed(seed, &Opts::default());
         let b = run_seed(seed, &Opts::default());
+        println!(
+            "seed {seed}: page cache {:?}, {} misses, {} evictions, trace {:016x}",
+            a.cache_budget, a.cache_misses, a.cache_evictions, a.trace_hash
+        );
         assert_eq!(a.trace_hash, b.trace_hash, "seed {seed} did not replay");
         assert_eq!((a.ops, a.writes_ok), (b.ops, b.writes_ok));
+        assert_eq!(
+            (a.cache_misses, a.cache_evictions),
+            (b.cache_misses, b.cache_evictions)
+        );
     }
     let (a, b) = (run_seed(1, &Opts::default()), run_seed(2, &Opts::default()));
     assert_ne!(a.trace_hash, b.trace_hash, "different seeds, same run");
+}
+
+/// With a page cache of a few pages, the threads evict and miss while they
+/// race (the ballast and the `status` walks see to it), in most seeds: the
+/// ones that do not had their power cut early.
+#[test]
+fn a_few_pages_of_cache_evict_while_the_threads_run() {
+    let few_pages = CACHE_BUDGETS[1];
+    let seeds: Vec<u64> = (1..=200)
+        .filter(|s| cache_budget(*s) == few_pages)
+        .take(20)
+        .collect();
+    let mut evicting = 0;
+    for &seed in &seeds {
+        let o = run_seed(seed, &Opts::default());
+        println!(
+            "seed {seed}: {} ops, {} misses, {} evictions, cut mid-run {}",
+            o.ops, o.cache_misses, o.cache_evictions, o.cut_mid_run
+        );
+        assert!(o.failure.is_none(), "seed {seed}: {:?}", o.failure);
+        evicting += usize::from(o.cache_evictions > 0);
+    }
+    assert_eq!(seeds.len(), 20);
+    assert!(
+        evicting * 2 > seeds.len(),
+        "only {evicting} of {} seeds with a few pages of cache evicted",
+        seeds.len()
+    );
 }
 
 // Focused scenarios: each reproduces one defect's mechanism under shuttle,

@@ -3,16 +3,19 @@
 //! post-crash sector), and the exhaustive enumeration is deterministic.
 
 use snapmv_sim::exhaustive::{self, Limits};
+use snapmv_sim::workload::{cache_budget_text, Config, CACHE_BUDGETS};
 use snapmv_sim::{parse_seed, run_seed, RunOpts};
 
 #[test]
 fn same_seed_same_trace_hash() {
+    // Between them, these seeds run with every page-cache budget.
     for seed in [1u64, 7, 42, 0xdead_beef] {
         let opts = RunOpts::default();
         let a = run_seed(seed, 400, &opts);
         let b = run_seed(seed, 400, &opts);
         println!(
-            "seed {seed}: trace hash {:08x}, {} ops, failure: {:?}",
+            "seed {seed}: page cache {}, trace hash {:08x}, {} ops, failure: {:?}",
+            cache_budget_text(Config::swarm(seed).cache_budget),
             a.trace_hash,
             a.ops,
             a.failure.as_ref().map(|f| f.clause)
@@ -24,10 +27,38 @@ fn same_seed_same_trace_hash() {
         assert_eq!(a.ops, b.ops);
         assert_eq!(a.stats.sectors_verified, b.stats.sectors_verified);
         assert_eq!(
+            (a.stats.cache_misses, a.stats.cache_evictions),
+            (b.stats.cache_misses, b.stats.cache_evictions)
+        );
+        assert_eq!(
             a.failure.as_ref().map(|f| (f.op, f.clause)),
             b.failure.as_ref().map(|f| (f.op, f.clause))
         );
     }
+}
+
+/// The swarm runs seeds through a small page cache, and there it evicts
+/// (and misses) for real: the budget is no dead setting.
+#[test]
+fn a_seed_with_a_few_pages_of_cache_evicts() {
+    let few_pages = CACHE_BUDGETS[1];
+    assert_eq!(few_pages, Some(16 << 10));
+    let seed = (1..)
+        .find(|s| Config::swarm(*s).cache_budget == few_pages)
+        .expect("some seed draws each budget");
+    let r = run_seed(seed, 400, &RunOpts::default());
+    println!("seed {seed}: {}; {}", r.config, r.stats);
+    assert!(r.failure.is_none(), "seed {seed}: {:?}", r.failure);
+    assert!(
+        r.stats.cache_evictions > 0,
+        "seed {seed}: no page was evicted with a budget of a few pages"
+    );
+    let default = (1..)
+        .find(|s| Config::swarm(*s).cache_budget.is_none())
+        .expect("some seed keeps the default");
+    let d = run_seed(default, 400, &RunOpts::default());
+    println!("seed {default}: {}", d.stats);
+    assert_eq!(d.stats.cache_evictions, 0, "the default budget evicted");
 }
 
 #[test]

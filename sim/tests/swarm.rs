@@ -43,4 +43,10 @@ fn bounded_swarm() {
         rep.failures.len()
     );
     assert_eq!(rep.seeds, CI_SEEDS);
+    // A quarter of the seeds run with a page cache of a few pages.
+    assert!(
+        rep.stats.cache_evictions > CI_SEEDS,
+        "too few page-cache evictions: {}",
+        rep.stats.cache_evictions
+    );
 }

@@ -8,6 +8,7 @@
 use clap::{Parser, Subcommand};
 use snapmv_sim::concurrent::{run_seed, Opts, Outcome};
 use snapmv_sim::parse_seed;
+use snapmv_sim::workload::cache_budget_text;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,8 +73,12 @@ impl Size {
 
 fn show(o: &Outcome) -> String {
     format!(
-        "seed {}: {} ops, {} writes ok, {} flushes ok, {} durable writes checked, cut {}, trace {:016x}",
+        "seed {}: page cache {} ({} misses, {} evictions, {} stale fetches), {} ops, {} writes ok, {} flushes ok, {} durable writes checked, cut {}, trace {:016x}",
         o.seed,
+        cache_budget_text(o.cache_budget),
+        o.cache_misses,
+        o.cache_evictions,
+        o.cache_stale_fetches,
         o.ops,
         o.writes_ok,
         o.flushes_ok,
@@ -121,6 +126,9 @@ struct Totals {
     flushes: u64,
     sure: u64,
     cuts_mid_run: u64,
+    cache_misses: u64,
+    cache_evictions: u64,
+    cache_stale_fetches: u64,
     failures: Vec<Outcome>,
 }
 
@@ -153,6 +161,9 @@ fn swarm(n: u64, from: &str, jobs: Option<usize>, expect: bool, opts: Opts) -> E
                 t.flushes += o.flushes_ok;
                 t.sure += o.sure_writes;
                 t.cuts_mid_run += u64::from(o.cut_mid_run);
+                t.cache_misses += o.cache_misses;
+                t.cache_evictions += o.cache_evictions;
+                t.cache_stale_fetches += o.cache_stale_fetches;
                 if o.failure.is_some() {
                     t.failures.push(o);
                     stop.store(expect, Ordering::SeqCst);
@@ -166,7 +177,7 @@ fn swarm(n: u64, from: &str, jobs: Option<usize>, expect: bool, opts: Opts) -> E
     let t = totals.lock().unwrap_or_else(|p| p.into_inner());
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{} seeds in {secs:.1} s ({:.1} seeds/s): {} ops, {} writes ok, {} flushes ok, {} durable writes checked, {} cuts mid-run, {} failure(s)",
+        "{} seeds in {secs:.1} s ({:.1} seeds/s): {} ops, {} writes ok, {} flushes ok, {} durable writes checked, {} cuts mid-run, page cache {} misses {} evictions {} stale fetches, {} failure(s)",
         t.seeds,
         t.seeds as f64 / secs.max(1e-9),
         t.ops,
@@ -174,12 +185,16 @@ fn swarm(n: u64, from: &str, jobs: Option<usize>, expect: bool, opts: Opts) -> E
         t.flushes,
         t.sure,
         t.cuts_mid_run,
+        t.cache_misses,
+        t.cache_evictions,
+        t.cache_stale_fetches,
         t.failures.len()
     );
     for f in &t.failures {
         println!(
-            "FAILED seed {}: {}\n  replay: {}",
+            "FAILED seed {} (page cache {}): {}\n  replay: {}",
             f.seed,
+            cache_budget_text(f.cache_budget),
             f.failure.as_deref().unwrap_or(""),
             f.replay_command()
         );
