@@ -110,7 +110,8 @@ pub fn run(store: Store, signal: Arc<Signal>, cfg: DriverConfig, cow: String) {
             }
         }
         if Instant::now() >= next_flush {
-            if let Err(e) = store.flush() {
+            // No client waits on this flush: no FLUSH cover (see `sync`).
+            if let Err(e) = store.sync() {
                 log.failed(&cow, "periodic flush", &e);
             }
             next_flush = Instant::now() + FLUSH_EVERY;

@@ -157,10 +157,20 @@ impl Store {
         self.inner.step_background(&self.inner, budget)
     }
 
-    /// Make every completed write and metadata change durable.
+    /// Make every completed write and metadata change durable, and
+    /// (NBD's FLUSH rule) every write that completes while this runs.
     pub fn flush(&self) -> Result<()> {
         let _stop = self.inner.gc.panic_stop();
         Inner::flush_hold(&self.inner).map(drop)
+    }
+
+    /// Make every write and metadata change completed before the call
+    /// durable, without `flush`'s cover of writes completing meanwhile
+    /// (which makes each of them wait for a commit of its own): for a
+    /// driver's periodic flush, which no client waits on.
+    pub fn sync(&self) -> Result<()> {
+        let _stop = self.inner.gc.panic_stop();
+        self.inner.sync_all()
     }
 
     /// Flush everything; afterwards the origin devices hold exactly the
