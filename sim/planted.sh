@@ -31,6 +31,29 @@ concurrent_seeds="${SNAPMV_CONCURRENT_SEEDS:-2000}"
 target="${CARGO_TARGET_DIR:-target}/planted"
 mkdir -p "$target/wrappers"
 status=0
+# Run engine tests (cargo test arguments after the first two) against the
+# bug's build: they must fail, with a test whose name contains $2 FAILED.
+# $1 says what they are.
+engine_tests_catch() {
+    what=$1
+    pattern=$2
+    shift 2
+    if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
+        cargo test -p snapmv-engine --profile test "$@" >"$log" 2>&1; then
+        tail -5 "$log"
+        echo "=== $b: NOT CAUGHT: $what passed (log: $log)"
+        status=1
+    elif grep -q "^test .*$pattern.* FAILED" "$log"; then
+        echo "CAUGHT $b by $what:"
+        grep -E "^test .* FAILED|^called|Err" "$log" | head -4
+        echo "=== $b: caught"
+    else
+        tail -20 "$log"
+        echo "=== $b: NOT CAUGHT: the build or run failed otherwise (log: $log)"
+        status=1
+    fi
+}
+
 for b in $bugs; do
     echo "=== planted bug: $b"
     wrap="$target/wrappers/rustc-sim-planted-$b"
@@ -46,38 +69,12 @@ WRAP
     log="/tmp/snapmv-planted-$b.log"
     case "$b" in
     evict_dirty)
-        # The meta model with a tiny cache: the bug build must fail it.
-        if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
-            cargo test -p snapmv-engine --profile test --test meta_model -- \
-            tiny_cache_keeps_pinned_pages deep_trees_tiny_cache >"$log" 2>&1; then
-            tail -5 "$log"
-            echo "=== $b: NOT CAUGHT: the tiny-cache meta model tests passed (log: $log)"
-            status=1
-        elif grep -q "^test .*tiny_cache.* FAILED" "$log"; then
-            echo "CAUGHT $b by the meta model with a tiny page cache:"
-            grep -E "^test .* FAILED|^called|Err" "$log" | head -4
-            echo "=== $b: caught"
-        else
-            tail -20 "$log"
-            echo "=== $b: NOT CAUGHT: the build or run failed otherwise (log: $log)"
-            status=1
-        fi
+        engine_tests_catch "the meta model with a tiny page cache" tiny_cache \
+            --test meta_model -- tiny_cache_keeps_pinned_pages deep_trees_tiny_cache
         ;;
     fetch_ignores_epoch)
-        if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
-            cargo test -p snapmv-engine --profile test --lib -- a_fetch_that_raced >"$log" 2>&1; then
-            tail -5 "$log"
-            echo "=== $b: NOT CAUGHT: the page cache's race tests passed (log: $log)"
-            status=1
-        elif grep -q "^test .*a_fetch_that_raced.* FAILED" "$log"; then
-            echo "CAUGHT $b by the page cache's race tests:"
-            grep -E "^test .* FAILED" "$log" | head -4
-            echo "=== $b: caught"
-        else
-            tail -20 "$log"
-            echo "=== $b: NOT CAUGHT: the build or run failed otherwise (log: $log)"
-            status=1
-        fi
+        engine_tests_catch "the page cache's race tests" a_fetch_that_raced \
+            --lib -- a_fetch_that_raced
         ;;
     alloc_early | flush_no_cover | clean_free_early | destage_early)
         # The concurrent simulator: the first failing seed is the catch.

@@ -134,10 +134,7 @@ impl<'a, P: PageSource> TreeReader<'a, P> {
     }
 
     fn role(&self, level: u32) -> Role {
-        Role::Node {
-            tree: self.tree,
-            level,
-        }
+        node_role(self.tree, level)
     }
 
     fn err(&self, block: u64, reason: &str) -> Error {
@@ -153,7 +150,7 @@ impl<'a, P: PageSource> TreeReader<'a, P> {
     }
 
     fn leaf_esz(&self) -> usize {
-        node::entry_size(0, self.tree.value_size())
+        leaf_entry_size(self.tree)
     }
 
     /// Descend from the root towards `key`. Returns the internal path and
@@ -265,6 +262,15 @@ impl<'a, P: PageSource> TreeReader<'a, P> {
     }
 }
 
+/// What a node of `tree` at `level` is validated as.
+fn node_role(tree: Tree, level: u32) -> Role {
+    Role::Node { tree, level }
+}
+
+fn leaf_entry_size(tree: Tree) -> usize {
+    node::entry_size(0, tree.value_size())
+}
+
 fn tree_error(tree: Tree, block: u64, reason: &str) -> Error {
     Error::CorruptTree {
         tree: tree.name(),
@@ -281,10 +287,7 @@ impl<D: BlockDev> BTree<'_, D> {
     }
 
     fn role(&self, level: u32) -> Role {
-        Role::Node {
-            tree: self.tree,
-            level,
-        }
+        node_role(self.tree, level)
     }
 
     fn err(&self, block: u64, reason: &str) -> Error {
@@ -292,7 +295,7 @@ impl<D: BlockDev> BTree<'_, D> {
     }
 
     fn leaf_esz(&self) -> usize {
-        node::entry_size(0, self.tree.value_size())
+        leaf_entry_size(self.tree)
     }
 
     fn reader(&mut self) -> TreeReader<'_, PageCache<D>> {
