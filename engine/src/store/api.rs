@@ -107,3 +107,39 @@ pub enum OriginDev {
 
 /// Like `OriginResolver`, but may report an origin as absent.
 pub type LenientResolver<'a> = &'a mut dyn FnMut(&str, &str) -> Result<OriginDev>;
+
+/// Check an origin id before binding it: 1 to `ID_MAX` (128) printable
+/// ASCII characters, none of them `@`, `/` or `=`. Ids name NBD exports
+/// (`ID`, `ID@TAG`) and paths, and the frontend's `--origin ID=PATH`
+/// splits at the first `=`. The one rule for the engine and every caller.
+pub fn validate_id(id: &str) -> Result<()> {
+    use crate::store::records::ID_MAX;
+    let ok = !id.is_empty()
+        && id.len() <= ID_MAX
+        && id
+            .chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, '@' | '/' | '='));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "origin id {id:?}: use 1..{ID_MAX} printable ASCII characters without '@', '/' or '='"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_id;
+
+    #[test]
+    fn ids() {
+        assert!(validate_id("orig").is_ok());
+        assert!(validate_id("sdb1.img-2").is_ok());
+        assert!(validate_id(&"x".repeat(128)).is_ok());
+        for bad in ["", "a@1", "a=b", "a/b", "a b", "a\nb", "é"] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_id(&"x".repeat(129)).is_err());
+    }
+}

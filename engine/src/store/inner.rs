@@ -146,6 +146,10 @@ pub struct Inner {
     /// writes, a delete or rollback for the background steps); see
     /// `Store::set_waker`. The engine itself starts no threads.
     waker: Mutex<Option<Waker>>,
+    /// Called after every background step; see `Store::set_progress_waker`.
+    /// A std mutex, not one of `sync`'s: it guards the caller's hook only,
+    /// not engine state, so the models need not explore it.
+    progress_waker: std::sync::Mutex<Option<Waker>>,
 }
 
 /// See `Store::set_waker`.
@@ -461,6 +465,28 @@ impl Inner {
         *sync::lock(&self.waker) = Some(waker);
     }
 
+    pub fn set_progress_waker(&self, waker: Waker) {
+        let mut slot = self
+            .progress_waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *slot = Some(waker);
+    }
+
+    /// Tell whoever follows the background work that a step was taken
+    /// (with no engine lock held).
+    pub fn wake_progress(&self) {
+        let slot = self
+            .progress_waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let waker = slot.clone();
+        drop(slot);
+        if let Some(w) = waker {
+            w();
+        }
+    }
+
     /// Tell the driver there is work (outside every engine lock but the
     /// caller's own).
     pub fn wake(&self) {
@@ -590,6 +616,7 @@ impl Inner {
             last_look: AtomicU64::new(0),
             staging: Staging::new(),
             waker: Mutex::new(None),
+            progress_waker: std::sync::Mutex::new(None),
         }
     }
 
@@ -993,21 +1020,6 @@ pub fn no_snap(id: &str, tag: u64) -> Error {
     Error::NoSuchSnapshot {
         origin: id.to_string(),
         tag,
-    }
-}
-
-fn validate_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= ID_MAX
-        && id
-            .chars()
-            .all(|c| c.is_ascii_graphic() && c != '@' && c != '/');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Invalid(format!(
-            "origin id {id:?}: use 1..{ID_MAX} printable ASCII characters without '@' or '/'"
-        )))
     }
 }
 

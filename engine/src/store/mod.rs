@@ -154,7 +154,22 @@ impl Store {
     /// Advance the cleaner and the rollback copier by at most `budget` chunks.
     pub fn step_background(&self, budget: usize) -> Result<StepReport> {
         let _stop = self.inner.gc.panic_stop();
-        self.inner.step_background(&self.inner, budget)
+        let report = self.inner.step_background(&self.inner, budget);
+        self.inner.wake_progress();
+        report
+    }
+
+    /// The rollback in progress, if any: `status()`'s `rollback` without
+    /// walking the snapshots (cheap whatever their number).
+    pub fn rollback_status(&self) -> Option<RollbackStatus> {
+        let rb = sync::read(&self.inner.md).app.rollback?;
+        let o = self.inner.origin_by_num(rb.origin)?;
+        Some(RollbackStatus {
+            origin: o.rec.id.clone(),
+            tag: rb.tag,
+            done_chunks: rb.cursor,
+            total_chunks: rb.total,
+        })
     }
 
     /// Make every completed write and metadata change durable, and
@@ -231,6 +246,15 @@ impl Store {
     /// only signal (a condition variable, an eventfd), never call back.
     pub fn set_waker(&self, waker: impl Fn() + Send + Sync + 'static) {
         self.inner.set_waker(std::sync::Arc::new(waker));
+    }
+
+    /// Register the function the engine calls after every
+    /// `step_background` (whoever made the call, whatever it did): for a
+    /// caller that follows a rollback's progress (`rollback_status`) and
+    /// wants to wait for it to move rather than poll. It runs on the
+    /// stepping thread with no engine lock held, and should only signal.
+    pub fn set_progress_waker(&self, waker: impl Fn() + Send + Sync + 'static) {
+        self.inner.set_progress_waker(std::sync::Arc::new(waker));
     }
 
     /// Chunk-lock table entries in use (zero when idle; for tests).
