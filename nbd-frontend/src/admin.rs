@@ -1,10 +1,13 @@
-//! The admin subcommands. Each one first decides where the COW device is:
-//! free (take the lock, open it here, close it), or held by a running
-//! `serve` (talk to it over its control socket), and produces the same
-//! output either way.
+//! The admin subcommands. Each one first decides where the COW device is
+//! (`route`): free (take the lock, open it here, close it), or held by a
+//! running `serve` (talk to it over its control socket), and produces the
+//! same output either way. The operations proper are in `operations`,
+//! which the control server runs too.
 
 use crate::control::{Client, Reply, Request};
-use crate::lock::{self, CowLock, LockMode, SocketCandidate};
+use crate::lock::{self, LockMode};
+use crate::operations::{self, now};
+use crate::route::{route, Route};
 use crate::status::StatusWire;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -15,197 +18,13 @@ use snapmv_engine::FileDev;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Chunks the offline rollback copier advances per step.
 const STEP_BUDGET: usize = 256;
-/// How long an admin command waits for a lock held by a short-lived
-/// command (not a server) before giving up.
-const LOCK_RETRY: Duration = Duration::from_secs(3);
-/// How long a control socket candidate may take to answer the hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Wall clock in Unix seconds; the engine reads no clock, so creation
-/// times come from here.
-pub fn now() -> i64 {
-    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    }
-}
-
-/// Origin ids become export names (`ID`, `ID@TAG`) and appear in
-/// `--origin ID=PATH`, so they may not contain `@`, `=`, `/`, whitespace or
-/// control characters.
-pub fn validate_id(id: &str) -> Result<()> {
-    if id.is_empty() {
-        bail!("origin id must not be empty");
-    }
-    if id.len() > 128 {
-        bail!("origin id {id:?} is longer than 128 bytes");
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| matches!(c, '@' | '=' | '/') || c.is_whitespace() || c.is_control())
-    {
-        bail!("origin id {id:?} contains {c:?}; ids may not contain '@', '=', '/', spaces or control characters");
-    }
-    Ok(())
-}
-
-/// Where a command runs.
-enum Route {
-    /// The COW device was free; we hold its lock.
-    Offline(CowLock),
-    /// A server holds it; this is a client of its control socket.
-    Live(Client),
-}
-
-/// Decide where to run. `live_ok` is false for commands a running server
-/// cannot do for us (format, bind, unbind, check).
-fn route(cow: &Path, mode: LockMode, live_ok: bool) -> Result<Route> {
-    let canon = lock::canonical(cow)?;
-    // Fail early, with the reason, if the candidates cannot be worked out.
-    lock::socket_candidates(cow)?;
-    let start = Instant::now();
-    loop {
-        if let Some(l) = lock::try_lock(cow, mode)? {
-            return Ok(Route::Offline(l));
-        }
-        if !live_ok {
-            // No need to reach the server just to refuse.
-            if let Some(pid) = serving_holder(cow) {
-                bail!(
-                    "COW device {} is in use by a running server (pid {pid}); stop it first",
-                    cow.display()
-                );
-            }
-        }
-        match find_server(cow, &canon) {
-            Ok(found) => {
-                if !live_ok {
-                    bail!(
-                        "COW device {} is in use by a running server (pid {}); stop it first",
-                        cow.display(),
-                        found.pid
-                    );
-                }
-                tracing::debug!(pid = found.pid, socket = %found.path.display(), "using the running server");
-                return Ok(Route::Live(found.client));
-            }
-            Err(tried) if start.elapsed() >= LOCK_RETRY => {
-                let paths = tried_list(&tried);
-                match serving_holder(cow) {
-                    Some(pid) if !live_ok => bail!(
-                        "COW device {} is in use by a running server (pid {pid}); stop it first",
-                        cow.display()
-                    ),
-                    Some(pid) => bail!(
-                        "COW device {} is in use by a running server (pid {pid}) that has no control \
-                         socket (its log says why; or it is still starting up), so this cannot be done \
-                         while it runs; tried {paths}",
-                        cow.display()
-                    ),
-                    None => bail!(
-                        "COW device {} is locked by another process, and no snapmv server answers on {paths}",
-                        cow.display()
-                    ),
-                }
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
-/// The pid of the `snapmv serve` holding `cow`, if that is who holds it.
-pub fn serving_holder(cow: &Path) -> Option<u32> {
-    lock::exclusive_holder(cow).filter(|&pid| lock::is_snapmv_server(pid))
-}
-
-/// A server answering for a COW device.
-pub struct Found {
-    pub client: Client,
-    pub pid: u32,
-    pub path: PathBuf,
-}
-
-/// Try the control socket candidates of `cow` (canonical path `canon`) in
-/// order and return the first server that answers the hello, runs as a
-/// user we trust, and serves `canon`. Otherwise every path tried, each with
-/// why it was passed over.
-///
-/// Trusted: root, us, the COW device's owner, and the user of the `snapmv
-/// serve` holding its lock. That server's runtime directories (from its
-/// environment, which may differ from ours, or be another user's when root
-/// asks) are tried after ours.
-pub fn find_server(cow: &Path, canon: &Path) -> std::result::Result<Found, Vec<(PathBuf, String)>> {
-    use std::os::unix::fs::MetadataExt;
-    let mut cands = match lock::socket_candidates(cow) {
-        Ok(c) => c,
-        Err(e) => return Err(vec![(canon.to_path_buf(), format!("{e:#}"))]),
-    };
-    let mut trusted = vec![0, lock::euid()];
-    trusted.extend(std::fs::metadata(canon).map(|m| m.uid()).ok());
-    let holder = serving_holder(cow).and_then(|pid| Some((pid, lock::process_uid(pid)?)));
-    if let Some((pid, uid)) = holder {
-        trusted.push(uid);
-        let theirs = lock::candidates_from(canon, false, &lock::process_runtime_dirs(pid, uid));
-        for c in theirs {
-            if !cands.iter().any(|x| x.path == c.path) {
-                cands.push(c);
-            }
-        }
-    }
-    let mut tried = Vec::new();
-    for c in &cands {
-        match probe(c, canon, &trusted) {
-            Ok((client, pid)) => {
-                return Ok(Found {
-                    client,
-                    pid,
-                    path: c.path.clone(),
-                })
-            }
-            Err(e) => tried.push((c.path.clone(), e.root_cause().to_string())),
-        }
-    }
-    Err(tried)
-}
-
-fn probe(c: &SocketCandidate, canon: &Path, trusted: &[u32]) -> Result<(Client, u32)> {
-    c.check()?;
-    let mut client = Client::connect(&c.path)?;
-    // Before telling it anything: a socket in a shared directory may have
-    // been planted by someone else.
-    match client.peer_uid() {
-        Some(uid) if trusted.contains(&uid) => {}
-        Some(uid) => bail!(
-            "served by uid {uid}, which is neither root, us, the COW device's owner, nor the \
-             user of the server holding it; not trusted"
-        ),
-        None => bail!("cannot tell who serves it; not trusted"),
-    }
-    // A server answers hello at once; something that accepts but never
-    // answers must not hold up the next candidate for long.
-    client.set_timeout(Some(HELLO_TIMEOUT))?;
-    match client.call(&Request::Hello)? {
-        Reply::Hello { pid, cow, .. } if Path::new(&cow) == canon => {
-            client.set_timeout(None)?;
-            Ok((client, pid))
-        }
-        Reply::Hello { cow, .. } => bail!("it belongs to a server of {cow}"),
-        other => bail!("unexpected reply to hello: {other:?}"),
-    }
-}
-
-/// `A (why), B (why)` for an error message.
-pub fn tried_list(tried: &[(PathBuf, String)]) -> String {
-    tried
-        .iter()
-        .map(|(p, why)| format!("{} ({why})", p.display()))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
+/// The longest a `rollback --wait` asks the server to hold a progress
+/// request: the bar's clock and estimate are redrawn at least this often.
+const PROGRESS_WAIT: Duration = Duration::from_millis(500);
 
 fn file_dev(path: &Path, read_only: bool) -> snapmv_engine::Result<Dev> {
     let opts = OpenOptions {
@@ -320,25 +139,6 @@ fn close(store: Store, cow: &Path) -> Result<()> {
         .with_context(|| format!("cannot close COW device {} cleanly", cow.display()))
 }
 
-pub fn do_snapshot(store: &Store, id: &str, of: Option<u64>, memo: &str, now: i64) -> Result<u64> {
-    store.snapshot(id, of, memo, now).with_context(|| match of {
-        None => format!("cannot snapshot origin {id}"),
-        Some(t) => format!("cannot snapshot snapshot {t} of origin {id}"),
-    })
-}
-
-pub fn do_delete(store: &Store, id: &str, tag: u64) -> Result<()> {
-    store
-        .delete(id, tag)
-        .with_context(|| format!("cannot delete snapshot {tag} of origin {id}"))
-}
-
-pub fn do_rollback(store: &Store, id: &str, tag: u64) -> Result<()> {
-    store
-        .rollback(id, tag)
-        .with_context(|| format!("cannot roll snapshot {tag} back onto origin {id}"))
-}
-
 pub fn format(cow: &Path, chunk_size: u32, force: bool) -> Result<ExitCode> {
     let _lock = match route(cow, LockMode::Exclusive, false)? {
         Route::Offline(l) => l,
@@ -376,7 +176,7 @@ pub fn bind(cow: &Path, origin: &Path, id: Option<String>) -> Result<ExitCode> {
                 )
             })?,
     };
-    validate_id(&id)?;
+    snapmv_engine::store::validate_id(&id)?;
     // Record an absolute path (without resolving symlinks, so stable names
     // like /dev/disk/by-id/... stay stable) so later opens work from any
     // working directory.
@@ -449,7 +249,7 @@ pub fn snapshot(cow: &Path, id: &str, of: Option<u64>, memo: &str) -> Result<Exi
     let tag = match route(cow, LockMode::Exclusive, true)? {
         Route::Offline(_lock) => {
             let store = open_store(cow)?;
-            let r = do_snapshot(&store, id, of, memo, now());
+            let r = operations::snapshot(&store, id, of, memo);
             close(store, cow)?;
             r?
         }
@@ -471,7 +271,7 @@ pub fn delete(cow: &Path, id: &str, tag: u64) -> Result<ExitCode> {
     match route(cow, LockMode::Exclusive, true)? {
         Route::Offline(_lock) => {
             let store = open_store(cow)?;
-            let r = do_delete(&store, id, tag);
+            let r = operations::delete(&store, id, tag);
             close(store, cow)?;
             r?;
         }
@@ -501,7 +301,7 @@ pub fn rollback(cow: &Path, id: &str, tag: u64, wait: bool) -> Result<ExitCode> 
     match route(cow, LockMode::Exclusive, true)? {
         Route::Offline(_lock) => {
             let store = open_store(cow)?;
-            let r = do_rollback(&store, id, tag).and_then(|()| {
+            let r = operations::rollback(&store, id, tag).and_then(|()| {
                 if wait {
                     drive_rollback(&store, id, tag)
                 } else {
@@ -525,51 +325,53 @@ pub fn rollback(cow: &Path, id: &str, tag: u64, wait: bool) -> Result<ExitCode> 
                 other => bail!("unexpected reply to rollback: {other:?}"),
             }
             if wait {
-                // The server's background driver does the copying; follow
-                // its progress through the status.
-                let pb = progress_bar(id, tag);
-                loop {
-                    let st = match c.call(&Request::List)? {
-                        Reply::Status(s) => s,
-                        other => bail!("unexpected reply to list: {other:?}"),
-                    };
-                    match st.rollback {
-                        Some(r) if r.origin == id && r.tag == tag => {
-                            pb.set_length(r.total_chunks);
-                            pb.set_position(r.done_chunks);
-                        }
-                        _ => break,
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                pb.finish();
+                follow_rollback(&mut c, id, tag)?;
             }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Follow a rollback that the server's driver copies, with a progress
+/// bar. Each request blocks in the server until the copy moves on (or
+/// `PROGRESS_WAIT` passes, to redraw the bar), so nothing here polls.
+fn follow_rollback(c: &mut Client, id: &str, tag: u64) -> Result<()> {
+    let pb = progress_bar(id, tag);
+    let mut seen = None;
+    loop {
+        let now = c.rollback_progress(seen, PROGRESS_WAIT).with_context(|| {
+            format!("cannot follow the rollback of snapshot {tag} onto origin {id}; the server goes on copying")
+        })?;
+        match now {
+            Some(r) if r.origin == id && r.tag == tag => {
+                pb.set_length(r.total_chunks);
+                pb.set_position(r.done_chunks);
+                seen = Some(r);
+            }
+            _ => break,
+        }
+    }
+    pb.finish();
+    Ok(())
+}
+
 /// Run the copier here until the rollback is done, with a progress bar.
 fn drive_rollback(store: &Store, id: &str, tag: u64) -> Result<()> {
     let pb = progress_bar(id, tag);
-    let mut last = Instant::now() - Duration::from_secs(1);
     loop {
-        // status() walks every snapshot, so refresh the bar at most 10x/s.
-        if last.elapsed() >= Duration::from_millis(100) {
-            last = Instant::now();
-            match store.status_without_usage().rollback {
-                Some(r) if r.origin == id && r.tag == tag => {
-                    pb.set_length(r.total_chunks);
-                    pb.set_position(r.done_chunks);
-                }
-                _ => break,
+        // Cheap whatever the snapshot count: refreshed every step.
+        match store.rollback_status() {
+            Some(r) if r.origin == id && r.tag == tag => {
+                pb.set_length(r.total_chunks);
+                pb.set_position(r.done_chunks);
             }
+            _ => break,
         }
         let rep = store
             .step_background(STEP_BUDGET)
             .with_context(|| format!("rollback of snapshot {tag} onto origin {id} failed"))?;
         if !rep.more {
-            if let Some(r) = store.status_without_usage().rollback {
+            if let Some(r) = store.rollback_status() {
                 bail!(
                     "rollback of snapshot {} onto origin {} stopped at {}/{} chunks",
                     r.tag,
@@ -814,19 +616,4 @@ fn report_unreadable(cow: &Path, msg: &str, json: bool) -> ExitCode {
     }
     eprintln!("snapmv: cannot check {}: {msg}", cow.display());
     ExitCode::from(CHECK_UNREADABLE)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids() {
-        assert!(validate_id("orig").is_ok());
-        assert!(validate_id("sdb1.img-2").is_ok());
-        for bad in ["", "a@1", "a=b", "a/b", "a b", "a\nb"] {
-            assert!(validate_id(bad).is_err(), "{bad:?}");
-        }
-        assert!(validate_id(&"x".repeat(129)).is_err());
-    }
 }

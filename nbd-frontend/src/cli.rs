@@ -222,7 +222,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 fn parse_origin_override(s: &str) -> Result<(String, PathBuf), String> {
     match s.split_once('=') {
         Some((id, path)) if !id.is_empty() && !path.is_empty() => {
-            crate::admin::validate_id(id).map_err(|e| e.to_string())?;
+            snapmv_engine::store::validate_id(id).map_err(|e| e.to_string())?;
             Ok((id.to_string(), PathBuf::from(path)))
         }
         _ => Err(format!("'{s}' is not of the form ID=PATH")),

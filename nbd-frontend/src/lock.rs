@@ -70,9 +70,19 @@ pub struct CowLock {
 /// Try to lock `cow` without blocking. `Ok(None)` means another process
 /// holds a conflicting lock.
 pub fn try_lock(cow: &Path, mode: LockMode) -> Result<Option<CowLock>> {
+    try_lock_open(&open_for_lock(cow)?, cow, mode)
+}
+
+/// Open `cow` for [`try_lock_open`].
+pub fn open_for_lock(cow: &Path) -> Result<File> {
     // Read-only is enough for flock, and works on read-only media too.
-    let file =
-        File::open(cow).with_context(|| format!("cannot open COW device {}", cow.display()))?;
+    File::open(cow).with_context(|| format!("cannot open COW device {}", cow.display()))
+}
+
+/// [`try_lock`] through `file`, an open descriptor of `cow`, which the
+/// caller may try again and again: a waiter that watches for the holder
+/// closing the device must not open and close it itself.
+pub fn try_lock_open(file: &File, cow: &Path, mode: LockMode) -> Result<Option<CowLock>> {
     let op = match mode {
         LockMode::Shared => libc::LOCK_SH,
         LockMode::Exclusive => libc::LOCK_EX,
@@ -81,6 +91,10 @@ pub fn try_lock(cow: &Path, mode: LockMode) -> Result<Option<CowLock>> {
         // SAFETY: flock on a descriptor we own; no memory is passed.
         let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
         if rc == 0 {
+            // A duplicate shares the open file description, hence the lock.
+            let file = file
+                .try_clone()
+                .with_context(|| format!("cannot keep the lock on {}", cow.display()))?;
             return Ok(Some(CowLock { _file: file }));
         }
         let err = std::io::Error::last_os_error();

@@ -6,7 +6,9 @@ mod cli;
 mod control;
 mod driver;
 mod lock;
+mod operations;
 mod repair;
+mod route;
 mod serve;
 mod status;
 

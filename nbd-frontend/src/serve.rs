@@ -222,7 +222,7 @@ fn start_control(s: &Served) -> Option<ControlServer> {
             }
         }
     }
-    tracing::error!(cow = %s.canon, tried = %crate::admin::tried_list(&tried),
+    tracing::error!(cow = %s.canon, tried = %crate::route::tried_list(&tried),
         "no control socket: snapshot, delete, rollback and list cannot reach this server, \
          which keeps serving NBD");
     None
@@ -289,10 +289,10 @@ fn lock_for_serve(cow: &Path) -> Result<CowLock> {
     // server seen holding the lock, else whoever it is.
     let answering = || -> Option<u32> {
         let canon = lock::canonical(cow).ok()?;
-        crate::admin::find_server(cow, &canon).ok().map(|f| f.pid)
+        crate::route::find_server(cow, &canon).ok().map(|f| f.pid)
     };
     let who = answering()
-        .or_else(|| crate::admin::serving_holder(cow))
+        .or_else(|| crate::route::serving_holder(cow))
         .map(|pid| format!("a running server (pid {pid})"))
         .unwrap_or_else(|| "another snapmv process".to_string());
     bail!("COW device {} is in use by {who}", cow.display())
@@ -427,7 +427,7 @@ fn open_default(overrides: &[(String, PathBuf)]) -> Result<Served> {
         let dev = crate::admin::open_origin(DEFAULT_ORIGIN_ID, &abs, false)?;
         if let Err(e) = s
             .store
-            .bind(DEFAULT_ORIGIN_ID, abs_str, dev, crate::admin::now())
+            .bind(DEFAULT_ORIGIN_ID, abs_str, dev, crate::operations::now())
         {
             close_all(vec![s]);
             return Err(e).context(format!("cannot bind {}", abs.display()));

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use snapmv_engine::store::Status;
+use snapmv_engine::store::{RollbackStatus, Status};
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct StatusWire {
@@ -57,6 +57,17 @@ pub struct SnapshotWire {
     pub shared_chunks: u64,
 }
 
+impl From<RollbackStatus> for RollbackWire {
+    fn from(r: RollbackStatus) -> RollbackWire {
+        RollbackWire {
+            origin: r.origin,
+            tag: r.tag,
+            done_chunks: r.done_chunks,
+            total_chunks: r.total_chunks,
+        }
+    }
+}
+
 impl StatusWire {
     pub fn from_status(cow: String, s: Status) -> StatusWire {
         StatusWire {
@@ -66,12 +77,7 @@ impl StatusWire {
             chunks_used: s.chunks_used,
             status: s.status,
             cleaning: s.cleaning,
-            rollback: s.rollback.map(|r| RollbackWire {
-                origin: r.origin,
-                tag: r.tag,
-                done_chunks: r.done_chunks,
-                total_chunks: r.total_chunks,
-            }),
+            rollback: s.rollback.map(RollbackWire::from),
             origins: s
                 .origins
                 .into_iter()
