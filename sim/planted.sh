@@ -19,6 +19,9 @@
 # (engine/src/meta/page_cache.rs, `a_fetch_that_raced_*`). destage_early
 # (staged first writes go in place before the commit that makes their
 # copy durable) needs a commit racing a write: the concurrent simulator.
+# pool_blocks_on_client (a frontend bug: a shared pool thread waits on a
+# client that does not read its replies) is caught by the NBD server's
+# test `a_client_that_never_reads_holds_no_pool_thread`.
 #
 # One target directory (target/planted) serves every bug: the planted cfg is
 # added only to workspace crates through a per-bug RUSTC_WORKSPACE_WRAPPER,
@@ -26,20 +29,21 @@
 # Exit status is non-zero if any planted bug goes uncaught.
 set -eu
 cd "$(dirname "$0")/.."
-bugs="${*:-skip_cow_flush skip_checksum early_reuse alloc_early flush_no_cover clean_free_early evict_dirty fetch_ignores_epoch destage_early}"
+bugs="${*:-skip_cow_flush skip_checksum early_reuse alloc_early flush_no_cover clean_free_early evict_dirty fetch_ignores_epoch destage_early pool_blocks_on_client}"
 concurrent_seeds="${SNAPMV_CONCURRENT_SEEDS:-2000}"
 target="${CARGO_TARGET_DIR:-target}/planted"
 mkdir -p "$target/wrappers"
 status=0
-# Run engine tests (cargo test arguments after the first two) against the
-# bug's build: they must fail, with a test whose name contains $2 FAILED.
-# $1 says what they are.
-engine_tests_catch() {
-    what=$1
-    pattern=$2
-    shift 2
+# Run package $1's tests (cargo test arguments after the first three)
+# against the bug's build: they must fail, with a test whose name contains
+# $3 FAILED. $2 says what they are.
+tests_catch() {
+    package=$1
+    what=$2
+    pattern=$3
+    shift 3
     if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
-        cargo test -p snapmv-engine --profile test "$@" >"$log" 2>&1; then
+        cargo test -p "$package" --profile test "$@" >"$log" 2>&1; then
         tail -5 "$log"
         echo "=== $b: NOT CAUGHT: $what passed (log: $log)"
         status=1
@@ -69,12 +73,16 @@ WRAP
     log="/tmp/snapmv-planted-$b.log"
     case "$b" in
     evict_dirty)
-        engine_tests_catch "the meta model with a tiny page cache" tiny_cache \
+        tests_catch snapmv-engine "the meta model with a tiny page cache" tiny_cache \
             --test meta_model -- tiny_cache_keeps_pinned_pages deep_trees_tiny_cache
         ;;
     fetch_ignores_epoch)
-        engine_tests_catch "the page cache's race tests" a_fetch_that_raced \
+        tests_catch snapmv-engine "the page cache's race tests" a_fetch_that_raced \
             --lib -- a_fetch_that_raced
+        ;;
+    pool_blocks_on_client)
+        tests_catch snapmv-nbd "the NBD server's stuck-client test" a_client_that_never_reads \
+            --lib -- a_client_that_never_reads
         ;;
     alloc_early | flush_no_cover | clean_free_early | destage_early)
         # The concurrent simulator: the first failing seed is the catch.

@@ -113,7 +113,8 @@ fn fixture() -> &'static Fixture {
             max_request: 128 << 10,
             conn_buffer_bytes: 512 << 10,
             server_buffer_bytes: 2 << 20,
-            workers_per_conn: 2,
+            parallel_per_conn: 2,
+            pool_threads: 4,
         };
         let server = Server::bind(cfg, current.clone() as Arc<dyn Exports>).expect("bind NBD server");
         std::thread::spawn(move || server.run().expect("server run"));

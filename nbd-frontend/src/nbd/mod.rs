@@ -16,16 +16,18 @@
 //!
 //! - One accept loop (`poll` over the listeners and a wake-up socket), one
 //!   thread per connection for negotiation and then for reading requests.
-//! - In transmission, per connection: the reader parses and checks each
-//!   request (`proto::check_request`, pure), takes a byte permit, reads a
-//!   WRITE payload and queues a job on a bounded channel; workers (started
-//!   on demand, up to `workers_per_conn`) run jobs against the `Volume` in
-//!   parallel; one writer thread serialises replies in completion order.
+//! - In transmission, per connection: the connection's thread parses and
+//!   checks each request (`proto::check_request`, pure), takes a byte
+//!   permit, and serves it inline, buffering the reply until it is about
+//!   to wait for the client. FLUSH, FUA and (while the connection's
+//!   requests are slow) all requests go to one worker pool shared by every
+//!   connection, at most `parallel_per_conn` per connection; their replies
+//!   are written by the pool thread. See `transmit` and ARCHITECTURE.md.
 //! - Memory: every request holds `payload + 4 KiB` of both its
 //!   connection's budget (`conn_buffer_bytes`) and the server's
 //!   (`server_buffer_bytes`) until its reply is written. A client that
-//!   stops reading replies stalls its own reader only; after 120 s without
-//!   progress its writes time out and it is dropped.
+//!   stops reading replies stalls its own connection only; after 120 s
+//!   without progress its writes time out and it is dropped.
 //! - Requests up to `max_request` (64 MiB) are served; larger ones get an
 //!   error without allocation (a WRITE's payload is read and discarded).
 //! - Engine errors map through `Error::errno()` onto NBD errors; a deleted
@@ -47,6 +49,8 @@ mod backend;
 mod budget;
 mod io;
 mod negotiate;
+mod outbox;
+mod pool;
 pub mod proto;
 mod server;
 mod transmit;
@@ -94,8 +98,13 @@ pub struct ServerConfig {
     pub conn_buffer_bytes: usize,
     /// Payload bytes all connections together may hold (default 1 GiB).
     pub server_buffer_bytes: usize,
-    /// Worker threads executing requests per connection (default 8).
-    pub workers_per_conn: usize,
+    /// Requests of one connection that may run in the shared pool at once
+    /// (FLUSH, FUA, and requests of a connection that waits on the disk);
+    /// the others run inline on the connection's thread (default 8).
+    pub parallel_per_conn: usize,
+    /// Threads of the pool shared by all connections, at most (default 64;
+    /// started on demand).
+    pub pool_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -107,7 +116,8 @@ impl Default for ServerConfig {
             max_request: 64 << 20,
             conn_buffer_bytes: 128 << 20,
             server_buffer_bytes: 1 << 30,
-            workers_per_conn: 8,
+            parallel_per_conn: 8,
+            pool_threads: 64,
         }
     }
 }

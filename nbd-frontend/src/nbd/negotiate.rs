@@ -1,7 +1,7 @@
 //! Fixed newstyle negotiation: the server's greeting, then option haggling
 //! until the client picks an export (OPT_GO / OPT_EXPORT_NAME) or leaves.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 
 use tracing::{debug, info};
 
@@ -101,8 +101,8 @@ impl<B: Backend> State<'_, B> {
 }
 
 /// Run negotiation on one connection.
-pub fn negotiate<B: Backend, R: Read, W: Write>(
-    rd: &mut MsgReader<R>,
+pub fn negotiate<B: Backend, W: Write>(
+    rd: &mut MsgReader,
     w: &mut W,
     catalog: &dyn Catalog<B>,
     server_read_only: bool,

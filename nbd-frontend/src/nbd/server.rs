@@ -1,13 +1,13 @@
 //! Listeners, the accept loop, one thread per connection, and shutdown.
 
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,8 +15,9 @@ use tracing::{debug, info, warn};
 
 use super::backend::{Backend, Catalog};
 use super::budget::Budget;
-use super::io::{MsgReader, Stream, TICK};
+use super::io::{MsgReader, StopSignal, Stream};
 use super::negotiate::{negotiate, Outcome};
+use super::pool::WorkerPool;
 use super::transmit::{self, Limits, OVERHEAD};
 use super::ServerConfig;
 
@@ -32,6 +33,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Connections beyond this are closed at once.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Requests the shared pool may hold queued beyond its busy threads;
+/// connections run further ones inline.
+const POOL_QUEUE: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -63,9 +67,15 @@ struct Shared<B> {
     read_only: bool,
     max_request: u32,
     conn_buffer: usize,
-    workers: usize,
+    parallel: usize,
     server_budget: Arc<Budget>,
+    pool: Arc<WorkerPool>,
     live_conns: AtomicUsize,
+    /// The descriptor that becomes readable when the server stops.
+    stop_fd: std::os::fd::RawFd,
+    /// Connection threads still running, and a wake-up when one ends.
+    running: Mutex<usize>,
+    ended: Condvar,
     /// A clone of every open connection's socket, to cut stuck ones at
     /// shutdown.
     sockets: Mutex<HashMap<u64, Stream>>,
@@ -148,6 +158,8 @@ impl<B: Backend> Core<B> {
             None => None,
         };
         let (wake_rx, wake_tx) = UnixStream::pair().map_err(ServerError::Wake)?;
+        // Never read: once written, it stays readable, which is how every
+        // connection blocked waiting for a request learns of the stop.
         wake_rx.set_nonblocking(true).map_err(ServerError::Wake)?;
         wake_tx.set_nonblocking(true).map_err(ServerError::Wake)?;
 
@@ -165,9 +177,13 @@ impl<B: Backend> Core<B> {
                 read_only: cfg.read_only,
                 max_request,
                 conn_buffer,
-                workers: cfg.workers_per_conn.clamp(1, 256),
+                parallel: cfg.parallel_per_conn.clamp(1, 256),
                 server_budget: Budget::new(server_budget),
+                pool: WorkerPool::new(cfg.pool_threads.clamp(1, 4096), POOL_QUEUE),
                 live_conns: AtomicUsize::new(0),
+                stop_fd: wake_rx.as_raw_fd(),
+                running: Mutex::new(0),
+                ended: Condvar::new(),
                 sockets: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
             }),
@@ -221,11 +237,12 @@ impl<B: Backend> Core<B> {
             // SAFETY: `fds` is a valid, exclusively borrowed array of
             // `fds.len()` pollfd structs for the duration of the call, and
             // every fd in it is owned by a listener or socket alive here.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
             if rc < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     warn!("poll failed: {e}");
+                    // Back-off after an error, so a persistent one cannot spin.
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 continue;
@@ -274,10 +291,7 @@ impl<B: Backend> Core<B> {
         // Connections stop at their next message boundary. One whose client
         // neither sends nor reads (a writer blocked on a full socket) would
         // hold us until its write timeout: after a grace period, cut it.
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
-        while conns.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_for_connections(Instant::now() + SHUTDOWN_GRACE);
         let stuck = self.shared.sockets.lock().map(|m| m.len()).unwrap_or(0);
         if stuck > 0 {
             warn!(
@@ -293,8 +307,25 @@ impl<B: Backend> Core<B> {
         for t in conns {
             let _ = t.join();
         }
+        self.shared.pool.close();
         info!("NBD server stopped");
         Ok(())
+    }
+
+    /// Wait until every connection thread has ended, or `deadline`.
+    fn wait_for_connections(&self, deadline: Instant) {
+        let shared = &self.shared;
+        let mut running = shared.running.lock().unwrap_or_else(|p| p.into_inner());
+        while *running > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            running = match shared.ended.wait_timeout(running, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
     }
 
     fn spawn_conn(&self, s: Stream, conns: &mut Vec<JoinHandle<()>>) {
@@ -304,6 +335,11 @@ impl<B: Backend> Core<B> {
             return;
         }
         self.shared.live_conns.fetch_add(1, Ordering::SeqCst);
+        *self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) += 1;
         let shared = self.shared.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-conn".into())
@@ -317,12 +353,14 @@ impl<B: Backend> Core<B> {
                     m.remove(&id);
                 }
                 shared.live_conns.fetch_sub(1, Ordering::SeqCst);
+                shared.connection_ended();
             });
         match spawned {
             Ok(t) => conns.push(t),
             Err(e) => {
                 // The closure (and the socket in it) was dropped.
                 self.shared.live_conns.fetch_sub(1, Ordering::SeqCst);
+                self.shared.connection_ended();
                 warn!("cannot start a connection thread: {e}");
             }
         }
@@ -342,7 +380,6 @@ fn accept_error(e: std::io::Error) {
 fn handle_conn<B: Backend>(s: Stream, shared: &Shared<B>) {
     let peer = s.peer();
     let setup = || -> std::io::Result<Stream> {
-        s.set_read_timeout(Some(TICK))?;
         s.set_write_timeout(Some(WRITE_TIMEOUT))?;
         s.try_clone()
     };
@@ -353,7 +390,11 @@ fn handle_conn<B: Backend>(s: Stream, shared: &Shared<B>) {
             return;
         }
     };
-    let mut rd = MsgReader::new(BufReader::with_capacity(64 * 1024, s), shared.stop.clone());
+    let stop = StopSignal {
+        flag: shared.stop.clone(),
+        fd: shared.stop_fd,
+    };
+    let mut rd = MsgReader::new(s, stop);
     rd.idle_limit = Some(NEGOTIATION_IDLE);
     let mut w = BufWriter::new(ws);
     let outcome = negotiate(&mut rd, &mut w, shared.catalog.as_ref(), shared.read_only);
@@ -380,9 +421,10 @@ fn handle_conn<B: Backend>(s: Stream, shared: &Shared<B>) {
     let name = n.name.clone();
     let limits = Limits {
         max_request: shared.max_request,
-        workers: shared.workers,
+        parallel: shared.parallel,
         conn_budget: Budget::new(shared.conn_buffer),
         server_budget: shared.server_budget.clone(),
+        pool: shared.pool.clone(),
     };
     let closer = ws.try_clone();
     let end = transmit::serve(*n, &mut rd, ws, &limits);
@@ -392,5 +434,14 @@ fn handle_conn<B: Backend>(s: Stream, shared: &Shared<B>) {
     }
     if let Ok(c) = closer {
         let _ = c.shutdown(Shutdown::Both);
+    }
+}
+
+impl<B> Shared<B> {
+    fn connection_ended(&self) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        *running -= 1;
+        drop(running);
+        self.ended.notify_all();
     }
 }

@@ -420,6 +420,11 @@ fn replies_come_out_of_order_and_in_parallel() {
     let mut c = Raw::connect(srv.addr);
     c.structured();
     c.go("o", &[]);
+    // A connection serves its first requests inline; one slow request
+    // teaches it that its requests wait, and from then on they run in the
+    // shared pool, in parallel.
+    c.req(0, CMD_READ, 0, 8192, 512, &[]);
+    assert_eq!(c.reply(None).0, 0);
     c.req(0, CMD_READ, 1, 8192, 512, &[]);
     c.req(0, CMD_READ, 2, 0, 512, &[]);
     assert_eq!(c.reply(None).0, 2, "the fast read overtakes the slow one");
@@ -498,6 +503,60 @@ fn slow_reply_reader_holds_back_only_itself() {
     }
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // Closing the hog frees everything it held.
+    hog.s.shutdown(std::net::Shutdown::Both).unwrap();
+    sender.join().unwrap();
+}
+
+/// A client that sends reads but never reads a reply fills its socket.
+/// Its reads are slow (1 ms each here), so they run in the shared pool:
+/// the pool threads must queue those replies and move on, not wait on
+/// that client, or they would all be held (two threads here) and every
+/// other connection's FLUSH would wait behind them
+/// (planted bug `pool_blocks_on_client`).
+#[test]
+fn a_client_that_never_reads_holds_no_pool_thread() {
+    let (cat, b) = catalog();
+    b.delay_ms.store(1, Ordering::SeqCst);
+    let cfg = ServerConfig {
+        max_request: 256 << 10,
+        conn_buffer_bytes: 1 << 20,
+        server_buffer_bytes: 64 << 20,
+        // More of the hog's requests may be in the pool than it has
+        // threads, so its own thread only reads and hands off.
+        pool_threads: 2,
+        parallel_per_conn: 8,
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start(cat, cfg);
+    let mut hog = Raw::connect(srv.addr);
+    hog.go("o", &[]);
+    let sender = {
+        let mut s = hog.s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            for h in 0..4000u64 {
+                v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+                v.extend_from_slice(&0u16.to_be_bytes());
+                v.extend_from_slice(&CMD_READ.to_be_bytes());
+                v.extend_from_slice(&h.to_be_bytes());
+                v.extend_from_slice(&0u64.to_be_bytes());
+                v.extend_from_slice(&(256u32 << 10).to_be_bytes());
+            }
+            // Blocks once the server stops reading; that is the point.
+            let _ = s.write_all(&v);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    for i in 0..3 {
+        let mut c = Raw::connect(srv.addr);
+        c.go("o", &[]);
+        for h in 0..10 {
+            c.req(0, CMD_FLUSH, h, 0, 0, &[]);
+            assert_eq!(c.simple(), (0, h), "conn {i} flush {h}");
+        }
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     hog.s.shutdown(std::net::Shutdown::Both).unwrap();
     sender.join().unwrap();
 }

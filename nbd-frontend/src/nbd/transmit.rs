@@ -1,26 +1,31 @@
 //! The transmission phase of one connection.
 //!
-//! Three roles, each on its own thread(s):
-//! - the **reader** (the connection's thread) parses request headers,
-//!   checks them, takes a byte permit for the payload and the reply, reads
-//!   WRITE payloads, and queues jobs on a bounded channel;
-//! - **workers** (`workers_per_conn` threads) run jobs against the backend
-//!   in parallel, so replies go out in completion order, not request order;
-//! - the **writer** serialises replies onto the socket and drops each
-//!   reply's permit once it is written.
+//! The connection's thread reads each request, checks it, and serves it
+//! **inline**: it runs the request against the backend and appends the
+//! reply to the connection's reply buffer, which goes out whenever the
+//! thread is about to wait for the client (and when it fills). A pipeline
+//! of small requests thus costs no thread hand-off at all, and one `recv`
+//! and one `send` for many requests.
+//!
+//! A request that must wait is **handed off** to the server's shared
+//! [`WorkerPool`], so it does not hold up the requests behind it: FLUSH and
+//! FUA requests (they wait for a commit), and, while this connection's
+//! requests are slow (an average that suggests the disk or a lock, not
+//! memory), every request. The
+//! pool writes the reply itself, under the reply buffer's lock. A
+//! connection has at most `parallel` requests in the pool; beyond that,
+//! or when the pool's queue is full, it runs them inline.
 //!
 //! Memory is bounded by the permits: a request holds `payload + OVERHEAD`
 //! bytes of the connection's budget and of the server's from the moment
-//! its header is read until its reply is on the wire. When a client stops
-//! reading replies, its writer blocks, its permits are not returned, and
-//! its reader stops at the next permit: only that connection stalls.
+//! its header is read until its reply is written. A client that stops
+//! reading replies blocks the thread writing to it, until the socket's
+//! write timeout: only that connection stalls, and it has at most
+//! `parallel` pool threads with it.
 
-use std::io::{BufWriter, Read, Write};
-use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tracing::{debug, warn};
@@ -29,6 +34,8 @@ use super::backend::{allocation_flags, BResult, Backend, FlushHold};
 use super::budget::{Budget, Permit};
 use super::io::{MsgReader, ReadError, Stream};
 use super::negotiate::Negotiated;
+use super::outbox::Outbox;
+use super::pool::WorkerPool;
 use super::proto::*;
 
 /// Bytes charged per request on top of its payload, so that requests
@@ -42,32 +49,45 @@ const LIVE_CHECK_MS: u64 = 100;
 /// This bounds the work one request costs (a 4 GiB query of 4 KiB chunks
 /// would otherwise be a million extents).
 const BLOCK_STATUS_SPAN: u32 = 512 << 20;
+/// A connection whose requests take longer than this on average (beyond
+/// the time to copy their bytes) is "slow": its requests are waiting on
+/// the disk or a lock, so running them one by one would serialise waits
+/// that the device could overlap. Page-cache requests take a few µs.
+const SLOW_REQUEST_NS: u64 = 40_000;
+/// Bytes per µs assumed for copying a request's data (about 2 GB/s, well
+/// under memory bandwidth), so that large requests are not called slow.
+const COPY_BYTES_PER_US: u64 = 2048;
+/// Bytes kept in a connection's reusable buffers between requests.
+const KEEP_SCRATCH: usize = 4 << 20;
+/// Replies buffered before they are pushed out even if more requests are
+/// queued behind.
+const REPLY_BUFFER: usize = 256 * 1024;
 
 pub struct Limits {
     pub max_request: u32,
-    pub workers: usize,
+    /// Requests of one connection that may be in the pool at once.
+    pub parallel: usize,
     pub conn_budget: Arc<Budget>,
     pub server_budget: Arc<Budget>,
+    pub pool: Arc<WorkerPool>,
 }
 
-struct Job {
-    handle: u64,
-    cmd: Command,
-    payload: Vec<u8>,
-    permit: Permit,
-}
-
-/// One reply, written as `head` then `data`.
-struct Reply {
+/// A reply's head (and a READ's data), reused from request to request.
+#[derive(Default)]
+struct ReplyBuf {
     head: Vec<u8>,
     data: Vec<u8>,
-    /// A FLUSH's hold: dropped only once this reply is on the socket.
-    hold: Option<FlushHold>,
-    _permit: Permit,
 }
 
-/// What running a job gives: the reply's head and data, and a FLUSH's hold.
-type Answer = (Vec<u8>, Vec<u8>, Option<FlushHold>);
+impl ReplyBuf {
+    fn trim(&mut self) {
+        for v in [&mut self.head, &mut self.data] {
+            if v.capacity() > KEEP_SCRATCH {
+                *v = Vec::new();
+            }
+        }
+    }
+}
 
 /// Per-connection view of whether the exported version still exists.
 struct Liveness {
@@ -94,17 +114,19 @@ impl Liveness {
     }
 }
 
-fn error_reply(structured: bool, handle: u64, errno: u32, msg: &str) -> Vec<u8> {
+fn error_reply(out: &mut Vec<u8>, structured: bool, handle: u64, errno: u32, msg: &str) {
+    out.clear();
     if structured {
-        structured_error(handle, errno, msg)
+        out.extend_from_slice(&structured_error(handle, errno, msg));
     } else {
-        simple_reply_header(errno, handle).to_vec()
+        out.extend_from_slice(&simple_reply_header(errno, handle));
     }
 }
 
-fn ok_reply(handle: u64) -> Vec<u8> {
+fn ok_reply(out: &mut Vec<u8>, handle: u64) {
     // Allowed even with structured replies: the reply has no payload.
-    simple_reply_header(0, handle).to_vec()
+    out.clear();
+    out.extend_from_slice(&simple_reply_header(0, handle));
 }
 
 struct Exec<B> {
@@ -115,7 +137,7 @@ struct Exec<B> {
 }
 
 impl<B: Backend> Exec<B> {
-    fn fail(&self, handle: u64, e: snapmv_engine::Error) -> Vec<u8> {
+    fn fail(&self, out: &mut ReplyBuf, handle: u64, e: snapmv_engine::Error) {
         let errno = if self.live.is_dead(&self.backend, true) {
             ESHUTDOWN
         } else {
@@ -126,64 +148,83 @@ impl<B: Backend> Exec<B> {
         } else {
             debug!(export = %self.name, error = %e, errno, "request failed");
         }
-        error_reply(self.structured, handle, errno, &e.to_string())
+        out.data.clear();
+        error_reply(
+            &mut out.head,
+            self.structured,
+            handle,
+            errno,
+            &e.to_string(),
+        );
     }
 
-    fn done(&self, handle: u64, r: BResult<()>) -> Vec<u8> {
+    fn done(&self, out: &mut ReplyBuf, handle: u64, r: BResult<()>) {
+        out.data.clear();
         match r {
-            Ok(()) => ok_reply(handle),
-            Err(e) => self.fail(handle, e),
+            Ok(()) => ok_reply(&mut out.head, handle),
+            Err(e) => self.fail(out, handle, e),
         }
     }
 
-    /// Run one job: the reply's head and data, and a FLUSH's hold.
-    fn run(&self, job: &mut Job) -> Answer {
-        match job.cmd {
-            Command::Flush => match self.backend.flush() {
-                Ok(hold) => (ok_reply(job.handle), Vec::new(), Some(hold)),
-                Err(e) => (self.fail(job.handle, e), Vec::new(), None),
-            },
-            _ => {
-                let (head, data) = self.run_other(job);
-                (head, data, None)
-            }
-        }
+    /// Run one request into `out`; a FLUSH also gives its hold, which must
+    /// live until the reply is on the socket. A panic below us becomes an
+    /// EIO reply: it must neither leave the client waiting forever nor take
+    /// the connection down.
+    fn run(
+        &self,
+        handle: u64,
+        cmd: Command,
+        payload: &[u8],
+        out: &mut ReplyBuf,
+    ) -> Option<FlushHold> {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run_unguarded(handle, cmd, payload, out)
+        }));
+        ran.unwrap_or_else(|_| {
+            warn!(export = %self.name, "request handler panicked");
+            out.data.clear();
+            error_reply(
+                &mut out.head,
+                self.structured,
+                handle,
+                EIO,
+                "internal error",
+            );
+            None
+        })
     }
 
-    fn run_other(&self, job: &mut Job) -> (Vec<u8>, Vec<u8>) {
-        let h = job.handle;
+    fn run_unguarded(
+        &self,
+        handle: u64,
+        cmd: Command,
+        payload: &[u8],
+        out: &mut ReplyBuf,
+    ) -> Option<FlushHold> {
         let b = &self.backend;
         if self.live.is_dead(b, false) {
+            out.data.clear();
             let msg = "the exported version was deleted";
-            return (error_reply(self.structured, h, ESHUTDOWN, msg), Vec::new());
+            error_reply(&mut out.head, self.structured, handle, ESHUTDOWN, msg);
+            return None;
         }
-        match job.cmd {
-            Command::Read { offset, len } => {
-                let mut buf = vec![0u8; len as usize];
-                if len > 0 {
-                    if let Err(e) = b.read(offset, &mut buf) {
-                        return (self.fail(h, e), Vec::new());
-                    }
-                }
-                let head = match (self.structured, len) {
-                    (true, 0) => structured_none(h).to_vec(),
-                    (true, _) => offset_data_header(h, offset, len).to_vec(),
-                    (false, _) => simple_reply_header(0, h).to_vec(),
-                };
-                (head, buf)
-            }
+        match cmd {
+            Command::Read { offset, len } => self.read(handle, offset, len, out),
             Command::Write { offset, len, fua } => {
                 let r = if len == 0 {
                     Ok(())
                 } else {
-                    b.write(offset, &job.payload, fua)
+                    b.write(offset, payload, fua)
                 };
-                // Free the payload now rather than when the reply is written.
-                job.payload = Vec::new();
-                (self.done(h, r), Vec::new())
+                self.done(out, handle, r);
             }
-            // `run` answers FLUSH itself, keeping the hold with the reply.
-            Command::Flush => (self.done(h, b.flush().map(drop)), Vec::new()),
+            Command::Flush => match b.flush() {
+                Ok(hold) => {
+                    self.done(out, handle, Ok(()));
+                    return Some(hold);
+                }
+                Err(e) => self.fail(out, handle, e),
+            },
             Command::Trim { offset, len, fua } => {
                 let mut r = if len == 0 {
                     Ok(())
@@ -195,7 +236,7 @@ impl<B: Backend> Exec<B> {
                     // reply needs no hold.
                     r = b.flush().map(drop);
                 }
-                (self.done(h, r), Vec::new())
+                self.done(out, handle, r);
             }
             Command::WriteZeroes { offset, len, fua } => {
                 let r = if len == 0 {
@@ -203,184 +244,175 @@ impl<B: Backend> Exec<B> {
                 } else {
                     b.write_zeroes(offset, u64::from(len), fua)
                 };
-                (self.done(h, r), Vec::new())
+                self.done(out, handle, r);
             }
             Command::BlockStatus {
                 offset,
                 len,
                 req_one,
-            } => match b.block_status(offset, u64::from(len.min(BLOCK_STATUS_SPAN))) {
-                Ok(extents) => {
-                    let ex: Vec<(u64, u64, u32)> = extents
-                        .iter()
-                        .map(|e| (e.offset, e.len, allocation_flags(e.kind)))
-                        .collect();
-                    let span = len.min(BLOCK_STATUS_SPAN);
-                    let descs = extents_to_descriptors(offset, span, &ex, req_one);
-                    (
-                        block_status_chunk(h, BASE_ALLOCATION_ID, &descs),
-                        Vec::new(),
-                    )
-                }
-                Err(e) => (self.fail(h, e), Vec::new()),
-            },
-            // The reader never queues a disconnect.
-            Command::Disconnect => (Vec::new(), Vec::new()),
+            } => self.block_status(handle, offset, len, req_one, out),
+            // The reader never runs a disconnect.
+            Command::Disconnect => unreachable!("a disconnect is not a request to run"),
         }
-    }
-}
-
-fn worker<B: Backend>(
-    exec: Arc<Exec<B>>,
-    jobs: Arc<Mutex<Receiver<Job>>>,
-    replies: Sender<Reply>,
-    inflight: Arc<AtomicUsize>,
-) {
-    loop {
-        // Hold the lock only to take one job, not while running it.
-        let job = match jobs.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return,
-        };
-        let Ok(mut job) = job else { return };
-        // A bug below us must not leave the client waiting forever, nor
-        // take the connection down: a panic becomes an EIO reply.
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec.run(&mut job)));
-        let (head, data, hold) = ran.unwrap_or_else(|_| {
-            warn!(export = %exec.name, "request handler panicked");
-            let msg = "internal error";
-            (
-                error_reply(exec.structured, job.handle, EIO, msg),
-                Vec::new(),
-                None,
-            )
-        });
-        let sent = replies.send(Reply {
-            head,
-            data,
-            hold,
-            _permit: job.permit,
-        });
-        inflight.fetch_sub(1, Ordering::SeqCst);
-        if sent.is_err() {
-            return;
-        }
-    }
-}
-
-/// The connection's workers, started on demand: one at first, another
-/// whenever more jobs are in flight than there are workers, up to the
-/// limit. An idle connection thus costs three threads, not 2 + limit.
-struct Pool<B> {
-    exec: Arc<Exec<B>>,
-    jobs_tx: mpsc::SyncSender<Job>,
-    jobs_rx: Arc<Mutex<Receiver<Job>>>,
-    replies: Sender<Reply>,
-    inflight: Arc<AtomicUsize>,
-    threads: Vec<JoinHandle<()>>,
-    max: usize,
-}
-
-impl<B: Backend> Pool<B> {
-    fn new(exec: Arc<Exec<B>>, replies: Sender<Reply>, max: usize) -> Self {
-        let max = max.max(1);
-        // Bounded: the reader waits here once every worker is busy and a
-        // few jobs are queued, on top of the byte budget.
-        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(max * 2);
-        Pool {
-            exec,
-            jobs_tx,
-            jobs_rx: Arc::new(Mutex::new(jobs_rx)),
-            replies,
-            inflight: Arc::new(AtomicUsize::new(0)),
-            threads: Vec::new(),
-            max,
-        }
+        None
     }
 
-    fn grow_if_busy(&mut self) {
-        let busy = self.inflight.load(Ordering::SeqCst);
-        if busy < self.threads.len() || self.threads.len() >= self.max {
-            return;
-        }
-        let (exec, jobs, replies, inflight) = (
-            self.exec.clone(),
-            self.jobs_rx.clone(),
-            self.replies.clone(),
-            self.inflight.clone(),
-        );
-        match std::thread::Builder::new()
-            .name(format!("nbd-worker-{}", self.threads.len()))
-            .spawn(move || worker(exec, jobs, replies, inflight))
-        {
-            Ok(t) => self.threads.push(t),
-            // With no worker at all, `submit` runs jobs inline instead.
-            Err(e) => warn!("cannot start a worker thread: {e}"),
-        }
-    }
-
-    fn submit(&mut self, job: Job) -> Result<(), &'static str> {
-        self.grow_if_busy();
-        if self.threads.is_empty() {
-            let mut job = job;
-            let (head, data, hold) = self.exec.run(&mut job);
-            let _ = self.replies.send(Reply {
-                head,
-                data,
-                hold,
-                _permit: job.permit,
-            });
-            return Ok(());
-        }
-        self.inflight.fetch_add(1, Ordering::SeqCst);
-        self.jobs_tx.send(job).map_err(|_| "workers are gone")
-    }
-
-    /// Let the workers finish what is queued, and wait for them.
-    fn finish(self) {
-        drop(self.jobs_tx);
-        for t in self.threads {
-            let _ = t.join();
-        }
-    }
-}
-
-fn writer(stream: Stream, replies: Receiver<Reply>, broken: Arc<AtomicBool>) {
-    let mut w = BufWriter::with_capacity(256 * 1024, stream);
-    let mut ok = true;
-    loop {
-        let r = match replies.try_recv() {
-            Ok(r) => r,
-            Err(TryRecvError::Empty) => {
-                // Nothing more queued: push out what is buffered, then wait.
-                if ok && w.flush().is_err() {
-                    ok = false;
-                }
-                match replies.recv() {
-                    Ok(r) => r,
-                    Err(_) => break,
-                }
+    fn read(&self, handle: u64, offset: u64, len: u32, out: &mut ReplyBuf) {
+        // Reused: the engine overwrites every byte, so stale contents from
+        // an earlier request never leak (only growth is zero-filled).
+        out.data.resize(len as usize, 0);
+        if len > 0 {
+            if let Err(e) = self.backend.read(offset, &mut out.data) {
+                return self.fail(out, handle, e);
             }
-            Err(TryRecvError::Disconnected) => break,
-        };
-        if ok && (w.write_all(&r.head).is_err() || w.write_all(&r.data).is_err()) {
-            ok = false;
         }
-        if r.hold.is_some() && ok && w.flush().is_err() {
-            // A FLUSH reply goes out now: its hold is dropped (below) only
-            // once the reply is on the socket, not in our buffer.
-            ok = false;
-        }
-        drop(r);
-        if !ok && !broken.swap(true, Ordering::SeqCst) {
-            // Wake the reader: nothing more can be answered. Later replies
-            // are still received and dropped, which frees their permits.
-            let _ = w.get_ref().shutdown(Shutdown::Both);
+        out.head.clear();
+        match (self.structured, len) {
+            (true, 0) => out.head.extend_from_slice(&structured_none(handle)),
+            (true, _) => out
+                .head
+                .extend_from_slice(&offset_data_header(handle, offset, len)),
+            (false, _) => out.head.extend_from_slice(&simple_reply_header(0, handle)),
         }
     }
-    if ok {
-        let _ = w.flush();
+
+    fn block_status(&self, handle: u64, offset: u64, len: u32, req_one: bool, out: &mut ReplyBuf) {
+        let span = len.min(BLOCK_STATUS_SPAN);
+        match self.backend.block_status(offset, u64::from(span)) {
+            Ok(extents) => {
+                let ex: Vec<(u64, u64, u32)> = extents
+                    .iter()
+                    .map(|e| (e.offset, e.len, allocation_flags(e.kind)))
+                    .collect();
+                let descs = extents_to_descriptors(offset, span, &ex, req_one);
+                out.data.clear();
+                out.head.clear();
+                out.head
+                    .extend_from_slice(&block_status_chunk(handle, BASE_ALLOCATION_ID, &descs));
+            }
+            Err(e) => self.fail(out, handle, e),
+        }
     }
+}
+
+/// What one connection's thread and its requests in the pool share.
+struct Connection<B> {
+    exec: Exec<B>,
+    outbox: Outbox,
+    /// Requests of this connection in the pool, and a wake-up when one ends.
+    in_pool: Mutex<usize>,
+    pool_done: Condvar,
+    /// Moving average of recent requests' time beyond copying their bytes.
+    slowness_ns: AtomicU64,
+}
+
+impl<B: Backend> Connection<B> {
+    /// Send what is queued (before the thread waits for the client).
+    fn push(&self) -> io::Result<()> {
+        self.outbox.send_blocking();
+        Ok(())
+    }
+
+    fn note_time(&self, started: Instant, bytes: usize) {
+        let spent = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        let copying = (bytes as u64 / COPY_BYTES_PER_US).saturating_mul(1000);
+        let sample = spent.saturating_sub(copying);
+        let avg = self.slowness_ns.load(Ordering::Relaxed);
+        // A moving average over about eight requests.
+        let next = avg - avg / 8 + sample / 8;
+        self.slowness_ns.store(next, Ordering::Relaxed);
+    }
+
+    fn slow(&self) -> bool {
+        self.slowness_ns.load(Ordering::Relaxed) > SLOW_REQUEST_NS
+    }
+
+    fn in_pool(&self) -> MutexGuard<'_, usize> {
+        self.in_pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait until none of this connection's requests is in the pool.
+    fn wait_for_pool(&self) {
+        let mut n = self.in_pool();
+        while *n > 0 {
+            n = self.pool_done.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// One request, with what it holds until its reply is written.
+struct Request {
+    handle: u64,
+    cmd: Command,
+    permit: Permit,
+}
+
+fn payload_bytes(cmd: &Command) -> usize {
+    match *cmd {
+        Command::Write { len, .. } | Command::Read { len, .. } => len as usize,
+        _ => 0,
+    }
+}
+
+/// Whether a request waits for the disk whatever the cache holds.
+fn waits_for_commit(cmd: &Command) -> bool {
+    match *cmd {
+        Command::Flush => true,
+        Command::Write { fua, .. }
+        | Command::Trim { fua, .. }
+        | Command::WriteZeroes { fua, .. } => fua,
+        _ => false,
+    }
+}
+
+/// Try to run `req` in the pool; give its payload back if it must run
+/// inline (the connection's share of the pool is used up, or the pool's
+/// queue is full).
+fn hand_off<B: Backend>(
+    conn: &Arc<Connection<B>>,
+    req: Request,
+    payload: Vec<u8>,
+    limits: &Limits,
+) -> Result<(), (Request, Vec<u8>)> {
+    {
+        let mut n = conn.in_pool();
+        if *n >= limits.parallel {
+            return Err((req, payload));
+        }
+        *n += 1;
+    }
+    // The task owns everything it needs, and hands both back if refused.
+    let shared = Arc::new(Mutex::new(Some((req, payload))));
+    let task = {
+        let (conn, shared) = (conn.clone(), shared.clone());
+        Box::new(move || {
+            let taken = shared.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((req, payload)) = taken {
+                run_in_pool(&conn, req, payload);
+            }
+        })
+    };
+    if limits.pool.try_submit(task).is_ok() {
+        return Ok(());
+    }
+    *conn.in_pool() -= 1;
+    let back = shared.lock().unwrap_or_else(|p| p.into_inner()).take();
+    Err(back.expect("a refused task was never run"))
+}
+
+fn run_in_pool<B: Backend>(conn: &Connection<B>, req: Request, payload: Vec<u8>) {
+    let mut reply = ReplyBuf::default();
+    let started = Instant::now();
+    let hold = conn.exec.run(req.handle, req.cmd, &payload, &mut reply);
+    conn.note_time(started, payload.len().max(reply.data.len()));
+    drop(payload);
+    // The outbox keeps a FLUSH's hold until its reply is out.
+    conn.outbox.reply_from_pool(&reply.head, &reply.data, hold);
+    drop(req.permit);
+    let mut n = conn.in_pool();
+    *n -= 1;
+    drop(n);
+    conn.pool_done.notify_all();
 }
 
 /// Why a connection ended, for the log.
@@ -394,11 +426,11 @@ pub enum End {
 }
 
 /// Serve requests until the client disconnects, the connection breaks, or
-/// the server stops. In-flight requests are always finished and answered
+/// the server stops. Requests in the pool are always finished and answered
 /// (if the socket still works) before this returns.
-pub fn serve<B: Backend, R: Read>(
+pub fn serve<B: Backend>(
     n: Negotiated<B>,
-    rd: &mut MsgReader<R>,
+    rd: &mut MsgReader,
     wstream: Stream,
     limits: &Limits,
 ) -> End {
@@ -409,115 +441,156 @@ pub fn serve<B: Backend, R: Read>(
         meta_context: n.meta_context,
         max_request: limits.max_request,
     };
-    let exec = Arc::new(Exec {
-        backend: n.export.backend.clone(),
-        structured: n.structured,
-        live: Liveness {
-            dead: AtomicBool::new(false),
-            last_check_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-        },
-        name: n.name.clone(),
-    });
-    let broken = Arc::new(AtomicBool::new(false));
-    let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
-    let writer_thread = {
-        let broken = broken.clone();
-        let spawned = std::thread::Builder::new()
-            .name("nbd-writer".into())
-            .spawn(move || writer(wstream, reply_rx, broken));
-        match spawned {
-            Ok(t) => t,
-            Err(e) => return End::Error(format!("cannot start writer thread: {e}")),
-        }
+    let outbox = match Outbox::new(wstream) {
+        Ok(o) => o,
+        Err(e) => return End::Error(format!("cannot create the reply bell: {e}")),
     };
-    let mut pool = Pool::new(exec, reply_tx.clone(), limits.workers);
-    let end = read_loop(rd, &cx, limits, &mut pool, &reply_tx, &broken);
-    // Workers finish what is queued; then, with every sender gone, the
-    // writer drains the replies and stops.
-    pool.finish();
-    drop(reply_tx);
-    let _ = writer_thread.join();
+    rd.set_bell(outbox.bell_fd());
+    let conn = Arc::new(Connection {
+        exec: Exec {
+            backend: n.export.backend.clone(),
+            structured: n.structured,
+            live: Liveness {
+                dead: AtomicBool::new(false),
+                last_check_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+            },
+            name: n.name.clone(),
+        },
+        outbox,
+        in_pool: Mutex::new(0),
+        pool_done: Condvar::new(),
+        slowness_ns: AtomicU64::new(0),
+    });
+    let end = read_loop(rd, &cx, limits, &conn);
+    conn.wait_for_pool();
+    let _ = conn.push();
     end
 }
 
-fn read_loop<B: Backend, R: Read>(
-    rd: &mut MsgReader<R>,
+fn read_loop<B: Backend>(
+    rd: &mut MsgReader,
     cx: &TransmissionContext,
     limits: &Limits,
-    pool: &mut Pool<B>,
-    reply_tx: &Sender<Reply>,
-    broken: &AtomicBool,
+    conn: &Arc<Connection<B>>,
 ) -> End {
-    let mut hb = [0u8; REQUEST_HEADER_LEN];
+    let mut header = [0u8; REQUEST_HEADER_LEN];
+    let mut payload = Vec::new();
+    let mut reply = ReplyBuf::default();
     loop {
-        if broken.load(Ordering::SeqCst) {
+        if conn.outbox.is_broken() {
             return End::WriterFailed;
         }
-        match rd.read_msg(&mut hb, true) {
+        if conn.outbox.pending() >= REPLY_BUFFER {
+            // Pool replies the client has not taken yet: no more requests
+            // until they are out, so a client that does not read cannot
+            // make the queue grow.
+            conn.outbox.send_blocking();
+        }
+        match rd.read_msg_or(&mut header, true, &mut || conn.push()) {
             Ok(()) => {}
             Err(ReadError::Closed) => return End::Closed,
             Err(ReadError::Stopped) => return End::Stopped,
-            Err(_) if broken.load(Ordering::SeqCst) => return End::WriterFailed,
+            Err(_) if conn.outbox.is_broken() => return End::WriterFailed,
             Err(e) => return End::Error(e.to_string()),
         }
-        let h = match parse_request_header(&hb) {
+        let h = match parse_request_header(&header) {
             Ok(h) => h,
             Err(e) => return End::Error(format!("bad request header: {e}")),
         };
-        match check_request(&h, cx) {
+        let cmd = match check_request(&h, cx) {
             Ok(Command::Disconnect) => return End::Disconnect,
-            Ok(cmd) => {
-                let (payload_len, reply_len) = match cmd {
-                    Command::Write { len, .. } => (len as usize, 0),
-                    Command::Read { len, .. } => (0, len as usize),
-                    _ => (0, 0),
-                };
-                let permit = Permit::acquire(
-                    &limits.conn_budget,
-                    &limits.server_budget,
-                    payload_len + reply_len + OVERHEAD,
-                );
-                let mut payload = Vec::new();
-                if payload_len > 0 {
-                    payload = vec![0u8; payload_len];
-                    if let Err(e) = rd.read_msg(&mut payload, false) {
-                        return End::Error(format!("reading write payload: {e}"));
-                    }
-                }
-                let job = Job {
-                    handle: h.handle,
-                    cmd,
-                    payload,
-                    permit,
-                };
-                if let Err(e) = pool.submit(job) {
-                    return End::Error(e.into());
-                }
-            }
+            Ok(cmd) => cmd,
             Err(rej) => {
-                debug!(
-                    cmd = h.cmd,
-                    offset = h.offset,
-                    len = h.len,
-                    why = rej.why,
-                    errno = rej.errno,
-                    "request refused"
-                );
-                if rej.drain > 0 {
-                    if let Err(e) = rd.discard(u64::from(rej.drain)) {
-                        return End::Error(format!("skipping refused write payload: {e}"));
-                    }
+                if let Err(e) = refuse(rd, cx, limits, conn, &h, rej, &mut reply) {
+                    return e;
                 }
-                let permit = Permit::acquire(&limits.conn_budget, &limits.server_budget, OVERHEAD);
-                let head = error_reply(cx.structured, h.handle, rej.errno, rej.why);
-                let _ = reply_tx.send(Reply {
-                    head,
-                    data: Vec::new(),
-                    hold: None,
-                    _permit: permit,
-                });
+                continue;
+            }
+        };
+        let permit = Permit::acquire(
+            &limits.conn_budget,
+            &limits.server_budget,
+            payload_bytes(&cmd) + OVERHEAD,
+        );
+        payload.clear();
+        if let Command::Write { len, .. } = cmd {
+            payload.resize(len as usize, 0);
+            if let Err(e) = rd.read_msg_or(&mut payload, false, &mut || conn.push()) {
+                return End::Error(format!("reading write payload: {e}"));
             }
         }
+        let req = Request {
+            handle: h.handle,
+            cmd,
+            permit,
+        };
+        // A slow connection hands off everything: a thread wake-up is
+        // cheap next to a request that waits on the disk.
+        let wants_pool = waits_for_commit(&cmd) || conn.slow();
+        let req = if wants_pool {
+            match hand_off(conn, req, std::mem::take(&mut payload), limits) {
+                Ok(()) => continue,
+                Err((req, back)) => {
+                    payload = back;
+                    req
+                }
+            }
+        } else {
+            req
+        };
+        run_inline(conn, req, &payload, &mut reply);
+        if payload.capacity() > KEEP_SCRATCH {
+            payload = Vec::new();
+        }
+        reply.trim();
     }
+}
+
+fn run_inline<B: Backend>(
+    conn: &Connection<B>,
+    req: Request,
+    payload: &[u8],
+    reply: &mut ReplyBuf,
+) {
+    let started = Instant::now();
+    let hold = conn.exec.run(req.handle, req.cmd, payload, reply);
+    conn.note_time(started, payload.len().max(reply.data.len()));
+    // A FLUSH run inline (its share of the pool used up) still pushes its
+    // reply out before its hold goes.
+    conn.outbox
+        .reply_inline(&reply.head, &reply.data, hold, REPLY_BUFFER);
+    drop(req.permit);
+}
+
+/// Answer a refused request with its error, skipping a WRITE's payload.
+fn refuse<B: Backend>(
+    rd: &mut MsgReader,
+    cx: &TransmissionContext,
+    limits: &Limits,
+    conn: &Connection<B>,
+    h: &RequestHeader,
+    rej: Rejection,
+    reply: &mut ReplyBuf,
+) -> Result<(), End> {
+    debug!(
+        cmd = h.cmd,
+        offset = h.offset,
+        len = h.len,
+        why = rej.why,
+        errno = rej.errno,
+        "request refused"
+    );
+    if rej.drain > 0 {
+        if let Err(e) = rd.discard(u64::from(rej.drain)) {
+            return Err(End::Error(format!("skipping refused write payload: {e}")));
+        }
+    }
+    let permit = Permit::acquire(&limits.conn_budget, &limits.server_budget, OVERHEAD);
+    reply.data.clear();
+    error_reply(&mut reply.head, cx.structured, h.handle, rej.errno, rej.why);
+    conn.outbox
+        .reply_inline(&reply.head, &reply.data, None, REPLY_BUFFER);
+    drop(permit);
+    Ok(())
 }

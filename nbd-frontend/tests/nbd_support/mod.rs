@@ -152,7 +152,7 @@ pub struct Opts {
     pub origins: &'static [&'static str],
     pub read_only: bool,
     pub unix: bool,
-    pub workers_per_conn: usize,
+    pub parallel_per_conn: usize,
 }
 
 impl Default for Opts {
@@ -164,7 +164,7 @@ impl Default for Opts {
             origins: &["o"],
             read_only: false,
             unix: false,
-            workers_per_conn: 8,
+            parallel_per_conn: 8,
         }
     }
 }
@@ -210,7 +210,7 @@ impl Harness {
             tcp: Some("127.0.0.1:0".parse().unwrap()),
             unix: unix.clone(),
             read_only: opts.read_only,
-            workers_per_conn: opts.workers_per_conn,
+            parallel_per_conn: opts.parallel_per_conn,
             ..ServerConfig::default()
         };
         let server = Server::bind(
