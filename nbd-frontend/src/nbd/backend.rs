@@ -26,6 +26,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn flush(&self) -> BResult<FlushHold>;
     fn trim(&self, offset: u64, len: u64) -> BResult<()>;
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> BResult<()>;
+    /// Extents from `offset` on. May describe less than `len` (the engine
+    /// stops after 65536 chunks a call), which bounds the work of a 64-bit
+    /// BLOCK_STATUS from a client with extended headers.
     fn block_status(&self, offset: u64, len: u64) -> BResult<Vec<Extent>>;
 }
 

@@ -1,5 +1,13 @@
 //! Fixed newstyle negotiation: the server's greeting, then option haggling
 //! until the client picks an export (OPT_GO / OPT_EXPORT_NAME) or leaves.
+//!
+//! Reply framing is chosen here. OPT_STRUCTURED_REPLY gives structured
+//! replies; OPT_EXTENDED_HEADERS gives extended headers, which imply
+//! everything structured replies allow and take precedence over them: it
+//! is acknowledged with or without structured replies first, but a later
+//! OPT_STRUCTURED_REPLY cannot downgrade it (ERR_EXT_HEADER_REQD), a second
+//! one is ERR_INVALID, and OPT_EXPORT_NAME, which the spec forbids after
+//! it and which cannot carry an error, ends the connection.
 
 use std::io::{self, Write};
 
@@ -15,7 +23,8 @@ pub struct Negotiated<B> {
     pub export: ExportOf<B>,
     pub size: u64,
     pub flags: u16,
-    pub structured: bool,
+    /// Request and reply framing (extended headers, structured, simple).
+    pub replies: ReplyStyle,
     pub meta_context: bool,
 }
 
@@ -39,16 +48,18 @@ pub enum NegError {
     OptionTooBig { option: u32, len: u32 },
     #[error("OPT_EXPORT_NAME for an unknown or invalid export {0:?}")]
     UnknownExport(String),
+    #[error("OPT_EXPORT_NAME after extended headers were negotiated")]
+    ExportNameAfterExtendedHeaders,
 }
 
-pub fn transmission_flags(read_only: bool, structured: bool) -> u16 {
+pub fn transmission_flags(read_only: bool, chunked: bool) -> u16 {
     let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
     if read_only {
         f |= TFLAG_READ_ONLY;
     } else {
         f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
     }
-    if structured {
+    if chunked {
         // Every read is answered with one data chunk, so "don't fragment"
         // costs nothing to honour.
         f |= TFLAG_SEND_DF;
@@ -60,7 +71,7 @@ struct State<'a, B> {
     catalog: &'a dyn Catalog<B>,
     server_read_only: bool,
     no_zeroes: bool,
-    structured: bool,
+    replies: ReplyStyle,
     /// The export for which `base:allocation` was selected, if any.
     meta_for: Option<String>,
 }
@@ -73,6 +84,14 @@ fn send_err<W: Write>(w: &mut W, option: u32, reply: u32, msg: &str) -> io::Resu
     send(w, option, reply, truncate_str(msg, MAX_STRING).as_bytes())?;
     w.flush()
 }
+
+fn send_ack<W: Write>(w: &mut W, option: u32) -> io::Result<()> {
+    send(w, option, REP_ACK, &[])?;
+    w.flush()
+}
+
+/// What one option did to the negotiation.
+type Step<B> = Result<Option<Outcome<B>>, NegError>;
 
 impl<B: Backend> State<'_, B> {
     /// Resolve a client-given name ("" = the default export) to the
@@ -89,15 +108,202 @@ impl<B: Backend> State<'_, B> {
 
     fn negotiated(&self, name: String, export: ExportOf<B>, client_name: &str) -> Negotiated<B> {
         let read_only = export.read_only || self.server_read_only;
+        let chunked = self.replies.chunked();
         Negotiated {
             size: export.backend.size(),
-            flags: transmission_flags(read_only, self.structured),
-            structured: self.structured,
-            meta_context: self.structured && self.meta_for.as_deref() == Some(client_name),
+            flags: transmission_flags(read_only, chunked),
+            replies: self.replies,
+            meta_context: chunked && self.meta_for.as_deref() == Some(client_name),
             name,
             export,
         }
     }
+
+    /// Answer one parsed option; `Some` ends negotiation.
+    fn answer<W: Write>(&mut self, w: &mut W, option: u32, parsed: ClientOption) -> Step<B> {
+        match parsed {
+            ClientOption::Abort => {
+                // The client may already be gone; a failed ACK is fine.
+                let _ = send_ack(w, option);
+                return Ok(Some(Outcome::Ended));
+            }
+            ClientOption::List => self.list(w, option)?,
+            ClientOption::StartTls => {
+                send_err(w, option, REP_ERR_UNSUP, "TLS is not supported")?;
+            }
+            ClientOption::StructuredReply => self.structured_reply(w, option)?,
+            ClientOption::ExtendedHeaders => self.extended_headers(w, option)?,
+            ClientOption::ExportName(name) => return self.export_name(w, &name).map(Some),
+            ClientOption::Info { go, name, requests } => {
+                return self.info(w, option, go, &name, &requests);
+            }
+            ClientOption::MetaContext { set, name, queries } => {
+                self.meta_context(w, option, set, name, &queries)?;
+            }
+            ClientOption::Unsupported(o) => {
+                send_err(w, o, REP_ERR_UNSUP, "option not supported")?;
+            }
+        }
+        Ok(None)
+    }
+
+    fn list<W: Write>(&self, w: &mut W, option: u32) -> io::Result<()> {
+        for name in self.catalog.list() {
+            let mut d = (name.len() as u32).to_be_bytes().to_vec();
+            d.extend_from_slice(name.as_bytes());
+            // The text after the name is the export's description
+            // (nbdinfo --list shows it): the snapshot memo.
+            if let Some(e) = self.catalog.open(&name) {
+                d.extend_from_slice(truncate_str(&e.description, MAX_STRING).as_bytes());
+            }
+            send(w, option, REP_SERVER, &d)?;
+        }
+        send_ack(w, option)
+    }
+
+    fn structured_reply<W: Write>(&mut self, w: &mut W, option: u32) -> io::Result<()> {
+        if self.replies == ReplyStyle::Extended {
+            let why = "extended headers were negotiated and take precedence";
+            return send_err(w, option, REP_ERR_EXT_HEADER_REQD, why);
+        }
+        // A repeat is acknowledged again, as it always was.
+        self.replies = ReplyStyle::Structured;
+        send_ack(w, option)
+    }
+
+    fn extended_headers<W: Write>(&mut self, w: &mut W, option: u32) -> io::Result<()> {
+        if self.replies == ReplyStyle::Extended {
+            let why = "extended headers were already negotiated";
+            return send_err(w, option, REP_ERR_INVALID, why);
+        }
+        // Structured replies before are fine (the spec lets clients try
+        // them first); a selected meta context stays valid.
+        self.replies = ReplyStyle::Extended;
+        send_ack(w, option)
+    }
+
+    fn export_name<W: Write>(&self, w: &mut W, name: &str) -> Result<Outcome<B>, NegError> {
+        if self.replies == ReplyStyle::Extended {
+            return Err(NegError::ExportNameAfterExtendedHeaders);
+        }
+        let Some((canonical, export)) = self.resolve(name) else {
+            return Err(NegError::UnknownExport(name.to_string()));
+        };
+        let n = self.negotiated(canonical, export, name);
+        w.write_all(&n.size.to_be_bytes())?;
+        w.write_all(&n.flags.to_be_bytes())?;
+        if !self.no_zeroes {
+            w.write_all(&[0u8; 124])?;
+        }
+        w.flush()?;
+        info!(export = %n.name, "client attached (OPT_EXPORT_NAME)");
+        Ok(Outcome::Transmission(Box::new(n)))
+    }
+
+    fn info<W: Write>(
+        &self,
+        w: &mut W,
+        option: u32,
+        go: bool,
+        name: &str,
+        requests: &[u16],
+    ) -> Step<B> {
+        let Some((canonical, export)) = self.resolve(name) else {
+            let why = format!("no export named {name:?}");
+            send_err(w, option, REP_ERR_UNKNOWN, &why)?;
+            return Ok(None);
+        };
+        let description = export.description.clone();
+        let n = self.negotiated(canonical, export, name);
+        send(w, option, REP_INFO, &info_export(n.size, n.flags))?;
+        if requests.contains(&INFO_NAME) {
+            send(w, option, REP_INFO, &info_string(INFO_NAME, &n.name))?;
+        }
+        // A memo is sent even unasked (clients must ignore info they
+        // do not understand), so e.g. `nbdinfo --list` shows it.
+        if requests.contains(&INFO_DESCRIPTION) || !description.is_empty() {
+            let info = info_string(INFO_DESCRIPTION, &description);
+            send(w, option, REP_INFO, &info)?;
+        }
+        // Sent even unasked: it tells clients the preferred size. Its
+        // maximum payload stays 32-bit with extended headers; only
+        // payload-free requests grow to 64 bits.
+        send(w, option, REP_INFO, &info_block_size())?;
+        send_ack(w, option)?;
+        if !go {
+            return Ok(None);
+        }
+        info!(export = %n.name, replies = ?n.replies,
+              meta_context = n.meta_context, "client attached (OPT_GO)");
+        Ok(Some(Outcome::Transmission(Box::new(n))))
+    }
+
+    fn meta_context<W: Write>(
+        &mut self,
+        w: &mut W,
+        option: u32,
+        set: bool,
+        name: String,
+        queries: &[String],
+    ) -> io::Result<()> {
+        if set {
+            self.meta_for = None;
+        }
+        if !self.replies.chunked() {
+            let why = "structured replies or extended headers must be negotiated first";
+            return send_err(w, option, REP_ERR_INVALID, why);
+        }
+        if self.resolve(&name).is_none() {
+            let why = format!("no export named {name:?}");
+            return send_err(w, option, REP_ERR_UNKNOWN, &why);
+        }
+        let mut matched = !set && queries.is_empty();
+        let mut invalid = None;
+        for q in queries {
+            match query_matches_base_allocation(q, !set) {
+                Ok(m) => matched |= m,
+                Err(OptInvalid(why)) => invalid = Some(why),
+            }
+        }
+        if let Some(why) = invalid {
+            return send_err(w, option, REP_ERR_INVALID, why);
+        }
+        if matched {
+            let id = if set { BASE_ALLOCATION_ID } else { 0 };
+            let mut d = id.to_be_bytes().to_vec();
+            d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+            send(w, option, REP_META_CONTEXT, &d)?;
+            if set {
+                self.meta_for = Some(name);
+            }
+        }
+        send_ack(w, option)
+    }
+}
+
+/// Read one option's header and payload; `None` when the client hung up.
+fn read_option<W: Write>(
+    rd: &mut MsgReader,
+    w: &mut W,
+) -> Result<Option<(u32, Vec<u8>)>, NegError> {
+    let mut hb = [0u8; 16];
+    match rd.read_msg(&mut hb, true) {
+        Ok(()) => {}
+        Err(ReadError::Closed | ReadError::Stopped) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let OptionHeader { option, len } = parse_option_header(&hb)?;
+    if len > MAX_OPTION_LEN {
+        // Refuse without reading (or allocating) the payload; since
+        // we cannot skip it cheaply, the connection ends here.
+        if option != OPT_EXPORT_NAME {
+            send_err(w, option, REP_ERR_TOO_BIG, "option payload too large")?;
+        }
+        return Err(NegError::OptionTooBig { option, len });
+    }
+    let mut data = vec![0u8; len as usize];
+    rd.read_msg(&mut data, false)?;
+    Ok(Some((option, data)))
 }
 
 /// Run negotiation on one connection.
@@ -127,29 +333,14 @@ pub fn negotiate<B: Backend, W: Write>(
         catalog,
         server_read_only,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
-        structured: false,
+        replies: ReplyStyle::Simple,
         meta_for: None,
     };
 
     loop {
-        let mut hb = [0u8; 16];
-        match rd.read_msg(&mut hb, true) {
-            Ok(()) => {}
-            Err(ReadError::Closed | ReadError::Stopped) => return Ok(Outcome::Ended),
-            Err(e) => return Err(e.into()),
-        }
-        let OptionHeader { option, len } = parse_option_header(&hb)?;
-        if len > MAX_OPTION_LEN {
-            // Refuse without reading (or allocating) the payload; since
-            // we cannot skip it cheaply, the connection ends here.
-            if option != OPT_EXPORT_NAME {
-                send_err(w, option, REP_ERR_TOO_BIG, "option payload too large")?;
-            }
-            return Err(NegError::OptionTooBig { option, len });
-        }
-        let mut data = vec![0u8; len as usize];
-        rd.read_msg(&mut data, false)?;
-
+        let Some((option, data)) = read_option(rd, w)? else {
+            return Ok(Outcome::Ended);
+        };
         if rd.stopping() && option != OPT_ABORT {
             send_err(w, option, REP_ERR_SHUTDOWN, "server is shutting down")?;
             continue;
@@ -172,133 +363,8 @@ pub fn negotiate<B: Backend, W: Write>(
             }
         };
         debug!(?parsed, "option");
-        match parsed {
-            ClientOption::Abort => {
-                // The client may already be gone; a failed ACK is fine.
-                let _ = send(w, option, REP_ACK, &[]).and_then(|_| w.flush());
-                return Ok(Outcome::Ended);
-            }
-            ClientOption::List => {
-                for name in catalog.list() {
-                    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-                    d.extend_from_slice(name.as_bytes());
-                    // The text after the name is the export's description
-                    // (nbdinfo --list shows it): the snapshot memo.
-                    if let Some(e) = catalog.open(&name) {
-                        d.extend_from_slice(truncate_str(&e.description, MAX_STRING).as_bytes());
-                    }
-                    send(w, option, REP_SERVER, &d)?;
-                }
-                send(w, option, REP_ACK, &[])?;
-                w.flush()?;
-            }
-            ClientOption::StartTls => {
-                send_err(w, option, REP_ERR_UNSUP, "TLS is not supported")?;
-            }
-            ClientOption::StructuredReply => {
-                st.structured = true;
-                send(w, option, REP_ACK, &[])?;
-                w.flush()?;
-            }
-            ClientOption::ExportName(name) => {
-                let Some((canonical, export)) = st.resolve(&name) else {
-                    return Err(NegError::UnknownExport(name));
-                };
-                let n = st.negotiated(canonical, export, &name);
-                w.write_all(&n.size.to_be_bytes())?;
-                w.write_all(&n.flags.to_be_bytes())?;
-                if !st.no_zeroes {
-                    w.write_all(&[0u8; 124])?;
-                }
-                w.flush()?;
-                info!(export = %n.name, "client attached (OPT_EXPORT_NAME)");
-                return Ok(Outcome::Transmission(Box::new(n)));
-            }
-            ClientOption::Info { go, name, requests } => {
-                let Some((canonical, export)) = st.resolve(&name) else {
-                    send_err(
-                        w,
-                        option,
-                        REP_ERR_UNKNOWN,
-                        &format!("no export named {name:?}"),
-                    )?;
-                    continue;
-                };
-                let description = export.description.clone();
-                let n = st.negotiated(canonical, export, &name);
-                send(w, option, REP_INFO, &info_export(n.size, n.flags))?;
-                if requests.contains(&INFO_NAME) {
-                    send(w, option, REP_INFO, &info_string(INFO_NAME, &n.name))?;
-                }
-                // A memo is sent even unasked (clients must ignore info they
-                // do not understand), so e.g. `nbdinfo --list` shows it.
-                if requests.contains(&INFO_DESCRIPTION) || !description.is_empty() {
-                    send(
-                        w,
-                        option,
-                        REP_INFO,
-                        &info_string(INFO_DESCRIPTION, &description),
-                    )?;
-                }
-                // Sent even unasked: it tells clients the preferred size.
-                send(w, option, REP_INFO, &info_block_size())?;
-                send(w, option, REP_ACK, &[])?;
-                w.flush()?;
-                if go {
-                    info!(export = %n.name, structured = n.structured,
-                          meta_context = n.meta_context, "client attached (OPT_GO)");
-                    return Ok(Outcome::Transmission(Box::new(n)));
-                }
-            }
-            ClientOption::MetaContext { set, name, queries } => {
-                if set {
-                    st.meta_for = None;
-                }
-                if !st.structured {
-                    send_err(
-                        w,
-                        option,
-                        REP_ERR_INVALID,
-                        "structured replies must be negotiated first",
-                    )?;
-                    continue;
-                }
-                if st.resolve(&name).is_none() {
-                    send_err(
-                        w,
-                        option,
-                        REP_ERR_UNKNOWN,
-                        &format!("no export named {name:?}"),
-                    )?;
-                    continue;
-                }
-                let mut matched = !set && queries.is_empty();
-                let mut invalid = None;
-                for q in &queries {
-                    match query_matches_base_allocation(q, !set) {
-                        Ok(m) => matched |= m,
-                        Err(OptInvalid(why)) => invalid = Some(why),
-                    }
-                }
-                if let Some(why) = invalid {
-                    send_err(w, option, REP_ERR_INVALID, why)?;
-                    continue;
-                }
-                if matched {
-                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
-                    let mut d = id.to_be_bytes().to_vec();
-                    d.extend_from_slice(BASE_ALLOCATION.as_bytes());
-                    send(w, option, REP_META_CONTEXT, &d)?;
-                    if set {
-                        st.meta_for = Some(name);
-                    }
-                }
-                send(w, option, REP_ACK, &[])?;
-                w.flush()?;
-            }
-            ClientOption::Unsupported(o) => {
-                send_err(w, o, REP_ERR_UNSUP, "option not supported")?;
-            }
+        if let Some(outcome) = st.answer(w, option, parsed)? {
+            return Ok(outcome);
         }
     }
 }

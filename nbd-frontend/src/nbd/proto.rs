@@ -38,6 +38,7 @@ pub const REP_ERR_INVALID: u32 = 0x8000_0003;
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 pub const REP_ERR_SHUTDOWN: u32 = 0x8000_0007;
 pub const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
+pub const REP_ERR_EXT_HEADER_REQD: u32 = 0x8000_000a;
 
 // NBD_INFO_* types (in NBD_REP_INFO and in OPT_INFO/OPT_GO requests).
 pub const INFO_EXPORT: u16 = 0;
@@ -59,6 +60,10 @@ pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 // Requests.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const REQUEST_HEADER_LEN: usize = 28;
+/// Once NBD_OPT_EXTENDED_HEADERS is acknowledged, every request starts
+/// with this 32-byte header (64-bit length) instead.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub const EXTENDED_REQUEST_HEADER_LEN: usize = 32;
 pub const CMD_READ: u16 = 0;
 pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
@@ -72,14 +77,20 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Extended headers only: `len` is the length of a payload that follows
+/// the header, not an effect length.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // Replies.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
+pub const EXTENDED_REPLY_HEADER_LEN: usize = 32;
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
 // base:allocation.
@@ -119,6 +130,10 @@ pub enum ProtoError {
     Truncated { need: usize, have: usize },
     #[error("bad magic {0:#x}")]
     BadMagic(u64),
+    /// An extended request announcing a payload that no `NBD_INFO_BLOCK_SIZE`
+    /// could allow (over 32 bits): not worth draining, the client is broken.
+    #[error("request announces a payload of {0} bytes, over the 32-bit limit")]
+    PayloadTooLong(u64),
 }
 
 /// Why an option's payload is unacceptable; answered with
@@ -176,13 +191,14 @@ pub enum ClientOption {
         requests: Vec<u16>,
     },
     StructuredReply,
+    ExtendedHeaders,
     /// OPT_LIST_META_CONTEXT (`set == false`) or OPT_SET_META_CONTEXT.
     MetaContext {
         set: bool,
         name: String,
         queries: Vec<String>,
     },
-    /// Anything else, including OPT_EXTENDED_HEADERS: answered ERR_UNSUP.
+    /// Anything else: answered ERR_UNSUP.
     Unsupported(u32),
 }
 
@@ -221,6 +237,8 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, OptInvalid
         OPT_STARTTLS => Ok(ClientOption::StartTls),
         OPT_STRUCTURED_REPLY if data.is_empty() => Ok(ClientOption::StructuredReply),
         OPT_STRUCTURED_REPLY => Err(OptInvalid("OPT_STRUCTURED_REPLY carries no data")),
+        OPT_EXTENDED_HEADERS if data.is_empty() => Ok(ClientOption::ExtendedHeaders),
+        OPT_EXTENDED_HEADERS => Err(OptInvalid("OPT_EXTENDED_HEADERS carries no data")),
         OPT_INFO | OPT_GO => {
             let (name, at) = parse_lp_string(data, 0)?;
             let n = be_u16(data, at).ok_or(OptInvalid("missing info request count"))? as usize;
@@ -328,35 +346,109 @@ pub fn truncate_str(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// A request header as sent; not yet checked against the export.
+/// A request header as sent; not yet checked against the export. Compact
+/// (28-byte) and extended (32-byte) headers parse into the same shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestHeader {
     pub flags: u16,
     pub cmd: u16,
     pub handle: u64,
     pub offset: u64,
-    pub len: u32,
+    /// The length field: an effect length, or the payload's length when
+    /// the request carries one (then equal to `payload`).
+    pub len: u64,
+    /// Bytes of payload that follow the header on the wire: a WRITE's
+    /// length, or an extended request's length when it has
+    /// `CMD_FLAG_PAYLOAD_LEN`. Framing depends on this alone.
+    pub payload: u32,
 }
 
+/// Parse a compact (28-byte) request header.
 pub fn parse_request_header(b: &[u8]) -> Result<RequestHeader, ProtoError> {
-    if b.len() < REQUEST_HEADER_LEN {
+    let (Some(magic), Some(flags), Some(cmd), Some(handle), Some(offset), Some(len)) = (
+        be_u32(b, 0),
+        be_u16(b, 4),
+        be_u16(b, 6),
+        be_u64(b, 8),
+        be_u64(b, 16),
+        be_u32(b, 24),
+    ) else {
         return Err(ProtoError::Truncated {
             need: REQUEST_HEADER_LEN,
             have: b.len(),
         });
-    }
-    let field = |v: Option<u64>| v.unwrap_or_default();
-    let magic = field(be_u32(b, 0).map(u64::from));
-    if magic != u64::from(REQUEST_MAGIC) {
-        return Err(ProtoError::BadMagic(magic));
+    };
+    if magic != REQUEST_MAGIC {
+        return Err(ProtoError::BadMagic(magic.into()));
     }
     Ok(RequestHeader {
-        flags: be_u16(b, 4).unwrap_or_default(),
-        cmd: be_u16(b, 6).unwrap_or_default(),
-        handle: field(be_u64(b, 8)),
-        offset: field(be_u64(b, 16)),
-        len: be_u32(b, 24).unwrap_or_default(),
+        flags,
+        cmd,
+        handle,
+        offset,
+        len: len.into(),
+        // Compact framing: only a WRITE carries a payload.
+        payload: if cmd == CMD_WRITE { len } else { 0 },
     })
+}
+
+/// Parse an extended (32-byte) request header. A payload is announced by
+/// `CMD_FLAG_PAYLOAD_LEN` whatever the command, so the stream stays in step
+/// even for requests that are then refused. A WRITE carries its data with
+/// or without the flag: the spec asks for it, but qemu's client (10.0)
+/// leaves it clear and qemu's server accepts that, so reading a flagless
+/// WRITE as payload-free would only desynchronise the stream.
+pub fn parse_extended_request_header(b: &[u8]) -> Result<RequestHeader, ProtoError> {
+    let (Some(magic), Some(flags), Some(cmd), Some(handle), Some(offset), Some(len)) = (
+        be_u32(b, 0),
+        be_u16(b, 4),
+        be_u16(b, 6),
+        be_u64(b, 8),
+        be_u64(b, 16),
+        be_u64(b, 24),
+    ) else {
+        return Err(ProtoError::Truncated {
+            need: EXTENDED_REQUEST_HEADER_LEN,
+            have: b.len(),
+        });
+    };
+    if magic != EXTENDED_REQUEST_MAGIC {
+        return Err(ProtoError::BadMagic(magic.into()));
+    }
+    let payload = if flags & CMD_FLAG_PAYLOAD_LEN != 0 || cmd == CMD_WRITE {
+        u32::try_from(len).map_err(|_| ProtoError::PayloadTooLong(len))?
+    } else {
+        0
+    };
+    Ok(RequestHeader {
+        flags,
+        cmd,
+        handle,
+        offset,
+        len,
+        payload,
+    })
+}
+
+/// How replies are framed on a connection; fixed at negotiation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyStyle {
+    /// Nothing negotiated: simple replies only.
+    Simple,
+    /// NBD_OPT_STRUCTURED_REPLY: 20-byte chunks, simple replies for
+    /// successes without payload.
+    Structured,
+    /// NBD_OPT_EXTENDED_HEADERS: 32-byte requests, and a 32-byte chunk
+    /// header on every reply. Implies everything structured replies allow.
+    Extended,
+}
+
+impl ReplyStyle {
+    /// Replies come in chunks (structured or extended): READ errors carry a
+    /// message, `NBD_CMD_FLAG_DF` and BLOCK_STATUS are possible.
+    pub fn chunked(self) -> bool {
+        self != ReplyStyle::Simple
+    }
 }
 
 /// What the connection negotiated, as far as request checking cares.
@@ -364,7 +456,7 @@ pub fn parse_request_header(b: &[u8]) -> Result<RequestHeader, ProtoError> {
 pub struct TransmissionContext {
     pub size: u64,
     pub read_only: bool,
-    pub structured: bool,
+    pub replies: ReplyStyle,
     /// `base:allocation` was selected for this export.
     pub meta_context: bool,
     /// Largest READ/WRITE payload served.
@@ -372,6 +464,7 @@ pub struct TransmissionContext {
 }
 
 /// A request that passed every check and can run against the backend.
+/// Only READ and WRITE move data, so only theirs are bounded to 32 bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
     Read {
@@ -387,24 +480,24 @@ pub enum Command {
     Flush,
     Trim {
         offset: u64,
-        len: u32,
+        len: u64,
         fua: bool,
     },
     WriteZeroes {
         offset: u64,
-        len: u32,
+        len: u64,
         fua: bool,
     },
     BlockStatus {
         offset: u64,
-        len: u32,
+        len: u64,
         req_one: bool,
     },
     Disconnect,
 }
 
-/// A request refused with an error reply. For a WRITE, `drain` bytes of
-/// payload must still be read (and discarded) to stay in step.
+/// A request refused with an error reply. `drain` bytes of payload (the
+/// header's `payload`) must still be read and discarded to stay in step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejection {
     pub errno: u32,
@@ -412,25 +505,44 @@ pub struct Rejection {
     pub why: &'static str,
 }
 
-fn in_range(offset: u64, len: u32, size: u64) -> bool {
-    offset
-        .checked_add(u64::from(len))
-        .is_some_and(|end| end <= size)
+fn in_range(offset: u64, len: u64, size: u64) -> bool {
+    offset.checked_add(len).is_some_and(|end| end <= size)
+}
+
+/// The command flags a request may carry on this connection.
+fn allowed_flags(cmd: u16, cx: &TransmissionContext) -> Option<u16> {
+    let df = if cx.replies.chunked() { CMD_FLAG_DF } else { 0 };
+    let payload = if cx.replies == ReplyStyle::Extended {
+        CMD_FLAG_PAYLOAD_LEN
+    } else {
+        0
+    };
+    Some(match cmd {
+        CMD_READ => CMD_FLAG_FUA | df,
+        // With extended headers a WRITE should say that its data follows.
+        CMD_WRITE => CMD_FLAG_FUA | payload,
+        CMD_TRIM | CMD_FLUSH => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        _ => return None,
+    })
 }
 
 /// Check a request against what was negotiated, with the spec's errno for
-/// each refusal. Pure; never panics.
+/// each refusal. Pure; never panics. A payload on any command but WRITE is
+/// refused (EINVAL: the flag is not valid there) and drained.
 pub fn check_request(h: &RequestHeader, cx: &TransmissionContext) -> Result<Command, Rejection> {
-    let drain = if h.cmd == CMD_WRITE { h.len } else { 0 };
-    let reject = |errno, why| Rejection { errno, drain, why };
-    let allowed = match h.cmd {
-        CMD_READ => CMD_FLAG_FUA | if cx.structured { CMD_FLAG_DF } else { 0 },
-        CMD_WRITE | CMD_TRIM | CMD_FLUSH => CMD_FLAG_FUA,
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+    let reject = |errno, why| Rejection {
+        errno,
+        drain: h.payload,
+        why,
+    };
+    if h.cmd == CMD_DISC {
         // Flags on DISC do not matter: the connection ends either way.
-        CMD_DISC => return Ok(Command::Disconnect),
-        _ => return Err(reject(EINVAL, "unknown command")),
+        return Ok(Command::Disconnect);
+    }
+    let Some(allowed) = allowed_flags(h.cmd, cx) else {
+        return Err(reject(EINVAL, "unknown command"));
     };
     if h.flags & !allowed != 0 {
         return Err(reject(EINVAL, "command flag not valid for this command"));
@@ -439,30 +551,38 @@ pub fn check_request(h: &RequestHeader, cx: &TransmissionContext) -> Result<Comm
     let (offset, len) = (h.offset, h.len);
     match h.cmd {
         CMD_READ => {
-            if len > cx.max_request {
+            let Some(len) = u32::try_from(len).ok().filter(|&l| l <= cx.max_request) else {
                 let errno = if h.flags & CMD_FLAG_DF != 0 {
                     EOVERFLOW
                 } else {
                     EINVAL
                 };
                 return Err(reject(errno, "read larger than the server's limit"));
-            }
-            if !in_range(offset, len, cx.size) {
+            };
+            if !in_range(offset, len.into(), cx.size) {
                 return Err(reject(EINVAL, "read beyond the end of the export"));
             }
             Ok(Command::Read { offset, len })
         }
         CMD_WRITE => {
+            // Always equal for parsed headers; a write is its payload.
+            if u64::from(h.payload) != len {
+                return Err(reject(EINVAL, "write length differs from its payload"));
+            }
             if cx.read_only {
                 return Err(reject(EPERM, "export is read-only"));
             }
-            if len > cx.max_request {
+            if h.payload > cx.max_request {
                 return Err(reject(EINVAL, "write larger than the server's limit"));
             }
             if !in_range(offset, len, cx.size) {
                 return Err(reject(ENOSPC, "write beyond the end of the export"));
             }
-            Ok(Command::Write { offset, len, fua })
+            Ok(Command::Write {
+                offset,
+                len: h.payload,
+                fua,
+            })
         }
         CMD_FLUSH => {
             if offset != 0 || len != 0 {
@@ -470,6 +590,20 @@ pub fn check_request(h: &RequestHeader, cx: &TransmissionContext) -> Result<Comm
             }
             Ok(Command::Flush)
         }
+        _ => check_effect(h, cx, reject),
+    }
+}
+
+/// TRIM, WRITE_ZEROES and BLOCK_STATUS: no payload either way, so with
+/// extended headers their length may use all 64 bits.
+fn check_effect(
+    h: &RequestHeader,
+    cx: &TransmissionContext,
+    reject: impl Fn(u32, &'static str) -> Rejection,
+) -> Result<Command, Rejection> {
+    let fua = h.flags & CMD_FLAG_FUA != 0;
+    let (offset, len) = (h.offset, h.len);
+    match h.cmd {
         CMD_TRIM => {
             if cx.read_only {
                 return Err(reject(EPERM, "export is read-only"));
@@ -494,7 +628,7 @@ pub fn check_request(h: &RequestHeader, cx: &TransmissionContext) -> Result<Comm
             Ok(Command::WriteZeroes { offset, len, fua })
         }
         CMD_BLOCK_STATUS => {
-            if !cx.structured || !cx.meta_context {
+            if !cx.replies.chunked() || !cx.meta_context {
                 return Err(reject(EINVAL, "no metadata context was negotiated"));
             }
             if len == 0 || !in_range(offset, len, cx.size) {
@@ -542,58 +676,126 @@ pub fn structured_header(flags: u16, kind: u16, handle: u64, len: u32) -> [u8; 2
     h
 }
 
-/// A complete NBD_REPLY_TYPE_ERROR chunk (final) with a human message.
-pub fn structured_error(handle: u64, errno: u32, msg: &str) -> Vec<u8> {
-    let msg = truncate_str(msg, MAX_STRING);
-    let mut v = Vec::with_capacity(26 + msg.len());
-    v.extend_from_slice(&structured_header(
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        handle,
-        6 + msg.len() as u32,
-    ));
-    v.extend_from_slice(&errno.to_be_bytes());
-    v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    v.extend_from_slice(msg.as_bytes());
-    v
+/// The header of an extended reply chunk: like a structured one, plus the
+/// request's offset (echoed in every extended reply) and a 64-bit length.
+pub fn extended_header(flags: u16, kind: u16, handle: u64, offset: u64, len: u64) -> [u8; 32] {
+    let mut h = [0u8; 32];
+    h[0..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    h[4..6].copy_from_slice(&flags.to_be_bytes());
+    h[6..8].copy_from_slice(&kind.to_be_bytes());
+    h[8..16].copy_from_slice(&handle.to_be_bytes());
+    h[16..24].copy_from_slice(&offset.to_be_bytes());
+    h[24..32].copy_from_slice(&len.to_be_bytes());
+    h
 }
 
-/// The header of a final OFFSET_DATA chunk carrying `len` bytes at
-/// `offset`; the data follows it. `len + 8` fits in u32 because requests
-/// are limited to `max_request` (at most 4 GiB - 8 by construction).
-pub fn offset_data_header(handle: u64, offset: u64, len: u32) -> [u8; 28] {
-    let mut v = [0u8; 28];
-    v[..20].copy_from_slice(&structured_header(
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_OFFSET_DATA,
-        handle,
-        len.saturating_add(8),
-    ));
-    v[20..].copy_from_slice(&offset.to_be_bytes());
-    v
+/// Which request a reply answers: its handle, and its offset, which
+/// extended replies echo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub handle: u64,
+    pub offset: u64,
 }
 
-pub fn structured_none(handle: u64) -> [u8; 20] {
-    structured_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0)
-}
-
-/// A final BLOCK_STATUS chunk for one context with `(length, flags)`
-/// descriptors.
-pub fn block_status_chunk(handle: u64, context: u32, descs: &[(u32, u32)]) -> Vec<u8> {
-    let len = 4 + 8 * descs.len();
-    let mut v = Vec::with_capacity(20 + len);
-    v.extend_from_slice(&structured_header(
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_BLOCK_STATUS,
-        handle,
-        len as u32,
-    ));
-    v.extend_from_slice(&context.to_be_bytes());
-    for &(l, f) in descs {
-        v.extend_from_slice(&l.to_be_bytes());
-        v.extend_from_slice(&f.to_be_bytes());
+/// Append a final chunk header in the connection's style. A simple
+/// connection never gets chunks (`check_request` refuses what would need
+/// one), so `Simple` writes the compact header too. A compact length
+/// saturates at `u32::MAX`: the longest compact payload is a READ of at
+/// most `max_request` (a u32) plus 8.
+fn chunk_header(out: &mut Vec<u8>, style: ReplyStyle, kind: u16, to: ReplyTo, len: u64) {
+    match style {
+        ReplyStyle::Extended => out.extend_from_slice(&extended_header(
+            REPLY_FLAG_DONE,
+            kind,
+            to.handle,
+            to.offset,
+            len,
+        )),
+        ReplyStyle::Simple | ReplyStyle::Structured => {
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            out.extend_from_slice(&structured_header(REPLY_FLAG_DONE, kind, to.handle, len))
+        }
     }
-    v
+}
+
+/// Append the reply to a request that succeeded without returning data.
+pub fn encode_done(out: &mut Vec<u8>, style: ReplyStyle, to: ReplyTo) {
+    match style {
+        // Allowed even with structured replies: the reply has no payload.
+        ReplyStyle::Simple | ReplyStyle::Structured => {
+            out.extend_from_slice(&simple_reply_header(0, to.handle))
+        }
+        // Extended headers allow no simple reply: an empty final chunk.
+        ReplyStyle::Extended => chunk_header(out, style, REPLY_TYPE_NONE, to, 0),
+    }
+}
+
+/// Append an error reply; chunked styles carry `message` (cut to the
+/// spec's 4096 bytes), which clients show to the user.
+pub fn encode_error(out: &mut Vec<u8>, style: ReplyStyle, to: ReplyTo, errno: u32, message: &str) {
+    if style == ReplyStyle::Simple {
+        return out.extend_from_slice(&simple_reply_header(errno, to.handle));
+    }
+    let message = truncate_str(message, MAX_STRING);
+    // At most 4096 bytes, so both lengths fit.
+    let message_len = message.len() as u16;
+    chunk_header(out, style, REPLY_TYPE_ERROR, to, 6 + u64::from(message_len));
+    out.extend_from_slice(&errno.to_be_bytes());
+    out.extend_from_slice(&message_len.to_be_bytes());
+    out.extend_from_slice(message.as_bytes());
+}
+
+/// Append the head of a successful READ's reply (one final chunk); the
+/// `len` bytes of data follow it.
+pub fn encode_read_head(out: &mut Vec<u8>, style: ReplyStyle, to: ReplyTo, len: u32) {
+    match style {
+        ReplyStyle::Simple => out.extend_from_slice(&simple_reply_header(0, to.handle)),
+        // A data chunk must describe at least one byte.
+        _ if len == 0 => chunk_header(out, style, REPLY_TYPE_NONE, to, 0),
+        _ => {
+            chunk_header(out, style, REPLY_TYPE_OFFSET_DATA, to, u64::from(len) + 8);
+            out.extend_from_slice(&to.offset.to_be_bytes());
+        }
+    }
+}
+
+/// Append a final status chunk for one metadata context with `(length,
+/// flags)` descriptors. Extended connections get BLOCK_STATUS_EXT (64-bit
+/// lengths, with the descriptor count). Compact ones get BLOCK_STATUS: a
+/// descriptor over 32 bits is cut to `u32::MAX` and ends the list, which
+/// still describes a prefix of the range, as any reply may.
+pub fn encode_block_status(
+    out: &mut Vec<u8>,
+    style: ReplyStyle,
+    to: ReplyTo,
+    context: u32,
+    descriptors: &[(u64, u32)],
+) {
+    if style == ReplyStyle::Extended {
+        let count = descriptors.len() as u64;
+        chunk_header(out, style, REPLY_TYPE_BLOCK_STATUS_EXT, to, 8 + 16 * count);
+        out.extend_from_slice(&context.to_be_bytes());
+        // A count of 0 means "see the length", which is never wrong.
+        let count = u32::try_from(count).unwrap_or(0);
+        out.extend_from_slice(&count.to_be_bytes());
+        for &(len, flags) in descriptors {
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&0u32.to_be_bytes());
+            out.extend_from_slice(&flags.to_be_bytes());
+        }
+        return;
+    }
+    let kept = descriptors
+        .iter()
+        .position(|&(len, _)| len > u64::from(u32::MAX))
+        .map_or(descriptors.len(), |i| i + 1);
+    chunk_header(out, style, REPLY_TYPE_BLOCK_STATUS, to, 4 + 8 * kept as u64);
+    out.extend_from_slice(&context.to_be_bytes());
+    for &(len, flags) in &descriptors[..kept] {
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+    }
 }
 
 /// At most this many descriptors go in one BLOCK_STATUS reply; the client
@@ -607,17 +809,16 @@ pub const MAX_DESCRIPTORS: usize = 1024;
 /// reported as allocated (status 0), which the spec says is always safe.
 pub fn extents_to_descriptors(
     offset: u64,
-    len: u32,
+    len: u64,
     extents: &[(u64, u64, u32)],
     req_one: bool,
-) -> Vec<(u32, u32)> {
-    let end = offset + u64::from(len);
+) -> Vec<(u64, u32)> {
+    let end = offset.saturating_add(len);
     let limit = if req_one { 1 } else { MAX_DESCRIPTORS };
-    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut out: Vec<(u64, u32)> = Vec::new();
     let mut pos = offset;
-    let push = |out: &mut Vec<(u32, u32)>, l: u64, f: u32| {
-        // `l` is at most `len`, a u32, since everything is clipped to the request.
-        let l = l as u32;
+    // Every length is clipped to the request, so sums stay within `len`.
+    let push = |out: &mut Vec<(u64, u32)>, l: u64, f: u32| {
         if l == 0 {
             return;
         }
@@ -646,7 +847,7 @@ pub fn extents_to_descriptors(
         pos = e_end;
     }
     if out.is_empty() {
-        out.push((len, 0));
+        out.push((end - offset, 0));
     }
     out.truncate(limit);
     out
@@ -671,7 +872,7 @@ mod tests {
         TransmissionContext {
             size: 1 << 20,
             read_only: false,
-            structured: true,
+            replies: ReplyStyle::Structured,
             meta_context: true,
             max_request: 64 << 20,
         }
@@ -688,9 +889,13 @@ mod tests {
                 cmd: CMD_WRITE,
                 handle: 0x1122_3344_5566_7788,
                 offset: 4096,
-                len: 512
+                len: 512,
+                payload: 512,
             }
         );
+        // Only a compact WRITE carries a payload.
+        let read = parse_request_header(&hdr(0, CMD_READ, 0, 512)).unwrap();
+        assert_eq!((read.len, read.payload), (512, 0));
         assert_eq!(
             parse_request_header(&b[..27]),
             Err(ProtoError::Truncated { need: 28, have: 27 })
@@ -758,7 +963,7 @@ mod tests {
             assert_eq!(chk(0, cmd, 0, 1, &ro).unwrap_err().errno, EPERM);
         }
         let simple = TransmissionContext {
-            structured: false,
+            replies: ReplyStyle::Simple,
             meta_context: false,
             ..c
         };
@@ -818,8 +1023,10 @@ mod tests {
         assert!(parse_option(OPT_EXPORT_NAME, &[0xff]).is_err());
         assert_eq!(
             parse_option(OPT_EXTENDED_HEADERS, &[]),
-            Ok(ClientOption::Unsupported(OPT_EXTENDED_HEADERS))
+            Ok(ClientOption::ExtendedHeaders)
         );
+        assert!(parse_option(OPT_EXTENDED_HEADERS, &[0]).is_err());
+        assert_eq!(parse_option(12, &[]), Ok(ClientOption::Unsupported(12)));
         // name "x", two queries.
         let mut m = opt_go(b"x", &[]);
         m.truncate(5);
@@ -846,12 +1053,288 @@ mod tests {
         assert!(query_matches_base_allocation("nocolon", true).is_err());
     }
 
+    fn ext_hdr(flags: u16, cmd: u16, offset: u64, len: u64) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&cmd.to_be_bytes());
+        v.extend_from_slice(&0x1122_3344_5566_7788u64.to_be_bytes());
+        v.extend_from_slice(&offset.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v
+    }
+
+    #[test]
+    fn extended_request_header_parsing() {
+        let b = ext_hdr(CMD_FLAG_PAYLOAD_LEN | CMD_FLAG_FUA, CMD_WRITE, 4096, 512);
+        assert_eq!(b.len(), EXTENDED_REQUEST_HEADER_LEN);
+        assert_eq!(
+            parse_extended_request_header(&b),
+            Ok(RequestHeader {
+                flags: CMD_FLAG_PAYLOAD_LEN | CMD_FLAG_FUA,
+                cmd: CMD_WRITE,
+                handle: 0x1122_3344_5566_7788,
+                offset: 4096,
+                len: 512,
+                payload: 512,
+            })
+        );
+        // Without the flag the length is an effect length, whatever the
+        // command: nothing follows the header.
+        let trim = parse_extended_request_header(&ext_hdr(0, CMD_TRIM, 0, 1 << 40)).unwrap();
+        assert_eq!((trim.len, trim.payload), (1 << 40, 0));
+        // Except a WRITE, which carries its data even without the flag
+        // (as qemu's client sends it).
+        let write = parse_extended_request_header(&ext_hdr(0, CMD_WRITE, 0, 512)).unwrap();
+        assert_eq!(write.payload, 512);
+        assert_eq!(
+            parse_extended_request_header(&ext_hdr(0, CMD_WRITE, 0, 1 << 32)),
+            Err(ProtoError::PayloadTooLong(1 << 32))
+        );
+        // A payload on another command is still framed by the flag.
+        let odd = ext_hdr(CMD_FLAG_PAYLOAD_LEN, CMD_BLOCK_STATUS, 0, 24);
+        assert_eq!(parse_extended_request_header(&odd).unwrap().payload, 24);
+        // Payloads over 32 bits are refused outright.
+        let huge = ext_hdr(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 0, 1 << 32);
+        assert_eq!(
+            parse_extended_request_header(&huge),
+            Err(ProtoError::PayloadTooLong(1 << 32))
+        );
+        let max = ext_hdr(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 0, u32::MAX.into());
+        assert_eq!(
+            parse_extended_request_header(&max).unwrap().payload,
+            u32::MAX
+        );
+        assert_eq!(
+            parse_extended_request_header(&b[..31]),
+            Err(ProtoError::Truncated { need: 32, have: 31 })
+        );
+        assert!(parse_extended_request_header(&[]).is_err());
+        // Each parser wants its own magic.
+        let compact = hdr(0, CMD_READ, 0, 512);
+        let mut padded = compact.clone();
+        padded.extend_from_slice(&[0; 4]);
+        assert_eq!(
+            parse_extended_request_header(&padded),
+            Err(ProtoError::BadMagic(REQUEST_MAGIC.into()))
+        );
+        assert_eq!(
+            parse_request_header(&b),
+            Err(ProtoError::BadMagic(EXTENDED_REQUEST_MAGIC.into()))
+        );
+    }
+
+    #[test]
+    fn extended_request_checks() {
+        let c = TransmissionContext {
+            size: 1 << 44,
+            replies: ReplyStyle::Extended,
+            ..cx()
+        };
+        let chk = |flags, cmd, off, len, c: &TransmissionContext| {
+            check_request(
+                &parse_extended_request_header(&ext_hdr(flags, cmd, off, len)).unwrap(),
+                c,
+            )
+        };
+        let pl = CMD_FLAG_PAYLOAD_LEN;
+        // 64-bit effect lengths for the commands without payload.
+        assert_eq!(
+            chk(0, CMD_TRIM, 0, 1 << 40, &c),
+            Ok(Command::Trim {
+                offset: 0,
+                len: 1 << 40,
+                fua: false
+            })
+        );
+        assert_eq!(
+            chk(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 4096, 1 << 36, &c),
+            Ok(Command::WriteZeroes {
+                offset: 4096,
+                len: 1 << 36,
+                fua: false
+            })
+        );
+        assert_eq!(
+            chk(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 0, 1 << 44, &c),
+            Ok(Command::BlockStatus {
+                offset: 0,
+                len: 1 << 44,
+                req_one: true
+            })
+        );
+        let past = chk(0, CMD_BLOCK_STATUS, 1, 1 << 44, &c).unwrap_err();
+        assert_eq!((past.errno, past.drain), (EINVAL, 0));
+        assert_eq!(chk(0, CMD_TRIM, 1, u64::MAX, &c).unwrap_err().errno, EINVAL);
+        // READ and WRITE stay within max_request, however wide the field.
+        assert_eq!(
+            chk(0, CMD_READ, 0, (1 << 32) + 512, &c).unwrap_err().errno,
+            EINVAL
+        );
+        assert_eq!(
+            chk(CMD_FLAG_DF, CMD_READ, 0, 1 << 40, &c)
+                .unwrap_err()
+                .errno,
+            EOVERFLOW
+        );
+        assert_eq!(
+            chk(pl | CMD_FLAG_FUA, CMD_WRITE, 8, 512, &c),
+            Ok(Command::Write {
+                offset: 8,
+                len: 512,
+                fua: true
+            })
+        );
+        // Over the limit: refused, and its payload drained.
+        let big = chk(pl, CMD_WRITE, 0, (64 << 20) + 1, &c).unwrap_err();
+        assert_eq!((big.errno, big.drain), (EINVAL, (64 << 20) + 1));
+        // A WRITE without the flag is served the same (qemu sends those).
+        assert_eq!(
+            chk(0, CMD_WRITE, 0, 512, &c),
+            Ok(Command::Write {
+                offset: 0,
+                len: 512,
+                fua: false
+            })
+        );
+        // A hand-made header whose payload disagrees is refused, drained.
+        let odd = RequestHeader {
+            flags: 0,
+            cmd: CMD_WRITE,
+            handle: 1,
+            offset: 0,
+            len: 512,
+            payload: 12,
+        };
+        let r = check_request(&odd, &c).unwrap_err();
+        assert_eq!((r.errno, r.drain), (EINVAL, 12));
+        // A payload on any other command: EINVAL, and drained.
+        for cmd in [CMD_READ, CMD_TRIM, CMD_BLOCK_STATUS, CMD_FLUSH, 42] {
+            let r = chk(pl, cmd, 0, 24, &c).unwrap_err();
+            assert_eq!((r.errno, r.drain), (EINVAL, 24), "cmd {cmd}");
+        }
+        assert_eq!(chk(pl, CMD_DISC, 0, 24, &c), Ok(Command::Disconnect));
+        // The flag means nothing in compact mode: refused like any other.
+        let compact = TransmissionContext {
+            replies: ReplyStyle::Structured,
+            ..c
+        };
+        let h = parse_request_header(&hdr(pl, CMD_WRITE, 0, 16)).unwrap();
+        let r = check_request(&h, &compact).unwrap_err();
+        assert_eq!((r.errno, r.drain), (EINVAL, 16));
+    }
+
+    fn to() -> ReplyTo {
+        ReplyTo {
+            handle: 0x0102_0304_0506_0708,
+            offset: 0x1000,
+        }
+    }
+
+    /// Split an extended reply header: (flags, type, handle, offset, len).
+    fn ext_reply(b: &[u8]) -> (u16, u16, u64, u64, u64) {
+        assert_eq!(b[..4], EXTENDED_REPLY_MAGIC.to_be_bytes());
+        let u16_at = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+        let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap());
+        (u16_at(4), u16_at(6), u64_at(8), u64_at(16), u64_at(24))
+    }
+
+    #[test]
+    fn reply_encodings_per_style() {
+        let (h, o) = (to().handle, to().offset);
+        let mut v = Vec::new();
+        encode_done(&mut v, ReplyStyle::Structured, to());
+        assert_eq!(v, simple_reply_header(0, h));
+        v.clear();
+        encode_done(&mut v, ReplyStyle::Extended, to());
+        assert_eq!(v.len(), EXTENDED_REPLY_HEADER_LEN);
+        assert_eq!(ext_reply(&v), (REPLY_FLAG_DONE, REPLY_TYPE_NONE, h, o, 0));
+
+        v.clear();
+        encode_error(&mut v, ReplyStyle::Simple, to(), EIO, "lost");
+        assert_eq!(v, simple_reply_header(EIO, h));
+        v.clear();
+        encode_error(&mut v, ReplyStyle::Structured, to(), EIO, "lost");
+        assert_eq!(
+            v[..20],
+            structured_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, h, 10)
+        );
+        assert_eq!(v[20..], [0, 0, 0, 5, 0, 4, b'l', b'o', b's', b't']);
+        v.clear();
+        encode_error(&mut v, ReplyStyle::Extended, to(), EIO, "lost");
+        assert_eq!(ext_reply(&v), (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, h, o, 10));
+        assert_eq!(v[32..], [0, 0, 0, 5, 0, 4, b'l', b'o', b's', b't']);
+        // Messages are cut at 4096 bytes (on a character boundary).
+        v.clear();
+        encode_error(&mut v, ReplyStyle::Extended, to(), EIO, &"é".repeat(3000));
+        assert_eq!(ext_reply(&v).4, 6 + 4096);
+        assert_eq!(v.len(), 32 + 6 + 4096);
+
+        v.clear();
+        encode_read_head(&mut v, ReplyStyle::Extended, to(), 512);
+        assert_eq!(
+            ext_reply(&v),
+            (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, h, o, 520)
+        );
+        assert_eq!(v[32..], o.to_be_bytes());
+        v.clear();
+        encode_read_head(&mut v, ReplyStyle::Extended, to(), 0);
+        assert_eq!(ext_reply(&v), (REPLY_FLAG_DONE, REPLY_TYPE_NONE, h, o, 0));
+        v.clear();
+        encode_read_head(&mut v, ReplyStyle::Structured, to(), 512);
+        assert_eq!(
+            v[..20],
+            structured_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, h, 520)
+        );
+        assert_eq!(v[20..], o.to_be_bytes());
+        v.clear();
+        encode_read_head(&mut v, ReplyStyle::Structured, to(), u32::MAX);
+        assert_eq!(v[16..20], u32::MAX.to_be_bytes(), "saturates");
+        v.clear();
+        encode_read_head(&mut v, ReplyStyle::Simple, to(), 512);
+        assert_eq!(v, simple_reply_header(0, h));
+    }
+
+    #[test]
+    fn block_status_encodings() {
+        let (h, o) = (to().handle, to().offset);
+        let descs = [(1u64 << 33, STATE_HOLE), (4096, 0)];
+        let mut v = Vec::new();
+        encode_block_status(&mut v, ReplyStyle::Extended, to(), 1, &descs);
+        assert_eq!(
+            ext_reply(&v),
+            (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS_EXT, h, o, 8 + 32)
+        );
+        let body = &v[32..];
+        assert_eq!(body[..8], [0, 0, 0, 1, 0, 0, 0, 2], "context id, count");
+        assert_eq!(body[8..16], (1u64 << 33).to_be_bytes());
+        assert_eq!(body[16..24], [0, 0, 0, 0, 0, 0, 0, 1], "padding, flags");
+        assert_eq!(body[24..32], 4096u64.to_be_bytes());
+        assert_eq!(body[32..40], [0; 8]);
+        // Compact: a descriptor over 32 bits is cut and ends the list.
+        v.clear();
+        encode_block_status(&mut v, ReplyStyle::Structured, to(), 1, &descs);
+        assert_eq!(
+            v[..20],
+            structured_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, h, 12)
+        );
+        assert_eq!(v[20..], [0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1]);
+        v.clear();
+        encode_block_status(&mut v, ReplyStyle::Structured, to(), 1, &[(10, 3), (20, 0)]);
+        assert_eq!(v[16..20], 20u32.to_be_bytes());
+        assert_eq!(v[24..], [0, 0, 0, 10, 0, 0, 0, 3, 0, 0, 0, 20, 0, 0, 0, 0]);
+    }
+
     #[test]
     fn parsers_never_panic_on_random_bytes() {
         use rand::{Rng, SeedableRng};
         let seed = 0x5eed_u64;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let c = cx();
+        let ext = TransmissionContext {
+            replies: ReplyStyle::Extended,
+            ..c
+        };
         for _ in 0..50_000 {
             let n = rng.gen_range(0..64);
             let mut b = vec![0u8; n];
@@ -861,6 +1344,12 @@ mod tests {
             }
             if let Ok(h) = parse_request_header(&b) {
                 let _ = check_request(&h, &c);
+            }
+            if rng.gen_bool(0.5) && n >= 4 {
+                b[..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+            }
+            if let Ok(h) = parse_extended_request_header(&b) {
+                let _ = check_request(&h, &ext);
             }
             let _ = parse_option_header(&b);
             let opt = rng.gen_range(0..13);
@@ -889,10 +1378,20 @@ mod tests {
             extents_to_descriptors(0, 10, &[(5, 0, 3), (20, 5, 3)], false),
             vec![(10, 0)]
         );
-        let sum: u64 = extents_to_descriptors(0, u32::MAX, &[(0, u64::MAX, 3)], false)
+        let sum: u64 = extents_to_descriptors(0, u32::MAX.into(), &[(0, u64::MAX, 3)], false)
             .iter()
-            .map(|d| u64::from(d.0))
+            .map(|d| d.0)
             .sum();
         assert_eq!(sum, u64::from(u32::MAX));
+        // 64-bit lengths (extended headers): one descriptor past 4 GiB.
+        assert_eq!(
+            extents_to_descriptors(1, 1 << 40, &[(0, u64::MAX, 0)], true),
+            vec![(1 << 40, 0)]
+        );
+        // A request ending at u64::MAX saturates instead of wrapping.
+        assert_eq!(
+            extents_to_descriptors(u64::MAX - 1, 5, &[], false),
+            vec![(1, 0)]
+        );
     }
 }

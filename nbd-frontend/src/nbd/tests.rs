@@ -200,10 +200,88 @@ impl Raw {
             other => panic!("bad reply magic {other:#x}"),
         }
     }
+    /// Negotiate extended headers (must be acknowledged).
+    fn extended(&mut self) {
+        self.opt(OPT_EXTENDED_HEADERS, &[]);
+        assert_eq!(self.opt_reply(), (OPT_EXTENDED_HEADERS, REP_ACK, vec![]));
+    }
+    /// An extended (32-byte) request header, then `data` as its payload.
+    fn ext_req(&mut self, flags: u16, cmd: u16, handle: u64, offset: u64, len: u64, data: &[u8]) {
+        let mut v = EXTENDED_REQUEST_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&cmd.to_be_bytes());
+        v.extend_from_slice(&handle.to_be_bytes());
+        v.extend_from_slice(&offset.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend_from_slice(data);
+        self.s.write_all(&v).unwrap();
+    }
+    /// An extended WRITE: the payload flag set, `data` after the header.
+    fn ext_write(&mut self, flags: u16, handle: u64, offset: u64, data: &[u8]) {
+        let flags = flags | CMD_FLAG_PAYLOAD_LEN;
+        self.ext_req(flags, CMD_WRITE, handle, offset, data.len() as u64, data);
+    }
+    /// One extended reply chunk; every reply must be one, final.
+    fn ext_reply(&mut self) -> ExtReply {
+        let mut h = [0u8; EXTENDED_REPLY_HEADER_LEN];
+        self.s.read_exact(&mut h).unwrap();
+        let magic = u32::from_be_bytes(h[..4].try_into().unwrap());
+        assert_eq!(magic, EXTENDED_REPLY_MAGIC, "reply magic {magic:#x}");
+        let flags = u16::from_be_bytes(h[4..6].try_into().unwrap());
+        assert_eq!(flags, REPLY_FLAG_DONE, "one chunk per reply");
+        let len = u64::from_be_bytes(h[24..32].try_into().unwrap());
+        assert!(len < 1 << 28, "implausible reply length {len}");
+        let mut payload = vec![0u8; len as usize];
+        self.s.read_exact(&mut payload).unwrap();
+        ExtReply {
+            kind: u16::from_be_bytes(h[6..8].try_into().unwrap()),
+            handle: u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            offset: u64::from_be_bytes(h[16..24].try_into().unwrap()),
+            payload,
+        }
+    }
     /// True once the server has closed the connection.
     fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
         matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+/// One extended reply chunk, checked for magic and the DONE flag.
+#[derive(Debug)]
+struct ExtReply {
+    kind: u16,
+    handle: u64,
+    offset: u64,
+    payload: Vec<u8>,
+}
+
+impl ExtReply {
+    /// The errno of an error chunk (its message checked for framing).
+    fn errno(&self) -> u32 {
+        assert_eq!(self.kind, REPLY_TYPE_ERROR, "{self:?}");
+        let p = &self.payload;
+        let message_len = u16::from_be_bytes([p[4], p[5]]) as usize;
+        assert_eq!(6 + message_len, p.len(), "error message framing");
+        u32::from_be_bytes(p[..4].try_into().unwrap())
+    }
+    /// BLOCK_STATUS_EXT: (context id, descriptors as (length, flags)).
+    fn extents(&self) -> (u32, Vec<(u64, u32)>) {
+        assert_eq!(self.kind, REPLY_TYPE_BLOCK_STATUS_EXT, "{self:?}");
+        let p = &self.payload;
+        let count = u32::from_be_bytes(p[4..8].try_into().unwrap()) as usize;
+        assert_eq!(p.len(), 8 + 16 * count, "descriptor count matches length");
+        let descs = p[8..]
+            .chunks_exact(16)
+            .map(|d| {
+                assert_eq!(d[8..12], [0; 4], "padding");
+                (
+                    u64::from_be_bytes(d[..8].try_into().unwrap()),
+                    u32::from_be_bytes(d[12..16].try_into().unwrap()),
+                )
+            })
+            .collect();
+        (u32::from_be_bytes(p[..4].try_into().unwrap()), descs)
     }
 }
 
@@ -212,9 +290,6 @@ fn negotiation_sequences() {
     let (cat, _) = catalog();
     let srv = TestServer::start(cat, ServerConfig::default());
     let mut c = Raw::connect(srv.addr);
-    // qemu 10 opens with extended headers: UNSUP, and negotiation goes on.
-    c.opt(OPT_EXTENDED_HEADERS, &[]);
-    assert_eq!(c.opt_reply().1, REP_ERR_UNSUP);
     c.opt(77, b"whatever");
     assert_eq!(
         c.opt_reply(),
@@ -409,6 +484,182 @@ fn request_errors_keep_the_connection() {
     assert_eq!(c.simple(), (EPERM, 2));
     c.req(0, CMD_FLUSH, 3, 0, 0, &[]);
     assert_eq!(c.simple(), (0, 3));
+}
+
+/// Extended headers take precedence over structured replies: allowed
+/// after them, never downgraded, not negotiated twice, and they forbid
+/// OPT_EXPORT_NAME (which cannot carry an error, so the server hangs up).
+#[test]
+fn extended_headers_negotiation() {
+    let (cat, _) = catalog();
+    let srv = TestServer::start(cat, ServerConfig::default());
+    let mut c = Raw::connect(srv.addr);
+    c.opt(OPT_EXTENDED_HEADERS, b"x");
+    assert_eq!(c.opt_reply().1, REP_ERR_INVALID, "no data allowed");
+    c.extended();
+    c.opt(OPT_EXTENDED_HEADERS, &[]);
+    assert_eq!(c.opt_reply().1, REP_ERR_INVALID, "already negotiated");
+    c.opt(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.opt_reply().1, REP_ERR_EXT_HEADER_REQD, "no downgrade");
+    // Meta contexts need only extended headers.
+    let m = c.set_meta("o", &[BASE_ALLOCATION]);
+    assert_eq!((m[0].0, m[1].0), (REP_META_CONTEXT, REP_ACK));
+    let r = c.go("o", &[INFO_BLOCK_SIZE]);
+    assert_eq!(r.last().unwrap().0, REP_ACK);
+    let export = r.iter().find(|(_, d)| d[..2] == [0, 0]).unwrap();
+    let flags = u16::from_be_bytes(export.1[10..12].try_into().unwrap());
+    assert_ne!(flags & TFLAG_SEND_DF, 0, "extended headers imply chunks");
+    // The block size still advertises a 32-bit maximum payload.
+    assert!(r.iter().any(|(_, d)| d == &info_block_size()));
+    c.ext_req(0, CMD_BLOCK_STATUS, 1, 0, 4096, &[]);
+    let reply = c.ext_reply();
+    assert_eq!(reply.extents(), (BASE_ALLOCATION_ID, vec![(4096, 3)]));
+
+    // Structured replies first, then extended headers: both acknowledged,
+    // and the meta context chosen in between stays selected.
+    let mut c = Raw::connect(srv.addr);
+    c.structured();
+    assert_eq!(c.set_meta("o", &[BASE_ALLOCATION])[0].0, REP_META_CONTEXT);
+    c.extended();
+    assert_eq!(c.go("o", &[]).last().unwrap().0, REP_ACK);
+    c.ext_req(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 2, 0, 8192, &[]);
+    assert_eq!(c.ext_reply().extents().1, vec![(8192, 3)]);
+
+    // OPT_EXPORT_NAME after extended headers: hang up.
+    let mut c = Raw::connect(srv.addr);
+    c.extended();
+    c.opt(OPT_EXPORT_NAME, b"o");
+    assert!(c.closed());
+    // OPT_INFO works as usual.
+    let mut c = Raw::connect(srv.addr);
+    c.extended();
+    let mut d = 3u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"o@1");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    c.opt(OPT_INFO, &d);
+    let (_, ty, info) = c.opt_reply();
+    assert_eq!((ty, &info[..2]), (REP_INFO, &[0u8, 0][..]));
+}
+
+/// Every reply on an extended connection is an extended chunk echoing the
+/// request's handle and offset: data, successes without data, errors,
+/// refusals (with a refused WRITE's payload drained) and block status.
+#[test]
+fn extended_requests_and_replies() {
+    let (cat, b) = catalog();
+    let cfg = ServerConfig {
+        max_request: 1 << 19,
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start(cat, cfg);
+    let mut c = Raw::connect(srv.addr);
+    c.extended();
+    c.set_meta("o", &[BASE_ALLOCATION]);
+    assert_eq!(c.go("o", &[]).last().unwrap().0, REP_ACK);
+    let size = 1u64 << 20;
+
+    c.ext_write(0, 1, 4096, &[0xAB; 4096]);
+    let r = c.ext_reply();
+    assert_eq!((r.kind, r.handle, r.offset), (REPLY_TYPE_NONE, 1, 4096));
+    assert!(r.payload.is_empty());
+    c.ext_req(0, CMD_READ, 2, 4000, 200, &[]);
+    let r = c.ext_reply();
+    assert_eq!(
+        (r.kind, r.handle, r.offset),
+        (REPLY_TYPE_OFFSET_DATA, 2, 4000)
+    );
+    assert_eq!(r.payload[..8], 4000u64.to_be_bytes(), "data offset");
+    let mut want = vec![0u8; 96];
+    want.extend_from_slice(&[0xAB; 104]);
+    assert_eq!(r.payload[8..], want[..]);
+    c.ext_req(0, CMD_READ, 3, 8, 0, &[]);
+    let r = c.ext_reply();
+    assert_eq!((r.kind, r.handle, r.offset), (REPLY_TYPE_NONE, 3, 8));
+    // FLUSH and FUA writes run in the shared pool: same framing.
+    c.ext_req(0, CMD_FLUSH, 4, 0, 0, &[]);
+    assert_eq!(c.ext_reply().kind, REPLY_TYPE_NONE);
+    c.ext_write(CMD_FLAG_FUA, 5, 0, b"fua");
+    let r = c.ext_reply();
+    assert_eq!((r.kind, r.handle, r.offset), (REPLY_TYPE_NONE, 5, 0));
+    assert_eq!(b.flushes.load(Ordering::SeqCst), 1, "the FLUSH ran");
+    // Block status: 64-bit descriptors with a count.
+    c.ext_req(0, CMD_BLOCK_STATUS, 6, 0, 16384, &[]);
+    let r = c.ext_reply();
+    assert_eq!((r.handle, r.offset), (6, 0));
+    let written_then_zero = vec![(8192, 0), (8192, STATE_HOLE | STATE_ZERO)];
+    assert_eq!(r.extents(), (BASE_ALLOCATION_ID, written_then_zero));
+    // Payload-free commands take 64-bit lengths (here the whole export).
+    c.ext_req(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 7, 4096, 4096, &[]);
+    assert_eq!(c.ext_reply().kind, REPLY_TYPE_NONE);
+    c.ext_req(0, CMD_TRIM, 8, 0, size, &[]);
+    assert_eq!(c.ext_reply().kind, REPLY_TYPE_NONE);
+    c.ext_req(0, CMD_READ, 9, 4096, 8, &[]);
+    assert_eq!(c.ext_reply().payload[8..], [0; 8], "zeroed");
+
+    // Errors and refusals: extended error chunks, offset echoed.
+    c.ext_req(0, CMD_READ, 10, size - 1, 2, &[]);
+    let r = c.ext_reply();
+    assert_eq!((r.handle, r.offset, r.errno()), (10, size - 1, EINVAL));
+    c.ext_req(0, CMD_TRIM, 11, 0, 1 << 40, &[]);
+    assert_eq!(c.ext_reply().errno(), EINVAL, "64-bit length past the end");
+    c.ext_req(CMD_FLAG_DF, CMD_READ, 12, 0, 1 << 33, &[]);
+    assert_eq!(c.ext_reply().errno(), EOVERFLOW);
+    // Over max_request: refused, its payload drained, the stream in step.
+    c.ext_write(0, 13, 0, &vec![7u8; (1 << 19) + 1]);
+    assert_eq!(c.ext_reply().errno(), EINVAL);
+    // A WRITE without the payload flag still carries its data (qemu's
+    // client sends them so).
+    c.ext_req(0, CMD_WRITE, 14, 8192, 4, b"bare");
+    assert_eq!(c.ext_reply().kind, REPLY_TYPE_NONE);
+    // A payload on BLOCK_STATUS: refused and drained.
+    c.ext_req(CMD_FLAG_PAYLOAD_LEN, CMD_BLOCK_STATUS, 15, 0, 12, &[9; 12]);
+    let r = c.ext_reply();
+    assert_eq!((r.handle, r.errno()), (15, EINVAL));
+    c.ext_req(0, 42, 16, 77, 0, &[]);
+    let r = c.ext_reply();
+    assert_eq!((r.offset, r.errno()), (77, EINVAL));
+    c.ext_req(CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 17, 0, 4096, &[]);
+    assert_eq!(c.ext_reply().errno(), ENOTSUP);
+    // An engine error (the stand-in's "no space" pattern).
+    c.ext_write(0, 18, 0, &[0xEE; 512]);
+    assert_eq!(c.ext_reply().errno(), ENOSPC);
+    // Still in step after all of that.
+    c.ext_req(0, CMD_READ, 19, 0, 3, &[]);
+    assert_eq!(c.ext_reply().payload[8..], *b"fua");
+    c.ext_req(0, CMD_READ, 19, 8192, 4, &[]);
+    assert_eq!(c.ext_reply().payload[8..], *b"bare");
+    // A compact header on an extended connection ends it (padded to the
+    // 32 bytes the server waits for).
+    c.req(0, CMD_READ, 20, 0, 1, &[0; 4]);
+    assert!(c.closed());
+
+    // A payload no 32-bit block size allows: hang up, do not drain.
+    let mut c = Raw::connect(srv.addr);
+    c.extended();
+    c.go("o", &[]);
+    c.ext_req(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 1, 0, 1 << 32, &[]);
+    assert!(c.closed());
+}
+
+/// A deleted version answers ESHUTDOWN in an extended error chunk, and a
+/// read-only export refuses writes the same way.
+#[test]
+fn extended_errors_for_deleted_and_read_only_exports() {
+    let (cat, _) = catalog();
+    let srv = TestServer::start(cat.clone(), ServerConfig::default());
+    let mut ro = Raw::connect(srv.addr);
+    ro.extended();
+    ro.go("o@1", &[]);
+    ro.ext_write(0, 1, 0, b"no");
+    assert_eq!(ro.ext_reply().errno(), EPERM);
+    ro.ext_req(0, CMD_TRIM, 2, 0, 1 << 20, &[]);
+    assert_eq!(ro.ext_reply().errno(), EPERM);
+    let gone = cat.exports.lock().unwrap().remove("o@1").unwrap();
+    gone.backend.live.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(150));
+    ro.ext_req(0, CMD_READ, 3, 512, 16, &[]);
+    let r = ro.ext_reply();
+    assert_eq!((r.handle, r.offset, r.errno()), (3, 512, ESHUTDOWN));
 }
 
 #[test]

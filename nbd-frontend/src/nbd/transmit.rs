@@ -16,6 +16,12 @@
 //! connection has at most `parallel` requests in the pool; beyond that,
 //! or when the pool's queue is full, it runs them inline.
 //!
+//! Framing is whatever negotiation chose ([`ReplyStyle`]): with extended
+//! headers each request header is 32 bytes (64-bit length) and every
+//! reply, errors and refusals included, starts with a 32-byte extended
+//! chunk header; BLOCK_STATUS answers with BLOCK_STATUS_EXT. Only the
+//! encodings differ: the path above is the same for every style.
+//!
 //! Memory is bounded by the permits: a request holds `payload + OVERHEAD`
 //! bytes of the connection's budget and of the server's from the moment
 //! its header is read until its reply is written. A client that stops
@@ -44,11 +50,13 @@ pub const OVERHEAD: usize = 4096;
 /// How often (at most) a connection asks the engine whether its version
 /// still exists, besides asking after every failed operation.
 const LIVE_CHECK_MS: u64 = 100;
-/// The engine is asked about at most this much per BLOCK_STATUS; the reply
-/// may cover less than asked, and clients continue from where it ends.
-/// This bounds the work one request costs (a 4 GiB query of 4 KiB chunks
-/// would otherwise be a million extents).
-const BLOCK_STATUS_SPAN: u32 = 512 << 20;
+/// The engine is asked about at most this much per compact BLOCK_STATUS;
+/// the reply may cover less than asked, and clients continue from where it
+/// ends. With extended headers the whole request goes to the engine, which
+/// bounds its own work (65536 chunks a call, answering less than asked), so
+/// a BLOCK_STATUS_EXT reply may cover more than 4 GiB (all of an origin,
+/// which the engine describes in one extent).
+const BLOCK_STATUS_SPAN: u64 = 512 << 20;
 /// A connection whose requests take longer than this on average (beyond
 /// the time to copy their bytes) is "slow": its requests are waiting on
 /// the disk or a lock, so running them one by one would serialise waits
@@ -114,30 +122,20 @@ impl Liveness {
     }
 }
 
-fn error_reply(out: &mut Vec<u8>, structured: bool, handle: u64, errno: u32, msg: &str) {
+fn error_reply(out: &mut Vec<u8>, style: ReplyStyle, to: ReplyTo, errno: u32, msg: &str) {
     out.clear();
-    if structured {
-        out.extend_from_slice(&structured_error(handle, errno, msg));
-    } else {
-        out.extend_from_slice(&simple_reply_header(errno, handle));
-    }
-}
-
-fn ok_reply(out: &mut Vec<u8>, handle: u64) {
-    // Allowed even with structured replies: the reply has no payload.
-    out.clear();
-    out.extend_from_slice(&simple_reply_header(0, handle));
+    encode_error(out, style, to, errno, msg);
 }
 
 struct Exec<B> {
     backend: B,
-    structured: bool,
+    replies: ReplyStyle,
     live: Liveness,
     name: String,
 }
 
 impl<B: Backend> Exec<B> {
-    fn fail(&self, out: &mut ReplyBuf, handle: u64, e: snapmv_engine::Error) {
+    fn fail(&self, out: &mut ReplyBuf, to: ReplyTo, e: snapmv_engine::Error) {
         let errno = if self.live.is_dead(&self.backend, true) {
             ESHUTDOWN
         } else {
@@ -149,20 +147,17 @@ impl<B: Backend> Exec<B> {
             debug!(export = %self.name, error = %e, errno, "request failed");
         }
         out.data.clear();
-        error_reply(
-            &mut out.head,
-            self.structured,
-            handle,
-            errno,
-            &e.to_string(),
-        );
+        error_reply(&mut out.head, self.replies, to, errno, &e.to_string());
     }
 
-    fn done(&self, out: &mut ReplyBuf, handle: u64, r: BResult<()>) {
+    fn done(&self, out: &mut ReplyBuf, to: ReplyTo, r: BResult<()>) {
         out.data.clear();
         match r {
-            Ok(()) => ok_reply(&mut out.head, handle),
-            Err(e) => self.fail(out, handle, e),
+            Ok(()) => {
+                out.head.clear();
+                encode_done(&mut out.head, self.replies, to);
+            }
+            Err(e) => self.fail(out, to, e),
         }
     }
 
@@ -172,31 +167,25 @@ impl<B: Backend> Exec<B> {
     /// the connection down.
     fn run(
         &self,
-        handle: u64,
+        to: ReplyTo,
         cmd: Command,
         payload: &[u8],
         out: &mut ReplyBuf,
     ) -> Option<FlushHold> {
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.run_unguarded(handle, cmd, payload, out)
+            self.run_unguarded(to, cmd, payload, out)
         }));
         ran.unwrap_or_else(|_| {
             warn!(export = %self.name, "request handler panicked");
             out.data.clear();
-            error_reply(
-                &mut out.head,
-                self.structured,
-                handle,
-                EIO,
-                "internal error",
-            );
+            error_reply(&mut out.head, self.replies, to, EIO, "internal error");
             None
         })
     }
 
     fn run_unguarded(
         &self,
-        handle: u64,
+        to: ReplyTo,
         cmd: Command,
         payload: &[u8],
         out: &mut ReplyBuf,
@@ -205,80 +194,77 @@ impl<B: Backend> Exec<B> {
         if self.live.is_dead(b, false) {
             out.data.clear();
             let msg = "the exported version was deleted";
-            error_reply(&mut out.head, self.structured, handle, ESHUTDOWN, msg);
+            error_reply(&mut out.head, self.replies, to, ESHUTDOWN, msg);
             return None;
         }
         match cmd {
-            Command::Read { offset, len } => self.read(handle, offset, len, out),
+            Command::Read { offset, len } => self.read(to, offset, len, out),
             Command::Write { offset, len, fua } => {
                 let r = if len == 0 {
                     Ok(())
                 } else {
                     b.write(offset, payload, fua)
                 };
-                self.done(out, handle, r);
+                self.done(out, to, r);
             }
             Command::Flush => match b.flush() {
                 Ok(hold) => {
-                    self.done(out, handle, Ok(()));
+                    self.done(out, to, Ok(()));
                     return Some(hold);
                 }
-                Err(e) => self.fail(out, handle, e),
+                Err(e) => self.fail(out, to, e),
             },
             Command::Trim { offset, len, fua } => {
                 let mut r = if len == 0 {
                     Ok(())
                 } else {
-                    b.trim(offset, u64::from(len))
+                    b.trim(offset, len)
                 };
                 if fua && r.is_ok() {
                     // The trim itself is durable once this returns; its own
                     // reply needs no hold.
                     r = b.flush().map(drop);
                 }
-                self.done(out, handle, r);
+                self.done(out, to, r);
             }
             Command::WriteZeroes { offset, len, fua } => {
                 let r = if len == 0 {
                     Ok(())
                 } else {
-                    b.write_zeroes(offset, u64::from(len), fua)
+                    b.write_zeroes(offset, len, fua)
                 };
-                self.done(out, handle, r);
+                self.done(out, to, r);
             }
             Command::BlockStatus {
                 offset,
                 len,
                 req_one,
-            } => self.block_status(handle, offset, len, req_one, out),
+            } => self.block_status(to, offset, len, req_one, out),
             // The reader never runs a disconnect.
             Command::Disconnect => unreachable!("a disconnect is not a request to run"),
         }
         None
     }
 
-    fn read(&self, handle: u64, offset: u64, len: u32, out: &mut ReplyBuf) {
+    fn read(&self, to: ReplyTo, offset: u64, len: u32, out: &mut ReplyBuf) {
         // Reused: the engine overwrites every byte, so stale contents from
         // an earlier request never leak (only growth is zero-filled).
         out.data.resize(len as usize, 0);
         if len > 0 {
             if let Err(e) = self.backend.read(offset, &mut out.data) {
-                return self.fail(out, handle, e);
+                return self.fail(out, to, e);
             }
         }
         out.head.clear();
-        match (self.structured, len) {
-            (true, 0) => out.head.extend_from_slice(&structured_none(handle)),
-            (true, _) => out
-                .head
-                .extend_from_slice(&offset_data_header(handle, offset, len)),
-            (false, _) => out.head.extend_from_slice(&simple_reply_header(0, handle)),
-        }
+        encode_read_head(&mut out.head, self.replies, to, len);
     }
 
-    fn block_status(&self, handle: u64, offset: u64, len: u32, req_one: bool, out: &mut ReplyBuf) {
-        let span = len.min(BLOCK_STATUS_SPAN);
-        match self.backend.block_status(offset, u64::from(span)) {
+    fn block_status(&self, to: ReplyTo, offset: u64, len: u64, req_one: bool, out: &mut ReplyBuf) {
+        let span = match self.replies {
+            ReplyStyle::Extended => len,
+            _ => len.min(BLOCK_STATUS_SPAN),
+        };
+        match self.backend.block_status(offset, span) {
             Ok(extents) => {
                 let ex: Vec<(u64, u64, u32)> = extents
                     .iter()
@@ -287,10 +273,9 @@ impl<B: Backend> Exec<B> {
                 let descs = extents_to_descriptors(offset, span, &ex, req_one);
                 out.data.clear();
                 out.head.clear();
-                out.head
-                    .extend_from_slice(&block_status_chunk(handle, BASE_ALLOCATION_ID, &descs));
+                encode_block_status(&mut out.head, self.replies, to, BASE_ALLOCATION_ID, &descs);
             }
-            Err(e) => self.fail(out, handle, e),
+            Err(e) => self.fail(out, to, e),
         }
     }
 }
@@ -342,7 +327,7 @@ impl<B: Backend> Connection<B> {
 
 /// One request, with what it holds until its reply is written.
 struct Request {
-    handle: u64,
+    to: ReplyTo,
     cmd: Command,
     permit: Permit,
 }
@@ -403,7 +388,7 @@ fn hand_off<B: Backend>(
 fn run_in_pool<B: Backend>(conn: &Connection<B>, req: Request, payload: Vec<u8>) {
     let mut reply = ReplyBuf::default();
     let started = Instant::now();
-    let hold = conn.exec.run(req.handle, req.cmd, &payload, &mut reply);
+    let hold = conn.exec.run(req.to, req.cmd, &payload, &mut reply);
     conn.note_time(started, payload.len().max(reply.data.len()));
     drop(payload);
     // The outbox keeps a FLUSH's hold until its reply is out.
@@ -437,7 +422,7 @@ pub fn serve<B: Backend>(
     let cx = TransmissionContext {
         size: n.size,
         read_only: n.flags & TFLAG_READ_ONLY != 0,
-        structured: n.structured,
+        replies: n.replies,
         meta_context: n.meta_context,
         max_request: limits.max_request,
     };
@@ -449,7 +434,7 @@ pub fn serve<B: Backend>(
     let conn = Arc::new(Connection {
         exec: Exec {
             backend: n.export.backend.clone(),
-            structured: n.structured,
+            replies: n.replies,
             live: Liveness {
                 dead: AtomicBool::new(false),
                 last_check_ms: AtomicU64::new(0),
@@ -474,7 +459,6 @@ fn read_loop<B: Backend>(
     limits: &Limits,
     conn: &Arc<Connection<B>>,
 ) -> End {
-    let mut header = [0u8; REQUEST_HEADER_LEN];
     let mut payload = Vec::new();
     let mut reply = ReplyBuf::default();
     loop {
@@ -487,16 +471,9 @@ fn read_loop<B: Backend>(
             // make the queue grow.
             conn.outbox.send_blocking();
         }
-        match rd.read_msg_or(&mut header, true, &mut || conn.push()) {
-            Ok(()) => {}
-            Err(ReadError::Closed) => return End::Closed,
-            Err(ReadError::Stopped) => return End::Stopped,
-            Err(_) if conn.outbox.is_broken() => return End::WriterFailed,
-            Err(e) => return End::Error(e.to_string()),
-        }
-        let h = match parse_request_header(&header) {
+        let h = match next_header(rd, cx.replies, conn) {
             Ok(h) => h,
-            Err(e) => return End::Error(format!("bad request header: {e}")),
+            Err(end) => return end,
         };
         let cmd = match check_request(&h, cx) {
             Ok(Command::Disconnect) => return End::Disconnect,
@@ -521,7 +498,10 @@ fn read_loop<B: Backend>(
             }
         }
         let req = Request {
-            handle: h.handle,
+            to: ReplyTo {
+                handle: h.handle,
+                offset: h.offset,
+            },
             cmd,
             permit,
         };
@@ -547,6 +527,32 @@ fn read_loop<B: Backend>(
     }
 }
 
+/// Wait for the next request header (sending queued replies first) and
+/// parse it: 32 bytes once extended headers are on, 28 otherwise.
+fn next_header<B: Backend>(
+    rd: &mut MsgReader,
+    style: ReplyStyle,
+    conn: &Connection<B>,
+) -> Result<RequestHeader, End> {
+    let mut buf = [0u8; EXTENDED_REQUEST_HEADER_LEN];
+    let header = match style {
+        ReplyStyle::Extended => &mut buf[..],
+        _ => &mut buf[..REQUEST_HEADER_LEN],
+    };
+    match rd.read_msg_or(header, true, &mut || conn.push()) {
+        Ok(()) => {}
+        Err(ReadError::Closed) => return Err(End::Closed),
+        Err(ReadError::Stopped) => return Err(End::Stopped),
+        Err(_) if conn.outbox.is_broken() => return Err(End::WriterFailed),
+        Err(e) => return Err(End::Error(e.to_string())),
+    }
+    let parsed = match style {
+        ReplyStyle::Extended => parse_extended_request_header(header),
+        _ => parse_request_header(header),
+    };
+    parsed.map_err(|e| End::Error(format!("bad request header: {e}")))
+}
+
 fn run_inline<B: Backend>(
     conn: &Connection<B>,
     req: Request,
@@ -554,7 +560,7 @@ fn run_inline<B: Backend>(
     reply: &mut ReplyBuf,
 ) {
     let started = Instant::now();
-    let hold = conn.exec.run(req.handle, req.cmd, payload, reply);
+    let hold = conn.exec.run(req.to, req.cmd, payload, reply);
     conn.note_time(started, payload.len().max(reply.data.len()));
     // A FLUSH run inline (its share of the pool used up) still pushes its
     // reply out before its hold goes.
@@ -588,7 +594,11 @@ fn refuse<B: Backend>(
     }
     let permit = Permit::acquire(&limits.conn_budget, &limits.server_budget, OVERHEAD);
     reply.data.clear();
-    error_reply(&mut reply.head, cx.structured, h.handle, rej.errno, rej.why);
+    let to = ReplyTo {
+        handle: h.handle,
+        offset: h.offset,
+    };
+    error_reply(&mut reply.head, cx.replies, to, rej.errno, rej.why);
     conn.outbox
         .reply_inline(&reply.head, &reply.data, None, REPLY_BUFFER);
     drop(permit);
