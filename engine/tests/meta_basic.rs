@@ -128,3 +128,70 @@ fn read_only_refuses_writes() {
     ));
     assert!(m.begin_commit().unwrap().is_none());
 }
+
+/// `walk_cached` against a `BTreeMap`: random skips forward over a tree
+/// several levels deep land on the first key at or after their target,
+/// within a leaf or across leaves, and stop at `hi`; a page the cache
+/// does not hold fails the walk with `NotCached`; a skip backwards is
+/// refused.
+#[test]
+fn walks_skip_like_a_sorted_map() {
+    use rand::{Rng, SeedableRng};
+    use snapmv_engine::meta::Walk;
+    let mut m = Meta::format(dev(64), &opts(4096)).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    let mut model = std::collections::BTreeMap::new();
+    for _ in 0..20_000 {
+        let k = rng.gen_range(0..1u128 << 40);
+        m.insert(Tree::Exceptions, k, &v8(k as u64)).unwrap();
+        model.insert(k, k as u64);
+    }
+    let (first, last) = (*model.keys().next().unwrap(), *model.keys().last().unwrap());
+    for round in 0..300 {
+        let lo = rng.gen_range(0..=last);
+        let hi = rng.gen_range(lo..=last + 10);
+        let mut want: Vec<u128> = Vec::new();
+        let mut got: Vec<u128> = Vec::new();
+        // The model's walk: the same skips, drawn from a copy of the rng.
+        let mut skips = rand_chacha::ChaCha8Rng::seed_from_u64(round);
+        let mut at = lo;
+        while let Some((&k, _)) = model.range(at..).next().filter(|(k, _)| **k <= hi) {
+            want.push(k);
+            match skips.gen_range(0..4) {
+                0 => at = k + 1,
+                1 => at = k + rng_skip(&mut skips),
+                2 if want.len() > 40 => break,
+                _ => at = k + 1,
+            }
+        }
+        let mut skips = rand_chacha::ChaCha8Rng::seed_from_u64(round);
+        m.walk_cached(Tree::Exceptions, lo, hi, &mut |k, v| {
+            assert_eq!(u64::from_le_bytes(v.try_into().unwrap()), k as u64);
+            got.push(k);
+            Ok(match skips.gen_range(0..4) {
+                0 => Walk::Next,
+                1 => Walk::Seek(k + rng_skip(&mut skips)),
+                2 if got.len() > 40 => Walk::Stop,
+                _ => Walk::Next,
+            })
+        })
+        .unwrap();
+        assert_eq!(got, want, "round {round}: walk {lo:#x}..={hi:#x}");
+    }
+    let back = m.walk_cached(Tree::Exceptions, first, last, &mut |k, _| Ok(Walk::Seek(k)));
+    assert!(matches!(back, Err(Error::Invalid(_))), "{back:?}");
+    // Cold pages: a shared walk reads nothing and says which page it missed.
+    m.commit().unwrap();
+    m.checkpoint().unwrap();
+    m.set_cache_budget(0);
+    let cold = m.walk_cached(Tree::Exceptions, first, last, &mut |_, _| Ok(Walk::Next));
+    assert!(matches!(cold, Err(Error::NotCached(_))), "{cold:?}");
+}
+
+/// A skip of a few keys (within a leaf) or of many (across leaves).
+fn rng_skip(rng: &mut impl rand::Rng) -> u128 {
+    match rng.gen_bool(0.5) {
+        true => rng.gen_range(1..1u128 << 30),
+        false => rng.gen_range(1..1u128 << 38),
+    }
+}

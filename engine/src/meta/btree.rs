@@ -25,6 +25,17 @@ const IESZ: usize = 24;
 /// the index of the child taken.
 type Path = Vec<(u64, usize)>;
 
+/// What a walk (`Meta::walk_cached`) does after visiting an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Walk {
+    /// Go on to the next entry.
+    Next,
+    /// Skip to the first entry whose key is >= this one (which must be
+    /// greater than the key just visited).
+    Seek(u128),
+    Stop,
+}
+
 /// The roots of the three trees, kept in the state page.
 pub(super) struct Roots {
     roots: [TreeRoot; 3],
@@ -227,6 +238,67 @@ impl<'a, P: PageSource> TreeReader<'a, P> {
                 None => return Ok(out),
             }
         }
+    }
+
+    /// Visit the entries with lo <= key <= hi in ascending order; after
+    /// each, `visit` says whether to go on to the next, stop, or skip ahead
+    /// to the first key >= its target. A skip that stays within the
+    /// current leaf is a binary search there; only a longer one descends
+    /// from the root again. So a walk that jumps over most of the entries
+    /// (the diff's, which looks only at a few nodes of each chunk) costs
+    /// the entries it lands on, not the ones it passes.
+    pub(super) fn walk(
+        &mut self,
+        lo: u128,
+        hi: u128,
+        visit: &mut dyn FnMut(u128, &[u8]) -> Result<Walk>,
+    ) -> Result<()> {
+        let esz = self.leaf_esz();
+        let mut target = lo;
+        'descend: while target <= hi {
+            let (mut path, mut leaf) = self.descend(target)?;
+            let mut i = {
+                let p = self.pages.page(leaf, self.role(0))?;
+                node::search(p, node::count(p), esz, target).unwrap_or_else(|i| i)
+            };
+            loop {
+                let p = self.pages.page(leaf, self.role(0))?;
+                let n = node::count(p);
+                while i < n {
+                    let k = node::key_at(&p[..], i, esz);
+                    if k > hi {
+                        return Ok(());
+                    }
+                    match visit(k, node::value_at(p, i, esz))? {
+                        Walk::Next => i += 1,
+                        Walk::Stop => return Ok(()),
+                        Walk::Seek(t) if t <= k => {
+                            return Err(Error::Invalid(format!(
+                                "a walk may only skip forward ({t:#x} after {k:#x})"
+                            )))
+                        }
+                        Walk::Seek(t) if t <= node::key_at(&p[..], n - 1, esz) => {
+                            // Within this leaf: past i, at or before the last entry.
+                            i = match node::search(p, n, esz, t) {
+                                Ok(j) | Err(j) => j,
+                            };
+                        }
+                        Walk::Seek(t) => {
+                            target = t;
+                            continue 'descend;
+                        }
+                    }
+                }
+                match self.next_leaf(&mut path, hi)? {
+                    Some(b) => {
+                        leaf = b;
+                        i = 0;
+                    }
+                    None => return Ok(()),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Advance `path` to the next leaf to the right. None at the end of the

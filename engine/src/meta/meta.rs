@@ -5,7 +5,7 @@
 //! recovery). It keeps what belongs to no one owner: the device, the
 //! store's app state, and the state page that records all of them.
 
-use super::btree::{BTree, Roots, Shared, TreeReader};
+use super::btree::{BTree, Roots, Shared, TreeReader, Walk};
 use super::empty_store::write_empty_store;
 use super::journal::{write_commit, CheckpointBatch, CommitBatch, CommitPlan, Journal};
 use super::page_cache::{CacheStats, FetchedPage, PageCache, PageFetcher, PageMiss};
@@ -299,6 +299,21 @@ impl<D: BlockDev> Meta<D> {
     ) -> Result<Vec<(u128, Vec<u8>)>> {
         let mut pages = Shared(&self.cache);
         TreeReader::new(t, &self.layout, self.roots.get(t), &mut pages).range(lo, hi, limit)
+    }
+    /// Walk the entries with lo <= key <= hi under shared access, as
+    /// `get_cached` (a page not held fails the walk with
+    /// `Error::NotCached`, after some entries may have been visited: the
+    /// caller starts over). `visit` steers it (`Walk`): on, stop, or skip
+    /// forward, a skip within a leaf costing a binary search there.
+    pub fn walk_cached(
+        &self,
+        t: Tree,
+        lo: u128,
+        hi: u128,
+        visit: &mut dyn FnMut(u128, &[u8]) -> Result<Walk>,
+    ) -> Result<()> {
+        let mut pages = Shared(&self.cache);
+        TreeReader::new(t, &self.layout, self.roots.get(t), &mut pages).walk(lo, hi, visit)
     }
     /// Reads pages that shared lookups missed, with no lock held.
     pub fn fetcher(&self) -> PageFetcher<D> {

@@ -67,6 +67,7 @@ mod repair;
 mod space_map;
 mod types;
 
+pub use btree::Walk;
 pub use check::{check, CheckReport};
 pub use damage::{Damage, DamageKind, KeyRange, Place};
 pub use journal::{CheckpointBatch, CommitBatch};
