@@ -3,10 +3,16 @@
 //! over long random sequences. Every state reached is compared on content
 //! and on space accounting: each snapshot's own and shared chunks as
 //! `vtree::usage` counts them (what the store's `status` shows) against
-//! the naive model's physical copies (`Algebra::check`).
+//! the naive model's physical copies (`Algebra::check`), and on `diff`
+//! between every pair of versions (`Algebra::check_diff`): a chunk is
+//! reported exactly where the two versions read different physical copies,
+//! so none whose content differs is missed, and an unchanged one is
+//! reported only where the metadata cannot tell (two copies with equal
+//! content: zeros, or an origin rolled back in place); the totals are
+//! printed.
 
 use proptest::prelude::*;
-use snapmv_engine::vtree::model::{Algebra, Naive, Op};
+use snapmv_engine::vtree::model::{Algebra, DiffTally, Naive, Op};
 
 const CHUNKS: u64 = 2;
 
@@ -31,7 +37,13 @@ fn alphabet(live: usize) -> Vec<Op> {
 
 /// Depth-first over every sequence; clones state at each branch so every
 /// prefix is checked once. Returns the number of sequences checked.
-fn dfs(alg: &Algebra, naive: &Naive, depth: usize, trail: &mut Vec<Op>) -> u64 {
+fn dfs(
+    alg: &Algebra,
+    naive: &Naive,
+    depth: usize,
+    trail: &mut Vec<Op>,
+    tally: &mut DiffTally,
+) -> u64 {
     if depth == 0 {
         return 1;
     }
@@ -47,6 +59,10 @@ fn dfs(alg: &Algebra, naive: &Naive, depth: usize, trail: &mut Vec<Op>) -> u64 {
         if let Err(e) = a.check(&n) {
             panic!("mismatch after {trail:?}: {e}");
         }
+        match a.check_diff(&n) {
+            Ok(t) => tally.add(t),
+            Err(e) => panic!("diff after {trail:?}: {e}"),
+        }
         // After the sequence, draining the cleaner must change nothing visible.
         if depth == 1 {
             let mut drained = a.clone();
@@ -56,8 +72,11 @@ fn dfs(alg: &Algebra, naive: &Naive, depth: usize, trail: &mut Vec<Op>) -> u64 {
             if let Err(e) = drained.check(&n) {
                 panic!("mismatch after draining the cleaner, {trail:?}: {e}");
             }
+            if let Err(e) = drained.check_diff(&n) {
+                panic!("diff after draining the cleaner, {trail:?}: {e}");
+            }
         }
-        count += dfs(&a, &n, depth - 1, trail);
+        count += dfs(&a, &n, depth - 1, trail, tally);
         trail.pop();
     }
     count
@@ -70,16 +89,27 @@ fn every_sequence_up_to_bound_matches_the_naive_model() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(6);
     let t = std::time::Instant::now();
+    let mut tally = DiffTally::default();
     let n = dfs(
         &Algebra::new(CHUNKS),
         &Naive::new(CHUNKS),
         depth,
         &mut Vec::new(),
+        &mut tally,
     );
     println!(
         "vtree exhaustive: {n} sequences of {depth} ops over {CHUNKS} chunks checked in {:?}",
         t.elapsed()
     );
+    // Unchanged chunks reported where both versions read one copy, both
+    // zeros or both the origin in place: 0, or check_diff fails. What is
+    // left are two copies with equal content, which no metadata tells apart.
+    println!(
+        "diff: {} version pairs, {} chunks reported; unchanged among them, all physically \
+         different copies: {} zero, {} other (rollback)",
+        tally.pairs, tally.reported, tally.unchanged_zero, tally.unchanged_other
+    );
+    assert!(tally.reported > 0, "no diff ever reported a chunk");
     assert!(
         n > 1_000_000 || depth < 6,
         "the enumeration is smaller than expected: {n}"
@@ -120,6 +150,9 @@ proptest! {
             prop_assert_eq!(a.apply(op).map_err(|e| e.to_string()), Ok(true));
             if let Err(e) = a.check(&n) {
                 return Err(TestCaseError::fail(format!("step {i} {op:?}: {e}")));
+            }
+            if let Err(e) = a.check_diff(&n) {
+                return Err(TestCaseError::fail(format!("diff at step {i} {op:?}: {e}")));
             }
         }
         a.clean_all().map_err(|e| TestCaseError::fail(e.to_string()))?;

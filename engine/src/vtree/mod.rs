@@ -8,6 +8,7 @@
 //! ARCHITECTURE.md). Exception lookups go through [`ExcView`], which the
 //! store backs with the B+tree and the tests back with a `BTreeMap`.
 
+pub mod diff;
 pub mod model;
 pub mod usage;
 

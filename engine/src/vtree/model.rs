@@ -15,6 +15,7 @@
 //! and shared chunks, which the algebra's accounting (`vtree::usage`) must
 //! match.
 
+use super::diff::{next_step, same_content, Side};
 use super::usage::{account_chunk, LeafUsage};
 use super::*;
 use crate::meta::ZERO_CHUNK;
@@ -108,6 +109,27 @@ pub struct NaiveChunk {
     pub copy: Physical,
 }
 
+/// What `Algebra::check_diff` saw: pairs of versions compared, chunks
+/// reported, and of those the ones whose content is equal all the same
+/// (physically different copies: zeros on both sides, or other content,
+/// which only a rollback makes in this model).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiffTally {
+    pub pairs: u64,
+    pub reported: u64,
+    pub unchanged_zero: u64,
+    pub unchanged_other: u64,
+}
+
+impl DiffTally {
+    pub fn add(&mut self, o: DiffTally) {
+        self.pairs += o.pairs;
+        self.reported += o.reported;
+        self.unchanged_zero += o.unchanged_zero;
+        self.unchanged_other += o.unchanged_other;
+    }
+}
+
 /// Each user-visible snapshot's (tag, own, shared), ascending by tag.
 pub type UsageByTag = Vec<(u64, u64, u64)>;
 
@@ -166,6 +188,18 @@ impl Naive {
         if !alone {
             let copy = self.new_copy();
             self.versions.get_mut(&tag).expect("live tag")[c].copy = copy;
+        }
+    }
+
+    /// What version `tag` (None: the origin) reads at chunk `c`: its
+    /// content and the physical copy behind it (the origin reads in place).
+    pub fn chunk(&self, tag: Option<u64>, c: usize) -> NaiveChunk {
+        match tag {
+            None => NaiveChunk {
+                content: self.origin[c],
+                copy: Physical::Origin,
+            },
+            Some(t) => self.versions[&t][c],
         }
     }
 
@@ -477,6 +511,97 @@ impl Algebra {
             }
         }
         Err(Error::Invalid("cleaner did not finish".into()))
+    }
+
+    fn side(&self, tag: Option<u64>) -> Result<Side> {
+        match tag {
+            None => Ok(Side::Origin),
+            Some(t) => self
+                .tree
+                .leaf_of(t)
+                .map(Side::Leaf)
+                .ok_or_else(|| Error::Invalid(format!("no tag {t}"))),
+        }
+    }
+
+    /// The chunks where versions `from` and `to` (None: the origin) may
+    /// differ, found as the store finds them (`store/diff.rs`): a forward
+    /// walk over the exception index that skips by `next_step`, then each
+    /// candidate resolved on both sides.
+    pub fn diff(&mut self, from: Option<u64>, to: Option<u64>) -> Result<Vec<u64>> {
+        let (a, b) = (self.side(from)?, self.side(to)?);
+        let keys = self.tree.diff_keys(a, b, None)?;
+        let (Some(first), Some(last)) = (keys.first(), self.chunks.checked_sub(1)) else {
+            return Ok(Vec::new());
+        };
+        let mut candidates = Vec::new();
+        let mut at = Some((0, first));
+        while let Some(key) = at {
+            let Some((&(c, n), _)) = self.exc.map.range(key..).next() else {
+                break;
+            };
+            if c > last {
+                break;
+            }
+            let (candidate, next) = next_step(&keys, c, n, last);
+            if candidate {
+                candidates.push(c);
+            }
+            at = next;
+        }
+        let mut out = Vec::new();
+        for c in candidates {
+            let x = self.tree.diff_source(a, c, &mut self.exc, None)?;
+            let y = self.tree.diff_source(b, c, &mut self.exc, None)?;
+            if !same_content(x, y) {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `diff` of every pair of versions against the naive model: it
+    /// reports a chunk exactly when the two versions read different
+    /// physical copies. So a chunk whose content differs is never missed
+    /// (one copy holds one content), and one reported with equal content
+    /// is one the metadata cannot tell: two copies that happen to hold the
+    /// same bytes. Values written here are unique, so that happens only
+    /// with zeros (a zeroed snapshot chunk against an origin or copy still
+    /// holding the initial zeros) and after a rollback (the origin rewritten
+    /// in place with what the snapshot reads from its copy). Every case
+    /// where both read one copy, both zeros, or both the origin in place
+    /// must report nothing.
+    pub fn check_diff(&mut self, naive: &Naive) -> std::result::Result<DiffTally, String> {
+        let mut versions: Vec<Option<u64>> = vec![None];
+        versions.extend(naive.versions.keys().map(|t| Some(*t)));
+        let mut tally = DiffTally::default();
+        for (i, &from) in versions.iter().enumerate() {
+            for &to in &versions[i..] {
+                let got = self.diff(from, to).map_err(|e| e.to_string())?;
+                tally.pairs += 1;
+                for c in 0..self.chunks as usize {
+                    let (x, y) = (naive.chunk(from, c), naive.chunk(to, c));
+                    let reported = got.binary_search(&(c as u64)).is_ok();
+                    if reported != (x.copy != y.copy) {
+                        return Err(format!(
+                            "diff {from:?} {to:?} chunk {c}: reported {reported}, but the model reads {:?} and {:?}",
+                            x.copy, y.copy
+                        ));
+                    }
+                    if x.content != y.content && !reported {
+                        return Err(format!("diff {from:?} {to:?} missed chunk {c}"));
+                    }
+                    tally.reported += u64::from(reported);
+                    if reported && x.content == y.content {
+                        match x.content == [0, 0] {
+                            true => tally.unchanged_zero += 1,
+                            false => tally.unchanged_other += 1,
+                        }
+                    }
+                }
+            }
+        }
+        Ok(tally)
     }
 
     /// Compare with the naive model and check the structural invariants.
