@@ -82,6 +82,25 @@ pub struct Extent {
     pub kind: ExtentKind,
 }
 
+/// A byte range where two versions may differ (`Store::diff`): whole
+/// chunks, clipped to the range asked about and the device's end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiffExtent {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// What `Volume::diff_from` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diff {
+    /// Ascending, disjoint, not adjacent.
+    pub extents: Vec<DiffExtent>,
+    /// How far `extents` describe the range: every differing byte before
+    /// `end` is in them, and they hold nothing at or past it. The range's
+    /// end, unless the extent limit cut the description short there.
+    pub end: u64,
+}
+
 /// What one call of `Store::step_background` did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct StepReport {

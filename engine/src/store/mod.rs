@@ -5,6 +5,7 @@ mod api;
 mod background;
 mod check;
 mod commit;
+mod diff;
 mod inner;
 mod io;
 pub(crate) mod locks;
@@ -111,6 +112,37 @@ impl Store {
     /// that want ids, progress or the cleaner's state.
     pub fn status_without_usage(&self) -> Status {
         self.inner.status(false)
+    }
+
+    /// The byte ranges of `[offset, offset + len)` where version `from`
+    /// and version `to` of origin `id` (`None`: the origin itself) may
+    /// differ, merged into extents: changed-block tracking for incremental
+    /// backup, from the version tree and the exception index alone (it
+    /// reads no data, and works with the origin's device absent). Exact at
+    /// chunk granularity: never misses a differing chunk; reports one with
+    /// equal bytes only where the two versions read different copies. Any
+    /// two versions of one origin: ancestor and descendant, siblings, or a
+    /// snapshot and the origin. Cost grows with the chunks holding
+    /// exceptions in the range, not with the device (see
+    /// `Volume::diff_from`, which also bounds the extents returned).
+    pub fn diff(
+        &self,
+        id: &str,
+        from: Option<u64>,
+        to: Option<u64>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<DiffExtent>> {
+        let diff = self
+            .volume(id, to)?
+            .diff_from(from, offset, len, usize::MAX)?;
+        assert_eq!(diff.end, offset + len, "an unbounded diff covers its range");
+        Ok(diff.extents)
+    }
+
+    /// The chunk size: the unit of copy-on-write, and of `diff`'s extents.
+    pub fn chunk_size(&self) -> u32 {
+        self.inner.geo.chunk_size
     }
 
     /// Every live version, origin first, then snapshots by tag.
