@@ -134,6 +134,37 @@ fn req(flags: u16, cmd: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
     v
 }
 
+fn ext_req(flags: u16, cmd: u16, handle: u64, offset: u64, len: u64) -> Vec<u8> {
+    let mut v = EXTENDED_REQUEST_MAGIC.to_be_bytes().to_vec();
+    v.extend_from_slice(&flags.to_be_bytes());
+    v.extend_from_slice(&cmd.to_be_bytes());
+    v.extend_from_slice(&handle.to_be_bytes());
+    v.extend_from_slice(&offset.to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    v
+}
+
+/// The same session as `requests`, in 32-byte extended headers, plus a
+/// flagless WRITE (as qemu sends them) and a payload on BLOCK_STATUS.
+fn extended_requests() -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend(ext_req(0, CMD_READ, 1, 0, 4096));
+    s.extend(ext_req(CMD_FLAG_FUA | CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 2, 4000, 600));
+    s.extend(pattern(600, 9));
+    s.extend(ext_req(0, CMD_WRITE, 3, 9000, 100));
+    s.extend(pattern(100, 3));
+    s.extend(ext_req(0, CMD_BLOCK_STATUS, 4, 0, 1 << 40));
+    s.extend(ext_req(CMD_FLAG_PAYLOAD_LEN, CMD_BLOCK_STATUS, 5, 0, 8));
+    s.extend_from_slice(&[0; 8]);
+    s.extend(ext_req(0, CMD_FLUSH, 6, 0, 0));
+    s.extend(ext_req(0, CMD_TRIM, 7, 8192, 8192));
+    s.extend(ext_req(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 8, 12288, 5000));
+    s.extend(ext_req(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 9, 100, 70000));
+    s.extend(ext_req(0, CMD_READ, 10, 260_000, 8000));
+    s.extend(ext_req(0, CMD_DISC, 11, 0, 0));
+    s
+}
+
 fn requests() -> Vec<u8> {
     let mut s = Vec::new();
     s.extend(req(0, CMD_READ, 1, 0, 4096));
@@ -165,14 +196,26 @@ fn nbd_seeds() {
     let mut v = vec![1u8, OPT_LIST_META_CONTEXT as u8];
     v.extend_from_slice(&mc);
     put("nbd_proto", "opt-meta", &v);
-    // Cx (size, read_only, structured, meta_context, max_request), header.
-    let mut v = vec![2u8 | 0x80];
-    v.extend_from_slice(&(1u64 << 20).to_le_bytes());
-    v.extend_from_slice(&[0, 1, 1]);
-    v.extend_from_slice(&(1u32 << 16).to_le_bytes());
-    v.extend(req(CMD_FLAG_FUA, CMD_WRITE, 7, 4096, 512));
-    put("nbd_proto", "request", &v);
-    put("nbd_proto", "extents", &[3, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 2, 0, 16, 0, 0, 1]);
+    // Cx (size, read_only, replies, meta_context, max_request), header.
+    for (name, replies) in [("request", 1u8), ("request-extended", 2)] {
+        let mut v = vec![2u8 | 0x80];
+        v.extend_from_slice(&(1u64 << 20).to_le_bytes());
+        v.extend_from_slice(&[0, replies, 1]);
+        v.extend_from_slice(&(1u32 << 16).to_le_bytes());
+        if replies == 2 {
+            v.extend(ext_req(CMD_FLAG_FUA | CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 7, 4096, 512));
+        } else {
+            v.extend(req(CMD_FLAG_FUA, CMD_WRITE, 7, 4096, 512));
+        }
+        put("nbd_proto", name, &v);
+    }
+    // Extents (offset, len as u64, req_one, extents); sel 9 = extended.
+    let extents = [0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 16, 0, 0, 1];
+    for (name, sel) in [("extents", 3u8), ("extents-extended", 9)] {
+        let mut v = vec![sel];
+        v.extend_from_slice(&extents);
+        put("nbd_proto", name, &v);
+    }
 
     // Whole sessions: negotiation by hand, then requests.
     let mut s = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
@@ -209,6 +252,10 @@ fn nbd_seeds() {
     let mut v = vec![3u8];
     v.extend(requests());
     put("nbd_conn", "transmission-read-only", &v);
+    // Extended headers (mode bit 4) on the origin.
+    let mut v = vec![0x12u8];
+    v.extend(extended_requests());
+    put("nbd_conn", "transmission-extended-o", &v);
 }
 
 fn control_seeds() {

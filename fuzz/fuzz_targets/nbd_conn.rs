@@ -10,7 +10,9 @@
 //! Byte 0 is a mode: bit 0 serves the catalogue read-only; bit 1 prepends a
 //! valid handshake (client flags, STRUCTURED_REPLY, SET_META_CONTEXT
 //! base:allocation, GO) for the export picked by bits 2-3, so the rest of
-//! the input lands straight in the transmission phase. The target writes
+//! the input lands straight in the transmission phase; bit 4 makes that
+//! handshake ask for EXTENDED_HEADERS instead of STRUCTURED_REPLY, so the
+//! rest is read as 32-byte extended requests. The target writes
 //! the stream, half-closes, and reads replies until the server closes the
 //! connection: a server that does not close within 20 s is a hang.
 //! A panic on any server thread aborts the process (libFuzzer's hook).
@@ -141,10 +143,12 @@ fn lp(s: &str) -> Vec<u8> {
     v
 }
 
-/// A valid handshake ending in OPT_GO for `name`.
-fn handshake(name: &str) -> Vec<u8> {
+/// A valid handshake ending in OPT_GO for `name`, with structured replies
+/// or extended headers.
+fn handshake(name: &str, extended: bool) -> Vec<u8> {
     let mut s = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
-    s.extend(opt(OPT_STRUCTURED_REPLY, &[]));
+    let replies = if extended { OPT_EXTENDED_HEADERS } else { OPT_STRUCTURED_REPLY };
+    s.extend(opt(replies, &[]));
     let mut mc = lp(name);
     mc.extend_from_slice(&1u32.to_be_bytes());
     mc.extend(lp(BASE_ALLOCATION));
@@ -184,7 +188,7 @@ fn session(data: &[u8]) {
 
     let mut stream = Vec::with_capacity(rest.len() + 128);
     if mode & 2 != 0 {
-        stream.extend(handshake(EXPORTS[(mode as usize >> 2) % 4]));
+        stream.extend(handshake(EXPORTS[(mode as usize >> 2) % 4], mode & 0x10 != 0));
     }
     stream.extend_from_slice(rest);
 
