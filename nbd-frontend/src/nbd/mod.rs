@@ -1,6 +1,6 @@
 //! The NBD protocol server (fixed newstyle negotiation, simple and
-//! structured replies, `base:allocation`), after `doc/proto.md` of the
-//! NetworkBlockDevice/nbd repository.
+//! structured replies, extended headers, `base:allocation`), after
+//! `doc/proto.md` of the NetworkBlockDevice/nbd repository.
 //!
 //! # Public API (what the CLI wires up)
 //!
@@ -30,14 +30,26 @@
 //!   without progress its writes time out and it is dropped.
 //! - Requests up to `max_request` (64 MiB) are served; larger ones get an
 //!   error without allocation (a WRITE's payload is read and discarded).
+//! - Extended headers (`NBD_OPT_EXTENDED_HEADERS`, qemu 8.2+ asks first):
+//!   32-byte requests with 64-bit lengths, and every reply an extended
+//!   chunk (errors too; BLOCK_STATUS as BLOCK_STATUS_EXT). TRIM,
+//!   WRITE_ZEROES and BLOCK_STATUS then take 64-bit lengths; READ and
+//!   WRITE stay within `max_request`, and an announced payload over 32
+//!   bits ends the connection. They imply structured replies; a later
+//!   OPT_STRUCTURED_REPLY gets ERR_EXT_HEADER_REQD, and OPT_EXPORT_NAME
+//!   after them ends the connection (it cannot carry an error). Clients
+//!   that do not ask (libnbd before 1.18, the kernel) see no change.
 //! - Engine errors map through `Error::errno()` onto NBD errors; a deleted
 //!   version answers ESHUTDOWN. Protocol violations (bad magic, truncated
 //!   header, bad client flags, over-long options) end only that connection.
 //! - The wire format lives in [`proto`] as pure functions that never panic
-//!   on any input (fuzz targets: `parse_request_header`, `check_request`,
-//!   `parse_option_header`, `parse_option`, `extents_to_descriptors`).
-//! - Not supported: TLS (answered ERR_UNSUP), extended headers (ERR_UNSUP;
-//!   clients fall back to structured replies), NBD_CMD_CACHE (EINVAL).
+//!   on any input (fuzz targets: `parse_request_header`,
+//!   `parse_extended_request_header`, `check_request`,
+//!   `parse_option_header`, `parse_option`, `extents_to_descriptors`, the
+//!   reply encoders).
+//! - Not supported: TLS (answered ERR_UNSUP), NBD_CMD_CACHE (EINVAL),
+//!   payloads on commands other than WRITE (EINVAL, the payload drained;
+//!   `NBD_FLAG_BLOCK_STAT_PAYLOAD` is not advertised).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
