@@ -10,8 +10,11 @@
 //! A request that must wait is **handed off** to the server's shared
 //! [`WorkerPool`], so it does not hold up the requests behind it: FLUSH and
 //! FUA requests (they wait for a commit), and, while this connection's
-//! requests are slow (an average that suggests the disk or a lock, not
-//! memory), every request. The
+//! requests are slow (they spend, on average, longer off the CPU after
+//! blocking than a page-cache request takes in all: the disk), every
+//! request. A request that is long but never blocks (busy copying), or
+//! blocks only briefly (a lock), is not slow: on more threads it would
+//! only contend for the same cores and locks. The
 //! pool writes the reply itself, under the reply buffer's lock. A
 //! connection has at most `parallel` requests in the pool; beyond that,
 //! or when the pool's queue is full, it runs them inline.
@@ -298,10 +301,35 @@ impl<B: Backend> Connection<B> {
         Ok(())
     }
 
-    fn note_time(&self, started: Instant, bytes: usize) {
-        let spent = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
-        let copying = (bytes as u64 / COPY_BYTES_PER_US).saturating_mul(1000);
-        let sample = spent.saturating_sub(copying);
+    /// Start timing a request. While the connection's requests cost more
+    /// than a quarter of the slow mark, also read the thread's usage (a
+    /// `getrusage`, cheap next to such a request): then only time spent
+    /// off the CPU after blocking counts. A request that never blocked was
+    /// busy on the CPU, and one that blocked only briefly met a lock: on
+    /// more threads either would only contend for the same cores and
+    /// locks. Reads from the disk are what overlapping pays for.
+    fn start_timing(&self, cmd: &Command) -> Option<Timing> {
+        if waits_for_commit(cmd) {
+            // A commit's wait says nothing about the data path.
+            return None;
+        }
+        let suspect = self.slowness_ns.load(Ordering::Relaxed) > SLOW_REQUEST_NS / 4;
+        Some(Timing {
+            started: Instant::now(),
+            usage: suspect.then(ThreadUsage::now).flatten(),
+        })
+    }
+
+    fn note_time(&self, timing: Option<Timing>, bytes: usize) {
+        let Some(t) = timing else { return };
+        let spent = t.started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        let sample = match (t.usage, ThreadUsage::now()) {
+            (Some(before), Some(after)) if after.blocks == before.blocks => 0,
+            (Some(before), Some(after)) => {
+                spent.saturating_sub(after.cpu_ns.saturating_sub(before.cpu_ns))
+            }
+            _ => spent.saturating_sub((bytes as u64 / COPY_BYTES_PER_US).saturating_mul(1000)),
+        };
         let avg = self.slowness_ns.load(Ordering::Relaxed);
         // A moving average over about eight requests.
         let next = avg - avg / 8 + sample / 8;
@@ -322,6 +350,34 @@ impl<B: Backend> Connection<B> {
         while *n > 0 {
             n = self.pool_done.wait(n).unwrap_or_else(|p| p.into_inner());
         }
+    }
+}
+
+/// When a request started, and the thread's usage then (when watched).
+struct Timing {
+    started: Instant,
+    usage: Option<ThreadUsage>,
+}
+
+/// The calling thread's voluntary context switches (it waited on I/O, a
+/// lock or a condition that many times) and CPU time so far.
+#[derive(Clone, Copy)]
+struct ThreadUsage {
+    blocks: u64,
+    cpu_ns: u64,
+}
+
+impl ThreadUsage {
+    fn now() -> Option<ThreadUsage> {
+        // SAFETY: getrusage writes one rusage struct into the zeroed one
+        // we own; RUSAGE_THREAD asks about the calling thread only.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+        let micros = |t: libc::timeval| (t.tv_sec as u64) * 1_000_000 + t.tv_usec as u64;
+        (rc == 0).then(|| ThreadUsage {
+            blocks: usage.ru_nvcsw as u64,
+            cpu_ns: (micros(usage.ru_utime) + micros(usage.ru_stime)) * 1000,
+        })
     }
 }
 
@@ -387,9 +443,9 @@ fn hand_off<B: Backend>(
 
 fn run_in_pool<B: Backend>(conn: &Connection<B>, req: Request, payload: Vec<u8>) {
     let mut reply = ReplyBuf::default();
-    let started = Instant::now();
+    let timing = conn.start_timing(&req.cmd);
     let hold = conn.exec.run(req.to, req.cmd, &payload, &mut reply);
-    conn.note_time(started, payload.len().max(reply.data.len()));
+    conn.note_time(timing, payload.len().max(reply.data.len()));
     drop(payload);
     // The outbox keeps a FLUSH's hold until its reply is out.
     conn.outbox.reply_from_pool(&reply.head, &reply.data, hold);
@@ -559,9 +615,9 @@ fn run_inline<B: Backend>(
     payload: &[u8],
     reply: &mut ReplyBuf,
 ) {
-    let started = Instant::now();
+    let timing = conn.start_timing(&req.cmd);
     let hold = conn.exec.run(req.to, req.cmd, payload, reply);
-    conn.note_time(started, payload.len().max(reply.data.len()));
+    conn.note_time(timing, payload.len().max(reply.data.len()));
     // A FLUSH run inline (its share of the pool used up) still pushes its
     // reply out before its hold goes.
     conn.outbox
