@@ -210,8 +210,10 @@ fd_filter() {
 }
 # Optional: fdatasync/fsync calls of the server during the job (perf is not
 # installed by this script). For snapmv, split by file: COW and origin.
+# FW_PERF=0 skips it (perf's syscall tracepoints slow every syscall of the
+# traced server a little).
 PERF_OK=0
-if command -v perf >/dev/null \
+if [ "${FW_PERF:-1}" != 0 ] && command -v perf >/dev/null \
    && perf stat -x, -e syscalls:sys_enter_fdatasync -o /dev/null -- true 2>/dev/null; then
   PERF_OK=1
 fi
@@ -284,19 +286,20 @@ one_run() {
   [ "$rc" = 0 ] || { echo "first_write.sh: fio failed ($rc) on $server, iodepth $qd" >&2; exit 1; }
   local hwm; hwm=$(vm_hwm_kib "$SERVER_PID")
   stop_server
-  local staged="" destaged=""
+  local staged="" destaged="" commits=""
   if [ "$server" = snapmv ]; then
     [ "$SERVER_RC" = 0 ] || { echo "first_write.sh: snapmv serve exited $SERVER_RC; log:" >&2; tail -20 "$D/server.log" >&2; exit 1; }
     # The shutdown line: "first-write staging cow=... staged=N destaged=M".
     staged=$(grep 'first-write staging' "$D/server.log" | grep -o ' staged=[0-9]*' | tail -1 | cut -d= -f2 || true)
     destaged=$(grep 'first-write staging' "$D/server.log" | grep -o ' destaged=[0-9]*' | tail -1 | cut -d= -f2 || true)
+    commits=$(grep 'first-write staging' "$D/server.log" | grep -o ' commits=[0-9]*' | tail -1 | cut -d= -f2 || true)
   fi
   cp "$D/server.log" "$WORK/server-$SEQ.log"
   rm -rf "$D"
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$SEQ" "$server" "$qd" "$json" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$SEQ" "$server" "$qd" "$json" \
     "$(awk -v a="$c0" -v b="$c1" -v t="$TCK" 'BEGIN { print (b - a) / t }')" \
     "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" \
-    "$hwm" "${staged:-}" "${destaged:-}" "$SERVER_RC" >>"$RESULTS"
+    "$hwm" "${staged:-}" "${destaged:-}" "$SERVER_RC" "${commits:-}" >>"$RESULTS"
 }
 
 for ((r = 0; r < ROUNDS; r++)); do
@@ -345,7 +348,7 @@ def perf_counts(path):
     return vals or None
 
 runs = []
-for rnd, seq, server, qd, path, cpu, wall, hwm, staged, destaged, src in rows:
+for rnd, seq, server, qd, path, cpu, wall, hwm, staged, destaged, src, commits in rows:
     j = json.load(open(path))["jobs"][0]
     w = j["write"]
     pct = w["clat_ns"].get("percentile", {})
@@ -360,7 +363,7 @@ for rnd, seq, server, qd, path, cpu, wall, hwm, staged, destaged, src in rows:
     runs.append(dict(round=int(rnd), seq=int(seq), server=server, qd=int(qd),
                      iops=w["iops"], ios=w["total_ios"], p50=pct.get("50.000000", 0) / 1e6,
                      p99=pct.get("99.000000", 0) / 1e6, cpu=float(cpu), wall=wall,
-                     hwm=int(hwm or 0), staged=staged, destaged=destaged, rc=src,
+                     hwm=int(hwm or 0), staged=staged, destaged=destaged, rc=src, commits=commits,
                      runtime=j["job_runtime"] / 1000.0, fs=fs, err=j.get("error", 0)))
 
 qds = sorted({r["qd"] for r in runs}, reverse=True)
@@ -408,13 +411,14 @@ if sm:
                      f"{r['fs']['origin'] / r['wall']:,.0f} (so about {r['fs']['cow'] / 2 / r['wall']:,.0f} "
                      "commits/s: a journal commit flushes the COW before and after its records; "
                      "checkpoints add a few)")
+        commits = (f"; {int(r['commits']):,} commits, {int(r['commits']) / r['wall']:,.0f}/s over the job"
+                   if r["commits"] else "")
         print(f"- round {r['round']}, QD{r['qd']}: peak RSS (VmHWM) {r['hwm'] / 1024:,.1f} MiB; "
               f"staged {r['staged'] or '?'}, destaged {r['destaged'] or '?'} (logged at shutdown; "
-              f"{r['ios']:,} writes){extra}")
+              f"{r['ios']:,} writes){commits}{extra}")
     print()
-    print("snapmv exposes no commit counter (not in `snapmv list --json` nor the serve log): "
-          "commits/s above is estimated from perf's count of fdatasync calls on the COW file"
-          + ("" if perf_ok else " — perf was not available in this run, so there is no estimate") + ".")
+    print("Commits are the server's own count (logged at shutdown; they include the snapshot's "
+          "commit before the job), per second of the job's wall time.")
     print()
 print("Every run:")
 print()

@@ -88,6 +88,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
             cow = %s.cow.display(),
             staged = st.staged,
             destaged = st.destaged,
+            commits = s.store.commits(),
             "first-write staging"
         );
         tracing::info!(cow = %s.cow.display(), "closing");

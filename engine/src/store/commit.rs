@@ -37,6 +37,8 @@ pub struct GroupCommit {
     changes: AtomicU64,
     /// FLUSHes whose replies are not yet sent (see "Flush cover").
     flushes_open: AtomicUsize,
+    /// Commits completed since the open (for statistics).
+    commits: AtomicU64,
 }
 
 impl GroupCommit {
@@ -67,7 +69,10 @@ impl GroupCommit {
             st = sync::lock_consistent(&self.st);
             st.running = false;
             match r {
-                Ok(gen) => st.done = st.done.max(gen),
+                Ok(gen) => {
+                    st.done = st.done.max(gen);
+                    self.commits.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(e) => {
                     st.failed = Some(e.to_string());
                     self.stopped.store(true, Ordering::Release);
@@ -75,6 +80,11 @@ impl GroupCommit {
             }
             self.cv.notify_all();
         }
+    }
+
+    /// Commits completed since the open.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// The highest generation known durable.

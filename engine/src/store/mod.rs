@@ -255,6 +255,12 @@ impl Store {
         self.inner.staging.stats()
     }
 
+    /// Commits (each one durable transaction, shared by every write it
+    /// covers) completed since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.inner.gc.commits()
+    }
+
     /// Commit, then write in place every staged origin chunk (the driver
     /// thread's step: call it a few milliseconds after writes were
     /// staged, so that one commit covers many of them). FLUSH, FUA,
