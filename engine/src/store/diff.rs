@@ -8,11 +8,14 @@
 //! of the range, skipping with `Meta::walk_cached` from one key range of
 //! `DiffKeys` to the next and from chunk to chunk, so it never visits a
 //! chunk without exceptions and passes over the exceptions of nodes that
-//! cannot matter. Each batch of at most `BATCH_STEPS` entries runs under
-//! the tree and metadata locks held shared (`Inner::lookup`): writes, reads
-//! and block status go on beside it, and a page the cache does not hold is
-//! read with no lock held. The keys are derived again for every batch, so
-//! a snapshot, delete or cleaner move in between is seen consistently.
+//! cannot matter; each candidate chunk is decided as the walk meets it.
+//! Each batch of at most `BATCH_STEPS` entries runs under the tree and
+//! metadata locks held shared (`Inner::lookup`): writes, reads and block
+//! status go on beside it, and a page the cache does not hold ends the
+//! batch (or, before anything is decided, is read with no lock held and
+//! the batch run again). The keys are derived again for every batch, so a
+//! snapshot, delete or cleaner move in between is seen consistently; each
+//! chunk is decided within one lock hold.
 //!
 //! What it sees: every mapping in memory, committed or not. A staged first
 //! write to an origin chunk (staging.rs) has already mapped its copy, so
@@ -28,7 +31,7 @@ use crate::dev::check_range;
 use crate::error::{Error, Result};
 use crate::meta::{Tree, Walk};
 use crate::store::api::{Diff, DiffExtent};
-use crate::vtree::diff::{next_step, same_content, DiffKeys, Side};
+use crate::vtree::diff::{next_step, same_content, Side};
 use crate::vtree::{NodeId, VTree, MAX_NODE};
 
 /// Index entries one batch visits under the shared locks (at least the
@@ -107,76 +110,91 @@ fn rollback_source(tree: &VTree, md: &MetaState, o: &OriginRt) -> Result<Option<
     }
 }
 
-/// One batch from chunk `start`, under the shared locks (pure: run again
-/// from scratch after a page miss).
+/// The two sides of a diff as the tree stands now, and the rollback
+/// source the origin's pending chunks read through.
+struct Sides {
+    from: Side,
+    to: Side,
+    rb_src: Option<NodeId>,
+}
+
+impl Sides {
+    fn new(tree: &VTree, md: &MetaState, o: &OriginRt, q: &DiffQuery) -> Result<Sides> {
+        Ok(Sides {
+            from: side(tree, o, q.from)?,
+            to: side(tree, o, q.to)?,
+            rb_src: rollback_source(tree, md, o)?,
+        })
+    }
+
+    /// Whether chunk `c` may differ, resolved exactly on both sides.
+    fn differ(&self, tree: &VTree, md: &MetaState, o: u32, c: u64) -> Result<bool> {
+        // Only the origin reads through the rollback's source, and only
+        // where the copier has not been yet.
+        let origin_side = self.from == Side::Origin || self.to == Side::Origin;
+        let pending = match self.rb_src {
+            Some(src) if origin_side => md.rollback_pending(o, c)?.map(|_| src),
+            _ => None,
+        };
+        let mut view = md.cached_view(o);
+        let a = tree.diff_source(self.from, c, &mut view, pending)?;
+        let b = tree.diff_source(self.to, c, &mut view, pending)?;
+        Ok(!same_content(a, b))
+    }
+}
+
+/// One batch from chunk `start`, under the shared locks: a walk over the
+/// exceptions that skips by `vtree::diff::next_step` and decides each
+/// candidate chunk as it meets it. It ends after `budget` entries (between
+/// chunks, never in the first one: progress), or at a page the cache does
+/// not hold once a chunk is decided: the next batch starts there, and the
+/// lookup fetches the page for it. Only a miss before anything is decided
+/// fails the batch (the lookup then fetches the page and runs it again),
+/// so a cold walk reads each page once and never redoes decided work.
 fn diff_batch(
     tree: &VTree,
     md: &MetaState,
     o: &OriginRt,
     q: &DiffQuery,
     (start, last): (u64, u64),
-    steps: usize,
-) -> Result<Batch> {
-    let (from, to) = (side(tree, o, q.from)?, side(tree, o, q.to)?);
-    let rb_src = rollback_source(tree, md, o)?;
-    let keys = tree.diff_keys(from, to, rb_src)?;
-    let (candidates, next) = candidates(md, o.num, &keys, (start, last), steps)?;
-    let mut view = md.cached_view(o.num);
-    let mut changed = Vec::with_capacity(candidates.len());
-    for c in candidates {
-        // Only the origin's side reads through the rollback's source, and
-        // only where the copier has not been yet.
-        let pending = match (from, to) {
-            (Side::Origin, _) | (_, Side::Origin) if rb_src.is_some() => {
-                md.rollback_pending(o.num, c)?.and(rb_src)
-            }
-            _ => None,
-        };
-        let a = tree.diff_source(from, c, &mut view, pending)?;
-        let b = tree.diff_source(to, c, &mut view, pending)?;
-        if !same_content(a, b) {
-            changed.push(c);
-        }
-    }
-    Ok((changed, next))
-}
-
-/// The chunks from `start` to `last` holding an exception keyed in `keys`,
-/// ascending, found by a skipping walk (`vtree::diff::next_step`); and the
-/// chunk to go on from when the budget of `steps` entries ran out first.
-fn candidates(
-    md: &MetaState,
-    o: u32,
-    keys: &DiffKeys,
-    (start, last): (u64, u64),
     budget: usize,
 ) -> Result<Batch> {
+    let sides = Sides::new(tree, md, o, q)?;
+    let keys = tree.diff_keys(sides.from, sides.to, sides.rb_src)?;
     let Some(first) = keys.first() else {
         return Ok((Vec::new(), None)); // one version on both sides
     };
-    let (mut found, mut resume, mut steps) = (Vec::new(), None, 0usize);
-    let lo = exc_key(o, start, first);
-    let hi = exc_key(o, last, MAX_NODE);
-    md.meta
+    let (mut changed, mut steps) = (Vec::new(), 0usize);
+    // Every chunk below `decided` is decided; `resume` is set by the budget.
+    let (mut decided, mut resume) = (start, None);
+    let (lo, hi) = (exc_key(o.num, start, first), exc_key(o.num, last, MAX_NODE));
+    let walked = md
+        .meta
         .walk_cached(Tree::Exceptions, lo, hi, &mut |key, _| {
             let (_, c, n) = split_key(key);
             steps += 1;
-            // Stop only between chunks, and never in the first: progress.
             if steps > budget && c > start {
                 resume = Some(c);
                 return Ok(Walk::Stop);
             }
-            let (candidate, next) = next_step(keys, c, n, last);
+            decided = c; // the walk only moves forward, and skips no key that counts
+            let (candidate, next) = next_step(&keys, c, n, last);
             if candidate {
-                found.push(c);
+                if sides.differ(tree, md, o.num, c)? {
+                    changed.push(c);
+                }
+                decided = c + 1;
             }
-            Ok(match next {
-                Some((c, n)) => Walk::Seek(exc_key(o, c, n)),
-                None => Walk::Stop,
-            })
-        })?;
-    assert!(found.windows(2).all(|w| w[0] < w[1]), "candidates ascend");
-    Ok((found, resume))
+            Ok(next.map_or(Walk::Stop, |(c, n)| Walk::Seek(exc_key(o.num, c, n))))
+        });
+    assert!(changed.windows(2).all(|w| w[0] < w[1]), "chunks ascend");
+    match walked {
+        Ok(()) => Ok((changed, resume)),
+        Err(Error::NotCached(_)) if decided > start => {
+            Ok((changed, (decided <= last).then_some(decided)))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Differing chunks gathered into byte extents within `[offset, end)`.
@@ -281,7 +299,8 @@ mod tests {
 
     /// Batches cut anywhere (one index entry each, a few) give the same
     /// extents as one long batch, over a tree of many leaves, with another
-    /// origin's exceptions beside it.
+    /// origin's exceptions beside it; so does a cold cache of a few pages,
+    /// whose misses end batches (nothing is read under the write lock).
     #[test]
     fn batches_of_any_size_agree() {
         const CS: u64 = 4096;
@@ -316,6 +335,7 @@ mod tests {
             (Some(a_tags[1]), None),
             (Some(a_tags[0]), Some(a_tags[3])),
         ];
+        let mut wholes = Vec::new();
         for (from, to) in pairs {
             let q = DiffQuery {
                 from,
@@ -355,6 +375,27 @@ mod tests {
                     "{from:?} {to:?}: chunk {c} missed"
                 );
             }
+            wholes.push((q, whole));
+        }
+        // Cold: closed (every page home), opened again with a cache of a
+        // few pages; its misses end batches, none is read under the lock.
+        let devs: Vec<Dev> = ["a", "b"]
+            .iter()
+            .map(|id| store.inner.origin_by_id(id).unwrap().dev().unwrap().clone())
+            .collect();
+        let cow = store.inner.cow.clone();
+        store.close().unwrap();
+        let cold =
+            Store::open_read_only(cow, &mut |id, _| Ok(devs[usize::from(id == "b")].clone()))
+                .unwrap();
+        cold.set_cache_budget(0);
+        let a = cold.inner.origin_by_id("a").unwrap();
+        for (q, whole) in wholes {
+            let before = cold.cache_stats();
+            assert_eq!(cold.inner.diff(&a, &q).unwrap(), whole, "cold");
+            let after = cold.cache_stats();
+            assert!(after.misses > before.misses + 10, "{after:?}");
+            assert_eq!(after.locked_misses, before.locked_misses, "{after:?}");
         }
     }
 }
