@@ -5,6 +5,7 @@
 //! which the control server runs too.
 
 use crate::control::{Client, Reply, Request};
+use crate::diff::DiffReport;
 use crate::lock::{self, LockMode};
 use crate::operations::{self, now};
 use crate::route::{route, Route};
@@ -409,6 +410,46 @@ pub fn list(cow: &Path, json: bool) -> Result<ExitCode> {
         println!("{}", st.to_json());
     } else {
         print!("{}", st.to_table());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `snapmv diff`: offline from the COW device alone (read-only; the
+/// origin's device need not be there), or live page by page through the
+/// server's control socket.
+pub fn diff(
+    cow: &Path,
+    id: &str,
+    versions: (Option<u64>, Option<u64>),
+    json: bool,
+) -> Result<ExitCode> {
+    let report = match route(cow, LockMode::Shared, true)? {
+        Route::Offline(_lock) => {
+            let store = open_store_lenient(cow)?;
+            let r = DiffReport::gather(id, versions, |offset| {
+                operations::diff_page(&store, id, versions, offset, usize::MAX)
+            });
+            close(store, cow)?;
+            r?
+        }
+        Route::Live(mut c) => DiffReport::gather(id, versions, |offset| {
+            let (from, to) = versions;
+            let req = Request::Diff {
+                origin: id.to_string(),
+                from,
+                to,
+                offset,
+            };
+            match c.call(&req)? {
+                Reply::Diff(page) => Ok(page),
+                other => bail!("unexpected reply to diff: {other:?}"),
+            }
+        })?,
+    };
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
     long_about = "Multi-version snapshots of block devices, served over NBD.\n\n\
         Every origin device keeps its data in place; snapshots live on a separate \
         COW device. While `snapmv serve` holds a COW device, `snapshot`, `delete`, \
-        `rollback` and `list` reach it through its control socket: <COW>.snapmv.sock \
+        `rollback`, `list` and `diff` reach it through its control socket: <COW>.snapmv.sock \
         next to a COW file or, for a block device or where that cannot be created \
         (read-only or FUSE directory), <runtime dir>/<escaped path>.sock, the runtime \
         dir being /run/snapmv for root, else $XDG_RUNTIME_DIR/snapmv, else \
@@ -88,6 +88,31 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// List the byte ranges where two versions of an origin may differ.
+    ///
+    /// For incremental backup and replication: it reads no data, only the
+    /// version tree and the exception index, and takes time with the
+    /// chunks holding exceptions, not the device size. Exact at chunk
+    /// granularity: a changed chunk is never missed; a chunk may be listed
+    /// whose bytes are equal all the same (rewritten with the same data,
+    /// or the origin after a rollback). FROM and TO are snapshot tags or
+    /// `origin`, any two versions of the origin (ancestor and descendant,
+    /// siblings, snapshot and origin); TO defaults to the origin. Offline
+    /// it needs only the COW device; while `snapmv serve` runs it asks the
+    /// server, and writes go on meanwhile.
+    Diff {
+        cow: PathBuf,
+        id: String,
+        #[arg(value_parser = parse_version)]
+        from: Version,
+        #[arg(value_parser = parse_version)]
+        to: Option<Version>,
+        /// Print one JSON object: `origin`, `from` and `to` (tags, or
+        /// "origin"), `chunk_size`, `extents` (each `offset` and `length`,
+        /// in bytes) and `bytes` (their total).
+        #[arg(long)]
+        json: bool,
+    },
     /// Verify all metadata (exit 0 clean, 1 damage found, 2 could not read).
     ///
     /// It needs only the COW device. An origin whose file is missing is
@@ -151,6 +176,21 @@ pub enum Cmd {
         #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "5ms")]
         commit_delay: std::time::Duration,
     },
+}
+
+/// A version of an origin on the command line: a snapshot tag, or the
+/// origin itself (`None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Version(pub Option<u64>);
+
+/// `origin`, or a snapshot tag.
+fn parse_version(s: &str) -> Result<Version, String> {
+    match s {
+        "origin" => Ok(Version(None)),
+        _ => parse_tag(s)
+            .map(|t| Version(Some(t)))
+            .map_err(|e| format!("{e}; or 'origin' for the origin itself")),
+    }
 }
 
 /// Tags are positive integers (0 would be the origin itself).
@@ -305,6 +345,35 @@ mod tests {
         assert!(parse_tag("0").is_err());
         assert!(parse_tag("-1").is_err());
         assert!(parse_tag("x").is_err());
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("origin"), Ok(Version(None)));
+        assert_eq!(parse_version("3"), Ok(Version(Some(3))));
+        assert!(parse_version("0").unwrap_err().contains("'origin'"));
+        assert!(parse_version("x").is_err());
+        let cli = Cli::try_parse_from(["snapmv", "diff", "c", "o", "2"]).unwrap();
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Diff {
+                from: Version(Some(2)),
+                to: None,
+                json: false,
+                ..
+            }
+        ));
+        let cli =
+            Cli::try_parse_from(["snapmv", "diff", "c", "o", "origin", "4", "--json"]).unwrap();
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Diff {
+                from: Version(None),
+                to: Some(Version(Some(4))),
+                json: true,
+                ..
+            }
+        ));
     }
 
     #[test]

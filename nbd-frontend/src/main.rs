@@ -4,6 +4,7 @@
 mod admin;
 mod cli;
 mod control;
+mod diff;
 mod driver;
 mod lock;
 mod operations;
@@ -62,6 +63,13 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Delete { cow, id, tag } => admin::delete(&cow, &id, tag),
         Cmd::Rollback { cow, id, tag, wait } => admin::rollback(&cow, &id, tag, wait),
         Cmd::List { cow, json } => admin::list(&cow, json),
+        Cmd::Diff {
+            cow,
+            id,
+            from,
+            to,
+            json,
+        } => admin::diff(&cow, &id, (from.0, to.and_then(|t| t.0)), json),
         Cmd::Check { cow, json, repair } => match repair {
             true => repair::run(&cow, json),
             false => admin::check(&cow, json),

@@ -485,3 +485,48 @@ fn exclusive_lock_refuses_a_second_opener() {
     snapmv(&["list", s(&f.cow)]).ok();
     snapmv(&["delete", s(&f.cow), "sdb1", "1"]).fails_with(1, &["locked"]);
 }
+
+/// `diff` offline: versions that read the same chunks give no extents,
+/// in both forms; tags are taken as `snapshot` and `delete` take them, plus
+/// `origin`; errors name what is wrong. It needs only the COW device.
+#[test]
+fn diff_offline() {
+    let f = Fixture::bound();
+    snapmv(&["snapshot", s(&f.cow), "sdb1"]).ok();
+    snapmv(&["snapshot", s(&f.cow), "sdb1", "--of", "1"]).ok();
+    let r = snapmv(&["diff", s(&f.cow), "sdb1", "1", "--json"]).ok();
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["bytes", "chunk_size", "extents", "from", "origin", "to"]
+    );
+    assert_eq!(
+        v,
+        serde_json::json!({"origin": "sdb1", "from": 1, "to": "origin",
+            "chunk_size": 65536, "extents": [], "bytes": 0})
+    );
+    let v: Value = serde_json::from_str(
+        &snapmv(&["diff", s(&f.cow), "sdb1", "origin", "2", "--json"])
+            .ok()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!((&v["from"], &v["to"]), (&"origin".into(), &2.into()));
+    let table = snapmv(&["diff", s(&f.cow), "sdb1", "2", "1"]).ok().stdout;
+    assert!(table.starts_with("              OFFSET"), "{table}");
+    assert!(
+        table.ends_with("total: 0 bytes in 0 extent(s) may differ between sdb1@2 and sdb1@1 (chunk size 65536)\n"),
+        "{table}"
+    );
+    // The origin's device is not needed: diff reads no data.
+    std::fs::rename(&f.origin, f.path("moved")).unwrap();
+    snapmv(&["diff", s(&f.cow), "sdb1", "1", "2"]).ok();
+    std::fs::rename(f.path("moved"), &f.origin).unwrap();
+    snapmv(&["diff", s(&f.cow), "sdb1", "9"]).fails_with(1, &["snapshot 9", "sdb1"]);
+    snapmv(&["diff", s(&f.cow), "nosuch", "1"]).fails_with(1, &["nosuch"]);
+    snapmv(&["diff", s(&f.cow), "sdb1", "0"]).fails_with(2, &["'origin'"]);
+    snapmv(&["diff", s(&f.cow), "sdb1", "x"]).fails_with(2, &["not a snapshot tag"]);
+    snapmv(&["diff", s(&f.cow), "sdb1"]).fails_with(2, &["FROM"]);
+}

@@ -20,13 +20,18 @@
 //! <- {"reply":"tag","tag":1}
 //! -> {"op":"delete","origin":"orig","tag":9}
 //! <- {"reply":"error","message":"cannot delete snapshot 9 of origin orig: no snapshot with tag 9 on origin orig"}
+//! -> {"op":"diff","origin":"orig","from":1,"to":null,"offset":0}
+//! <- {"reply":"diff","chunk_size":65536,"size":1073741824,"extents":[{"offset":0,"length":131072}],"end":1073741824}
 //! -> {"op":"rollback_progress","seen":{"origin":"orig","tag":1,"done_chunks":64,"total_chunks":256},"wait_ms":500}
 //! <- {"reply":"rollback_progress","rollback":{"origin":"orig","tag":1,"done_chunks":128,"total_chunks":256}}
 //! ```
 //!
 //! `list` replies with the whole status (every snapshot, with its space
 //! accounting), so its cost grows with the snapshot count; `hello` and
-//! `rollback_progress` cost the same whatever the store holds.
+//! `rollback_progress` cost the same whatever the store holds. A `diff`
+//! reply is one page of at most 65,536 extents (its `end` says where the
+//! next page starts); its cost grows with the chunks holding exceptions in
+//! the part of the device it covers.
 
 mod client;
 mod server;
@@ -34,7 +39,7 @@ mod wire;
 
 pub use client::Client;
 pub use server::ControlServer;
-pub use wire::{Reply, Request};
+pub use wire::{DiffPage, ExtentWire, Reply, Request};
 
 use anyhow::{bail, Context, Result};
 use std::os::fd::{AsRawFd, OwnedFd};

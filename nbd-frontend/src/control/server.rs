@@ -416,6 +416,13 @@ fn handle(req: Request, shared: &Shared) -> Reply {
             }
             r.map(|()| Reply::Ok)
         }
+        Request::Diff {
+            origin,
+            from,
+            to,
+            offset,
+        } => operations::diff_page(store, &origin, (from, to), offset, operations::DIFF_PAGE)
+            .map(Reply::Diff),
         Request::RollbackProgress { seen, wait_ms } => Ok(Reply::RollbackProgress {
             rollback: rollback_progress(shared, seen, Duration::from_millis(wait_ms)),
         }),

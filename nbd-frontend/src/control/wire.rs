@@ -30,6 +30,16 @@ pub enum Request {
         origin: String,
         tag: u64,
     },
+    /// One page of the byte ranges where versions `from` and `to` of
+    /// `origin` (null: the origin itself) may differ, from byte `offset`
+    /// to the end (`Reply::Diff`); the client asks again from its `end`.
+    Diff {
+        origin: String,
+        from: Option<u64>,
+        to: Option<u64>,
+        #[serde(default)]
+        offset: u64,
+    },
     /// The rollback in progress, without the rest of the status. With
     /// `seen` (what an earlier reply said), the server answers only once
     /// the rollback is no longer there (it moved on, ended, or another
@@ -56,6 +66,7 @@ pub enum Reply {
         tag: u64,
     },
     Ok,
+    Diff(DiffPage),
     /// `null` when no rollback is in progress.
     RollbackProgress {
         rollback: Option<RollbackWire>,
@@ -63,6 +74,24 @@ pub enum Reply {
     Error {
         message: String,
     },
+}
+
+/// A byte range of a diff.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtentWire {
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// One page of a diff (`Request::Diff`): extents from the request's
+/// offset, ascending; every differing byte before `end` is in them. `end`
+/// is the origin's `size` on the last page.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DiffPage {
+    pub chunk_size: u32,
+    pub size: u64,
+    pub extents: Vec<ExtentWire>,
+    pub end: u64,
 }
 
 /// Serialise `message` as one line into `buf` (reused across calls, so a
@@ -165,6 +194,34 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&Reply::RollbackProgress { rollback: None }).unwrap(),
             r#"{"reply":"rollback_progress","rollback":null}"#
+        );
+    }
+
+    #[test]
+    fn diff_wire_format() {
+        let r: Request =
+            serde_json::from_str(r#"{"op":"diff","origin":"o","from":2,"to":null}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Diff {
+                origin: "o".into(),
+                from: Some(2),
+                to: None,
+                offset: 0
+            }
+        );
+        let page = Reply::Diff(DiffPage {
+            chunk_size: 4096,
+            size: 8192,
+            extents: vec![ExtentWire {
+                offset: 4096,
+                length: 4096,
+            }],
+            end: 8192,
+        });
+        assert_eq!(
+            serde_json::to_string(&page).unwrap(),
+            r#"{"reply":"diff","chunk_size":4096,"size":8192,"extents":[{"offset":4096,"length":4096}],"end":8192}"#
         );
     }
 
