@@ -102,9 +102,12 @@ impl Outbox {
         self.lock().broken
     }
 
-    /// Bytes queued and not yet sent.
-    pub fn pending(&self) -> usize {
-        self.lock().pending()
+    /// Whether the connection's thread should send before it reads on:
+    /// `flush_at` bytes are queued, or a FLUSH's reply (whose hold makes
+    /// every completing write durable on its own until it is out).
+    pub fn needs_push(&self, flush_at: usize) -> bool {
+        let q = self.lock();
+        q.pending() >= flush_at || !q.holds.is_empty()
     }
 
     /// Queue one inline reply; send the queue once it passes `flush_at`
@@ -121,11 +124,20 @@ impl Outbox {
             let ok =
                 write_all_vectored(&self.stream, &mut [IoSlice::new(head), IoSlice::new(data)]);
             drop(hold);
-            return self.sent_outside(ok);
+            self.sent_outside(ok);
+            // A pool thread may have queued a FLUSH reply meanwhile: its
+            // hold makes every write completing before it goes out durable
+            // on its own, so it must not wait for our next pause.
+            if self.lock().holds.is_empty() {
+                return;
+            }
+            return self.send_blocking();
         }
         q.buf.extend_from_slice(head);
         q.buf.extend_from_slice(data);
-        let push = hold.is_some() || q.pending() >= flush_at;
+        // Queued holds (ours or a pool thread's FLUSH) go out at once: while
+        // one waits here, every completing write is made durable alone.
+        let push = hold.is_some() || !q.holds.is_empty() || q.pending() >= flush_at;
         if let Some(h) = hold {
             let end = q.buf.len();
             q.holds.push((end, h));

@@ -521,10 +521,10 @@ fn read_loop<B: Backend>(
         if conn.outbox.is_broken() {
             return End::WriterFailed;
         }
-        if conn.outbox.pending() >= REPLY_BUFFER {
+        if conn.outbox.needs_push(REPLY_BUFFER) {
             // Pool replies the client has not taken yet: no more requests
             // until they are out, so a client that does not read cannot
-            // make the queue grow.
+            // make the queue grow (and a FLUSH's reply waits for nobody).
             conn.outbox.send_blocking();
         }
         let h = match next_header(rd, cx.replies, conn) {
