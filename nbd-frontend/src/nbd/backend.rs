@@ -30,7 +30,20 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// stops after 65536 chunks a call), which bounds the work of a 64-bit
     /// BLOCK_STATUS from a client with extended headers.
     fn block_status(&self, offset: u64, len: u64) -> BResult<Vec<Extent>>;
+    /// Where this version may differ from version `other` of the same
+    /// origin (`None`: the origin), from `offset` on: ascending `(offset,
+    /// len)` ranges, and how far they describe (the end of the range, or
+    /// less when the engine cut its answer short). From current metadata
+    /// at every call; never misses a differing byte before that end.
+    fn diff_from(&self, other: Option<u64>, offset: u64, len: u64) -> BResult<DiffRanges>;
 }
+
+/// Changed ranges and how far they describe (`Backend::diff_from`).
+pub type DiffRanges = (Vec<(u64, u64)>, u64);
+
+/// Extents one `diff_from` returns at most (the client asks again from
+/// where the reply ends).
+pub const DIFF_MAX_EXTENTS: usize = 4096;
 
 impl Backend for Volume {
     fn size(&self) -> u64 {
@@ -57,6 +70,11 @@ impl Backend for Volume {
     fn block_status(&self, offset: u64, len: u64) -> BResult<Vec<Extent>> {
         Volume::block_status(self, offset, len)
     }
+    fn diff_from(&self, other: Option<u64>, offset: u64, len: u64) -> BResult<DiffRanges> {
+        let d = Volume::diff_from(self, other, offset, len, DIFF_MAX_EXTENTS)?;
+        let ranges = d.extents.iter().map(|e| (e.offset, e.len)).collect();
+        Ok((ranges, d.end))
+    }
 }
 
 /// `base:allocation` flags for an engine extent kind. A snapshot's shared
@@ -67,6 +85,21 @@ pub fn allocation_flags(kind: ExtentKind) -> u32 {
         ExtentKind::Own => 0,
         ExtentKind::Shared => STATE_HOLE,
         ExtentKind::Zero => STATE_HOLE | STATE_ZERO,
+    }
+}
+
+/// `qemu:allocation-depth` for an engine extent kind: 0 reads as zeros
+/// with nothing behind it, 1 is data on the COW device that this version
+/// reads (its own copy: copied when the origin moved on, or written to
+/// it; for the origin, all of it), 2 is data still read from the origin's
+/// device in place, the one layer every snapshot inherits from. The engine
+/// does not tell a copy made for this snapshot from one made for an
+/// ancestor it shares (both are `Own`), so the depth is at most 2.
+pub fn allocation_depth(kind: ExtentKind) -> u32 {
+    match kind {
+        ExtentKind::Zero => 0,
+        ExtentKind::Own => 1,
+        ExtentKind::Shared => 2,
     }
 }
 
@@ -106,16 +139,42 @@ pub mod mem {
         pub delay_ms: Arc<AtomicUsize>,
         pub slow_offset: Arc<AtomicU64>,
         pub flushes: Arc<AtomicUsize>,
+        /// Every version of this backend's origin by tag (`None`: the
+        /// origin), for `diff_from`.
+        pub versions: Versions,
     }
+
+    pub type Versions = Arc<Mutex<BTreeMap<Option<u64>, Arc<RwLock<Vec<u8>>>>>>;
 
     impl MemBackend {
         pub fn new(size: usize) -> Self {
+            let data = Arc::new(RwLock::new(vec![0; size]));
+            let versions = Arc::new(Mutex::new(BTreeMap::from([(None, data.clone())])));
             MemBackend {
-                data: Arc::new(RwLock::new(vec![0; size])),
+                data,
                 live: Arc::new(AtomicBool::new(true)),
                 delay_ms: Arc::new(AtomicUsize::new(0)),
                 slow_offset: Arc::new(AtomicU64::new(ANY)),
                 flushes: Arc::new(AtomicUsize::new(0)),
+                versions,
+            }
+        }
+        /// A snapshot: a copy of this version's bytes now, known to every
+        /// version of the origin as `tag`.
+        pub fn snapshot(&self, tag: u64) -> MemBackend {
+            let copy = self.data.read().unwrap().clone();
+            let data = Arc::new(RwLock::new(copy));
+            self.versions
+                .lock()
+                .unwrap()
+                .insert(Some(tag), data.clone());
+            MemBackend {
+                data,
+                live: Arc::new(AtomicBool::new(true)),
+                delay_ms: Arc::new(AtomicUsize::new(0)),
+                slow_offset: Arc::new(AtomicU64::new(ANY)),
+                flushes: Arc::new(AtomicUsize::new(0)),
+                versions: self.versions.clone(),
             }
         }
         fn pause(&self, offset: u64) {
@@ -207,6 +266,38 @@ pub mod mem {
                 pos = end;
             }
             Ok(out)
+        }
+        fn diff_from(&self, other: Option<u64>, offset: u64, len: u64) -> BResult<DiffRanges> {
+            self.check(offset, len)?;
+            let Some(theirs) = self.versions.lock().unwrap().get(&other).cloned() else {
+                return Err(Error::NoSuchSnapshot {
+                    origin: "mem".into(),
+                    tag: other.unwrap_or(0),
+                });
+            };
+            // 4 KiB blocks that differ byte for byte, clipped to the range.
+            let end = offset + len;
+            let mut out: Vec<(u64, u64)> = Vec::new();
+            let mut pos = offset - offset % 4096;
+            while pos < end {
+                let next = (pos + 4096).min(end);
+                let differs = if Arc::ptr_eq(&theirs, &self.data) {
+                    false
+                } else {
+                    let (a, b) = (self.data.read().unwrap(), theirs.read().unwrap());
+                    let r = pos as usize..next as usize;
+                    a.get(r.clone()) != b.get(r)
+                };
+                let lo = pos.max(offset);
+                if differs {
+                    match out.last_mut() {
+                        Some(l) if l.0 + l.1 == lo => l.1 += next - lo,
+                        _ => out.push((lo, next - lo)),
+                    }
+                }
+                pos = next;
+            }
+            Ok((out, end))
         }
     }
 

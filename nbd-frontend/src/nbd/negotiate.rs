@@ -25,7 +25,9 @@ pub struct Negotiated<B> {
     pub flags: u16,
     /// Request and reply framing (extended headers, structured, simple).
     pub replies: ReplyStyle,
-    pub meta_context: bool,
+    /// The metadata contexts selected for this export, with their ids (in
+    /// the order BLOCK_STATUS replies send their chunks); empty: none.
+    pub contexts: Vec<(u32, MetaContext)>,
 }
 
 pub enum Outcome<B> {
@@ -72,8 +74,9 @@ struct State<'a, B> {
     server_read_only: bool,
     no_zeroes: bool,
     replies: ReplyStyle,
-    /// The export for which `base:allocation` was selected, if any.
-    meta_for: Option<String>,
+    /// The export the last OPT_SET_META_CONTEXT named, and what it
+    /// selected there (maybe nothing).
+    meta_for: Option<(String, Vec<(u32, MetaContext)>)>,
 }
 
 fn send<W: Write>(w: &mut W, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
@@ -113,7 +116,10 @@ impl<B: Backend> State<'_, B> {
             size: export.backend.size(),
             flags: transmission_flags(read_only, chunked),
             replies: self.replies,
-            meta_context: chunked && self.meta_for.as_deref() == Some(client_name),
+            contexts: match &self.meta_for {
+                Some((n, c)) if chunked && n == client_name => c.clone(),
+                _ => Vec::new(),
+            },
             name,
             export,
         }
@@ -234,7 +240,7 @@ impl<B: Backend> State<'_, B> {
             return Ok(None);
         }
         info!(export = %n.name, replies = ?n.replies,
-              meta_context = n.meta_context, "client attached (OPT_GO)");
+              contexts = n.contexts.len(), "client attached (OPT_GO)");
         Ok(Some(Outcome::Transmission(Box::new(n))))
     }
 
@@ -253,32 +259,118 @@ impl<B: Backend> State<'_, B> {
             let why = "structured replies or extended headers must be negotiated first";
             return send_err(w, option, REP_ERR_INVALID, why);
         }
-        if self.resolve(&name).is_none() {
+        let Some((canonical, _)) = self.resolve(&name) else {
             let why = format!("no export named {name:?}");
             return send_err(w, option, REP_ERR_UNKNOWN, &why);
-        }
-        let mut matched = !set && queries.is_empty();
-        let mut invalid = None;
+        };
+        let mut parsed = Vec::with_capacity(queries.len());
         for q in queries {
-            match query_matches_base_allocation(q, !set) {
-                Ok(m) => matched |= m,
-                Err(OptInvalid(why)) => invalid = Some(why),
+            match parse_meta_query(q) {
+                Ok(m) => parsed.push(m),
+                Err(OptInvalid(why)) => return send_err(w, option, REP_ERR_INVALID, why),
             }
         }
-        if let Some(why) = invalid {
-            return send_err(w, option, REP_ERR_INVALID, why);
+        let origin = canonical.split_once('@').map_or(&canonical[..], |(o, _)| o);
+        if !set {
+            // LIST: an empty query list means every context we serve.
+            if parsed.is_empty() {
+                parsed = vec![
+                    MetaQuery::Namespace(Namespace::Base),
+                    MetaQuery::Namespace(Namespace::Qemu),
+                    MetaQuery::Namespace(Namespace::Snapmv),
+                ];
+            }
+            let mut listed = Vec::new();
+            for q in parsed {
+                for c in self.expand(origin, q) {
+                    if !listed.contains(&c) {
+                        listed.push(c);
+                    }
+                }
+            }
+            for c in listed {
+                // The id in a LIST reply is reserved: zero.
+                send(w, option, REP_META_CONTEXT, &meta_context_reply(0, &c))?;
+            }
+            return send_ack(w, option);
         }
-        if matched {
-            let id = if set { BASE_ALLOCATION_ID } else { 0 };
-            let mut d = id.to_be_bytes().to_vec();
-            d.extend_from_slice(BASE_ALLOCATION.as_bytes());
-            send(w, option, REP_META_CONTEXT, &d)?;
-            if set {
-                self.meta_for = Some(name);
+        // SET: only full names select; wildcards and unknown names are
+        // ignored, as is a changed-since tag that names no live snapshot
+        // of this origin.
+        let mut chosen: Vec<MetaContext> = Vec::new();
+        for q in parsed {
+            let MetaQuery::Exact(c) = q else { continue };
+            if !chosen.contains(&c) && self.servable(origin, c) {
+                chosen.push(c);
             }
         }
+        if chosen.len() > MAX_SELECTED_CONTEXTS {
+            let why = format!("at most {MAX_SELECTED_CONTEXTS} metadata contexts at once");
+            return send_err(w, option, REP_ERR_TOO_BIG, &why);
+        }
+        let mut next = CHANGED_SINCE_FIRST_ID;
+        let mut selected = Vec::with_capacity(chosen.len());
+        for c in chosen {
+            let id = match c {
+                MetaContext::BaseAllocation => BASE_ALLOCATION_ID,
+                MetaContext::AllocationDepth => ALLOCATION_DEPTH_ID,
+                MetaContext::ChangedSince(_) => {
+                    next += 1;
+                    next - 1
+                }
+            };
+            send(w, option, REP_META_CONTEXT, &meta_context_reply(id, &c))?;
+            selected.push((id, c));
+        }
+        self.meta_for = Some((name, selected));
         send_ack(w, option)
     }
+
+    /// Whether `c` can be served on an export of `origin`: a changed-since
+    /// tag must name a live snapshot of it (checked again, by the engine,
+    /// at every BLOCK_STATUS).
+    fn servable(&self, origin: &str, c: MetaContext) -> bool {
+        match c {
+            MetaContext::ChangedSince(Some(t)) => self
+                .catalog
+                .open(&format!("{origin}@{t}"))
+                .is_some_and(|e| e.backend.is_live()),
+            _ => true,
+        }
+    }
+
+    /// The contexts a LIST query names on an export of `origin`. A
+    /// changed-since wildcard lists the newest `MAX_LISTED_TAGS` snapshots
+    /// of the origin and `origin` itself; older tags stay selectable.
+    fn expand(&self, origin: &str, q: MetaQuery) -> Vec<MetaContext> {
+        let changed = || {
+            let prefix = format!("{origin}@");
+            let mut tags: Vec<u64> = self
+                .catalog
+                .list()
+                .iter()
+                .filter_map(|n| n.strip_prefix(&prefix)?.parse().ok())
+                .collect();
+            tags.sort_unstable_by(|a, b| b.cmp(a));
+            tags.truncate(MAX_LISTED_TAGS);
+            let mut v = vec![MetaContext::ChangedSince(None)];
+            v.extend(tags.into_iter().map(|t| MetaContext::ChangedSince(Some(t))));
+            v
+        };
+        match q {
+            MetaQuery::Exact(c) if self.servable(origin, c) => vec![c],
+            MetaQuery::Exact(_) | MetaQuery::Unknown => Vec::new(),
+            MetaQuery::Namespace(Namespace::Base) => vec![MetaContext::BaseAllocation],
+            MetaQuery::Namespace(Namespace::Qemu) => vec![MetaContext::AllocationDepth],
+            MetaQuery::Namespace(Namespace::Snapmv) | MetaQuery::AnyChangedSince => changed(),
+        }
+    }
+}
+
+fn meta_context_reply(id: u32, c: &MetaContext) -> Vec<u8> {
+    let mut d = id.to_be_bytes().to_vec();
+    d.extend_from_slice(c.name().as_bytes());
+    d
 }
 
 /// Read one option's header and payload; `None` when the client hung up.

@@ -99,6 +99,24 @@ pub const STATE_ZERO: u32 = 1 << 1;
 pub const BASE_ALLOCATION: &str = "base:allocation";
 /// The id we hand out for `base:allocation` in OPT_SET_META_CONTEXT.
 pub const BASE_ALLOCATION_ID: u32 = 1;
+/// `qemu:allocation-depth`: the whole 32-bit value is a depth (0 = zero or
+/// unallocated, 1 = this version's own data, 2 = read from the origin).
+pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+pub const ALLOCATION_DEPTH_ID: u32 = 2;
+/// `snapmv:changed-since:<tag>` (or `...:origin`): bit 0 set where the
+/// export may differ from that version of the same origin.
+pub const CHANGED_SINCE_PREFIX: &str = "snapmv:changed-since:";
+/// Bit 0 of `snapmv:changed-since:*` (like qemu's NBD_STATE_DIRTY).
+pub const STATE_CHANGED: u32 = 1 << 0;
+/// Ids of the `changed-since` contexts of one selection start here, in the
+/// order they were selected.
+pub const CHANGED_SINCE_FIRST_ID: u32 = 3;
+/// Contexts one OPT_SET_META_CONTEXT may select (each costs an engine walk
+/// and a reply chunk per BLOCK_STATUS); more is refused with ERR_TOO_BIG.
+pub const MAX_SELECTED_CONTEXTS: usize = 16;
+/// `changed-since` contexts listed for one wildcard LIST query (the
+/// newest tags); any other tag can still be selected by name.
+pub const MAX_LISTED_TAGS: usize = 256;
 
 // Error values the protocol allows on the wire (NBD_E*).
 pub const EPERM: u32 = 1;
@@ -287,14 +305,93 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, OptInvalid
 /// Which contexts of ours a meta-context query names. `list` is true for
 /// OPT_LIST_META_CONTEXT, where "base:" is a wildcard.
 pub fn query_matches_base_allocation(query: &str, list: bool) -> Result<bool, OptInvalid> {
+    Ok(match parse_meta_query(query)? {
+        MetaQuery::Exact(MetaContext::BaseAllocation) => true,
+        MetaQuery::Namespace(Namespace::Base) => list,
+        _ => false,
+    })
+}
+
+/// One metadata context we serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MetaContext {
+    /// `base:allocation`.
+    BaseAllocation,
+    /// `qemu:allocation-depth`.
+    AllocationDepth,
+    /// `snapmv:changed-since:<tag>`; `None` is `...:origin`.
+    ChangedSince(Option<u64>),
+}
+
+impl MetaContext {
+    /// The context's name on the wire.
+    pub fn name(&self) -> String {
+        match self {
+            MetaContext::BaseAllocation => BASE_ALLOCATION.into(),
+            MetaContext::AllocationDepth => ALLOCATION_DEPTH.into(),
+            MetaContext::ChangedSince(None) => format!("{CHANGED_SINCE_PREFIX}origin"),
+            MetaContext::ChangedSince(Some(t)) => format!("{CHANGED_SINCE_PREFIX}{t}"),
+        }
+    }
+}
+
+/// The namespaces we serve contexts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Namespace {
+    Base,
+    Qemu,
+    Snapmv,
+}
+
+/// What one meta-context query names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaQuery {
+    /// One context by its full name (selectable).
+    Exact(MetaContext),
+    /// `base:`, `qemu:` or `snapmv:`: every context of the namespace
+    /// (LIST only; a SET selects nothing with it).
+    Namespace(Namespace),
+    /// `snapmv:changed-since:` with no tag: every tag it may name (LIST
+    /// only).
+    AnyChangedSince,
+    /// A well-formed query for nothing we serve (another namespace, an
+    /// unknown leaf, a tag that is not a number): ignored, as the spec
+    /// asks.
+    Unknown,
+}
+
+/// A tag as export names write it: decimal, no sign, no leading zeros.
+fn parse_tag(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0'))
+    {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Parse one meta-context query. The only syntax error is a query without
+/// a namespace (no colon); anything else we do not serve is `Unknown`.
+/// Pure; never panics.
+pub fn parse_meta_query(query: &str) -> Result<MetaQuery, OptInvalid> {
     let Some((ns, leaf)) = query.split_once(':') else {
         return Err(OptInvalid("query has no namespace"));
     };
-    if ns != "base" {
-        // Unknown namespaces are ignored, as the spec requires.
-        return Ok(false);
-    }
-    Ok(leaf == "allocation" || (list && leaf.is_empty()))
+    Ok(match (ns, leaf) {
+        ("base", "") => MetaQuery::Namespace(Namespace::Base),
+        ("base", "allocation") => MetaQuery::Exact(MetaContext::BaseAllocation),
+        ("qemu", "") => MetaQuery::Namespace(Namespace::Qemu),
+        ("qemu", "allocation-depth") => MetaQuery::Exact(MetaContext::AllocationDepth),
+        ("snapmv", "") => MetaQuery::Namespace(Namespace::Snapmv),
+        ("snapmv", _) => match leaf.strip_prefix("changed-since:") {
+            Some("") => MetaQuery::AnyChangedSince,
+            Some("origin") => MetaQuery::Exact(MetaContext::ChangedSince(None)),
+            Some(tag) => parse_tag(tag)
+                .map(|t| MetaQuery::Exact(MetaContext::ChangedSince(Some(t))))
+                .unwrap_or(MetaQuery::Unknown),
+            None => MetaQuery::Unknown,
+        },
+        _ => MetaQuery::Unknown,
+    })
 }
 
 /// Encode one option reply.
@@ -703,17 +800,26 @@ pub struct ReplyTo {
 /// saturates at `u32::MAX`: the longest compact payload is a READ of at
 /// most `max_request` (a u32) plus 8.
 fn chunk_header(out: &mut Vec<u8>, style: ReplyStyle, kind: u16, to: ReplyTo, len: u64) {
+    chunk_header_flags(out, style, REPLY_FLAG_DONE, kind, to, len)
+}
+
+/// `chunk_header` with explicit flags (0 for a chunk that is not the last
+/// of its reply).
+fn chunk_header_flags(
+    out: &mut Vec<u8>,
+    style: ReplyStyle,
+    flags: u16,
+    kind: u16,
+    to: ReplyTo,
+    len: u64,
+) {
     match style {
-        ReplyStyle::Extended => out.extend_from_slice(&extended_header(
-            REPLY_FLAG_DONE,
-            kind,
-            to.handle,
-            to.offset,
-            len,
-        )),
+        ReplyStyle::Extended => {
+            out.extend_from_slice(&extended_header(flags, kind, to.handle, to.offset, len))
+        }
         ReplyStyle::Simple | ReplyStyle::Structured => {
             let len = u32::try_from(len).unwrap_or(u32::MAX);
-            out.extend_from_slice(&structured_header(REPLY_FLAG_DONE, kind, to.handle, len))
+            out.extend_from_slice(&structured_header(flags, kind, to.handle, len))
         }
     }
 }
@@ -771,9 +877,25 @@ pub fn encode_block_status(
     context: u32,
     descriptors: &[(u64, u32)],
 ) {
+    encode_block_status_chunk(out, style, to, context, descriptors, true)
+}
+
+/// One metadata context's status chunk; `done` marks the last chunk of the
+/// reply (a BLOCK_STATUS with several contexts selected sends one chunk
+/// per context, each with its own id).
+pub fn encode_block_status_chunk(
+    out: &mut Vec<u8>,
+    style: ReplyStyle,
+    to: ReplyTo,
+    context: u32,
+    descriptors: &[(u64, u32)],
+    done: bool,
+) {
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
     if style == ReplyStyle::Extended {
         let count = descriptors.len() as u64;
-        chunk_header(out, style, REPLY_TYPE_BLOCK_STATUS_EXT, to, 8 + 16 * count);
+        let len = 8 + 16 * count;
+        chunk_header_flags(out, style, flags, REPLY_TYPE_BLOCK_STATUS_EXT, to, len);
         out.extend_from_slice(&context.to_be_bytes());
         // A count of 0 means "see the length", which is never wrong.
         let count = u32::try_from(count).unwrap_or(0);
@@ -789,13 +911,45 @@ pub fn encode_block_status(
         .iter()
         .position(|&(len, _)| len > u64::from(u32::MAX))
         .map_or(descriptors.len(), |i| i + 1);
-    chunk_header(out, style, REPLY_TYPE_BLOCK_STATUS, to, 4 + 8 * kept as u64);
+    chunk_header_flags(
+        out,
+        style,
+        flags,
+        REPLY_TYPE_BLOCK_STATUS,
+        to,
+        4 + 8 * kept as u64,
+    );
     out.extend_from_slice(&context.to_be_bytes());
     for &(len, flags) in &descriptors[..kept] {
         let len = u32::try_from(len).unwrap_or(u32::MAX);
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&flags.to_be_bytes());
     }
+}
+
+/// `snapmv:changed-since` extents covering `[offset, end)` exactly:
+/// `changed` (ascending byte ranges where the versions may differ, as
+/// `Volume::diff_from` returns them) get `STATE_CHANGED`, the gaps between
+/// them 0. Ranges are clipped to `[offset, end)`; out-of-order or
+/// overlapping input is tolerated (never panics).
+pub fn changed_triples(offset: u64, end: u64, changed: &[(u64, u64)]) -> Vec<(u64, u64, u32)> {
+    let mut out = Vec::with_capacity(2 * changed.len() + 1);
+    let mut pos = offset;
+    for &(o, l) in changed {
+        let (o, e) = (o.max(pos), o.saturating_add(l).min(end));
+        if e <= o {
+            continue;
+        }
+        if o > pos {
+            out.push((pos, o - pos, 0));
+        }
+        out.push((o, e - o, STATE_CHANGED));
+        pos = e;
+    }
+    if pos < end {
+        out.push((pos, end - pos, 0));
+    }
+    out
 }
 
 /// At most this many descriptors go in one BLOCK_STATUS reply; the client
@@ -1051,6 +1205,71 @@ mod tests {
         assert_eq!(query_matches_base_allocation("base:", false), Ok(false));
         assert_eq!(query_matches_base_allocation("qemu:x", true), Ok(false));
         assert!(query_matches_base_allocation("nocolon", true).is_err());
+    }
+
+    #[test]
+    fn meta_queries_and_changed_triples() {
+        use MetaContext::*;
+        let q = |s| parse_meta_query(s);
+        assert_eq!(q("base:allocation"), Ok(MetaQuery::Exact(BaseAllocation)));
+        assert_eq!(
+            q("qemu:allocation-depth"),
+            Ok(MetaQuery::Exact(AllocationDepth))
+        );
+        assert_eq!(
+            q("snapmv:changed-since:0"),
+            Ok(MetaQuery::Exact(ChangedSince(Some(0))))
+        );
+        assert_eq!(
+            q("snapmv:changed-since:18446744073709551615"),
+            Ok(MetaQuery::Exact(ChangedSince(Some(u64::MAX))))
+        );
+        assert_eq!(
+            q("snapmv:changed-since:origin"),
+            Ok(MetaQuery::Exact(ChangedSince(None)))
+        );
+        assert_eq!(q("snapmv:changed-since:"), Ok(MetaQuery::AnyChangedSince));
+        assert_eq!(q("snapmv:"), Ok(MetaQuery::Namespace(Namespace::Snapmv)));
+        assert_eq!(q("qemu:"), Ok(MetaQuery::Namespace(Namespace::Qemu)));
+        assert_eq!(q("base:"), Ok(MetaQuery::Namespace(Namespace::Base)));
+        for unknown in [
+            "snapmv:changed-since:01",
+            "snapmv:changed-since:+1",
+            "snapmv:changed-since:18446744073709551616",
+            "snapmv:changed-since:1:2",
+            "snapmv:changed",
+            "qemu:dirty-bitmap:a",
+            "base:allocation:",
+            "x-a:b",
+            ":",
+        ] {
+            assert_eq!(q(unknown), Ok(MetaQuery::Unknown), "{unknown}");
+        }
+        assert!(q("nocolon").is_err());
+        for c in [
+            BaseAllocation,
+            AllocationDepth,
+            ChangedSince(None),
+            ChangedSince(Some(7)),
+        ] {
+            assert_eq!(parse_meta_query(&c.name()), Ok(MetaQuery::Exact(c)));
+        }
+        // Gaps are 0, changes 1, clipped to [offset, end).
+        assert_eq!(
+            changed_triples(100, 1000, &[(0, 200), (500, 100), (900, 500)]),
+            vec![
+                (100, 100, 1),
+                (200, 300, 0),
+                (500, 100, 1),
+                (600, 300, 0),
+                (900, 100, 1)
+            ]
+        );
+        assert_eq!(changed_triples(0, 10, &[]), vec![(0, 10, 0)]);
+        assert_eq!(
+            changed_triples(0, 10, &[(5, 2), (3, 4), (u64::MAX, 9)]),
+            vec![(0, 5, 0), (5, 2, 1), (7, 3, 0)]
+        );
     }
 
     fn ext_hdr(flags: u16, cmd: u16, offset: u64, len: u64) -> Vec<u8> {

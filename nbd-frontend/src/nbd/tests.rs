@@ -240,6 +240,96 @@ impl Raw {
             payload,
         }
     }
+    /// OPT_LIST_META_CONTEXT: the names listed (each with id 0), or the
+    /// error reply type.
+    fn list_meta(&mut self, name: &str, queries: &[&str]) -> Result<Vec<String>, u32> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        self.opt(OPT_LIST_META_CONTEXT, &d);
+        let mut names = Vec::new();
+        loop {
+            let (o, ty, data) = self.opt_reply();
+            assert_eq!(o, OPT_LIST_META_CONTEXT);
+            match ty {
+                REP_ACK => return Ok(names),
+                REP_META_CONTEXT => {
+                    assert_eq!(data[..4], [0; 4], "LIST replies carry id 0");
+                    names.push(String::from_utf8(data[4..].to_vec()).unwrap());
+                }
+                err => return Err(err),
+            }
+        }
+    }
+    /// A BLOCK_STATUS reply of several chunks (compact or extended): each
+    /// chunk's (context id, descriptors), checking that only the last one
+    /// is flagged done and that each names this request.
+    fn status_chunks(&mut self, handle: u64, extended: bool) -> Vec<(u32, Vec<(u64, u32)>)> {
+        let mut out = Vec::new();
+        loop {
+            let (flags, kind, h, p) = if extended {
+                let mut hd = [0u8; EXTENDED_REPLY_HEADER_LEN];
+                self.s.read_exact(&mut hd).unwrap();
+                assert_eq!(hd[..4], EXTENDED_REPLY_MAGIC.to_be_bytes());
+                let len = u64::from_be_bytes(hd[24..32].try_into().unwrap());
+                let mut p = vec![0u8; len as usize];
+                self.s.read_exact(&mut p).unwrap();
+                let flags = u16::from_be_bytes([hd[4], hd[5]]);
+                let kind = u16::from_be_bytes([hd[6], hd[7]]);
+                (
+                    flags,
+                    kind,
+                    u64::from_be_bytes(hd[8..16].try_into().unwrap()),
+                    p,
+                )
+            } else {
+                let mut hd = [0u8; 20];
+                self.s.read_exact(&mut hd).unwrap();
+                assert_eq!(hd[..4], STRUCTURED_REPLY_MAGIC.to_be_bytes());
+                let len = u32::from_be_bytes(hd[16..20].try_into().unwrap());
+                let mut p = vec![0u8; len as usize];
+                self.s.read_exact(&mut p).unwrap();
+                let flags = u16::from_be_bytes([hd[4], hd[5]]);
+                let kind = u16::from_be_bytes([hd[6], hd[7]]);
+                (
+                    flags,
+                    kind,
+                    u64::from_be_bytes(hd[8..16].try_into().unwrap()),
+                    p,
+                )
+            };
+            assert_eq!(h, handle);
+            let id = u32::from_be_bytes(p[..4].try_into().unwrap());
+            let descs = if extended {
+                assert_eq!(kind, REPLY_TYPE_BLOCK_STATUS_EXT, "{p:?}");
+                p[8..]
+                    .chunks_exact(16)
+                    .map(|d| {
+                        let l = u64::from_be_bytes(d[..8].try_into().unwrap());
+                        (l, u32::from_be_bytes(d[12..16].try_into().unwrap()))
+                    })
+                    .collect()
+            } else {
+                assert_eq!(kind, REPLY_TYPE_BLOCK_STATUS, "{p:?}");
+                p[4..]
+                    .chunks_exact(8)
+                    .map(|d| {
+                        let l = u32::from_be_bytes(d[..4].try_into().unwrap());
+                        (l.into(), u32::from_be_bytes(d[4..8].try_into().unwrap()))
+                    })
+                    .collect()
+            };
+            out.push((id, descs));
+            if flags & REPLY_FLAG_DONE != 0 {
+                return out;
+            }
+            assert_eq!(flags, 0);
+        }
+    }
     /// True once the server has closed the connection.
     fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
@@ -902,6 +992,179 @@ fn garbage_never_hurts_the_server() {
 }
 
 /// libnbd checks every reply against the spec, so driving the server with
+/// An origin "o" with 16 KiB written (the first 4 KiB with zeros), then
+/// snapshot "o@1" of it, and "o@2" of the origin after block 1 changed.
+fn catalog_with_history() -> (Arc<MemCatalog>, MemBackend) {
+    let cat = Arc::new(MemCatalog::default());
+    let o = MemBackend::new(1 << 20);
+    o.write(4096, &[0x11; 12288], false).unwrap();
+    cat.add("o@1", o.snapshot(1), false, "one");
+    o.write(4096, &[0x22; 4096], false).unwrap();
+    cat.add("o@2", o.snapshot(2), false, "two");
+    cat.add("o", o.clone(), false, "");
+    (cat, o)
+}
+
+#[test]
+fn meta_context_list_queries() {
+    let (cat, _) = catalog_with_history();
+    let srv = TestServer::start(cat, ServerConfig::default());
+    let mut c = Raw::connect(srv.addr);
+    // Before structured replies: invalid.
+    assert_eq!(c.list_meta("o", &[]), Err(REP_ERR_INVALID));
+    c.structured();
+    let all = [
+        "base:allocation",
+        "qemu:allocation-depth",
+        "snapmv:changed-since:origin",
+        "snapmv:changed-since:2",
+        "snapmv:changed-since:1",
+    ];
+    // No query: everything we serve on this export.
+    assert_eq!(c.list_meta("o@1", &[]).unwrap(), all);
+    // Namespace wildcards and the changed-since leaf without a tag.
+    assert_eq!(c.list_meta("o", &["base:"]).unwrap(), [all[0]]);
+    assert_eq!(c.list_meta("o", &["qemu:"]).unwrap(), [all[1]]);
+    assert_eq!(c.list_meta("o", &["snapmv:"]).unwrap(), all[2..]);
+    let any = ["snapmv:changed-since:", "snapmv:"];
+    assert_eq!(c.list_meta("o", &any).unwrap(), all[2..], "no repeats");
+    // Exact names: listed only if selectable; unknown ones are ignored.
+    let q = [
+        "snapmv:changed-since:1",
+        "snapmv:changed-since:9",
+        "snapmv:changed-since:01",
+        "snapmv:changed-since:-1",
+        "snapmv:other",
+        "qemu:dirty-bitmap:x",
+        "x-foo:bar",
+        "qemu:allocation-depth",
+    ];
+    assert_eq!(
+        c.list_meta("o", &q).unwrap(),
+        ["snapmv:changed-since:1", "qemu:allocation-depth"]
+    );
+    assert_eq!(c.list_meta("o", &["x-foo:"]).unwrap(), Vec::<String>::new());
+    // A query without a namespace is a syntax error; an unknown export too.
+    assert_eq!(c.list_meta("o", &["nocolon"]), Err(REP_ERR_INVALID));
+    assert_eq!(c.list_meta("nope", &[]), Err(REP_ERR_UNKNOWN));
+    // SET: wildcards select nothing, and neither does a tag that is not
+    // a live snapshot of this origin.
+    let m = c.set_meta(
+        "o",
+        &["snapmv:", "snapmv:changed-since:", "snapmv:changed-since:7"],
+    );
+    assert_eq!(m, [(REP_ACK, vec![])]);
+    c.opt(OPT_ABORT, &[]);
+}
+
+/// Several contexts in one reply, each its own chunk with its own id; the
+/// changed-since bits follow writes made after negotiation; the same over
+/// extended headers.
+#[test]
+fn several_contexts_changed_since_and_live_writes() {
+    for extended in [false, true] {
+        let (cat, o) = catalog_with_history();
+        let srv = TestServer::start(cat, ServerConfig::default());
+        let mut c = Raw::connect(srv.addr);
+        if extended {
+            c.extended();
+        } else {
+            c.structured();
+        }
+        let q = [
+            "snapmv:changed-since:1",
+            "x-unknown:thing",
+            "base:allocation",
+            "snapmv:changed-since:origin",
+            "qemu:allocation-depth",
+            "snapmv:changed-since:1",
+            "snapmv:changed-since:99",
+        ];
+        let m = c.set_meta("o@2", &q);
+        let got: Vec<(u32, u32, String)> = m
+            .iter()
+            .map(|(ty, d)| {
+                if *ty == REP_ACK {
+                    return (*ty, 0, String::new());
+                }
+                let id = u32::from_be_bytes(d[..4].try_into().unwrap());
+                (*ty, id, String::from_utf8(d[4..].to_vec()).unwrap())
+            })
+            .collect();
+        let rmc = REP_META_CONTEXT;
+        assert_eq!(
+            got,
+            [
+                (rmc, CHANGED_SINCE_FIRST_ID, "snapmv:changed-since:1".into()),
+                (rmc, BASE_ALLOCATION_ID, "base:allocation".into()),
+                (
+                    rmc,
+                    CHANGED_SINCE_FIRST_ID + 1,
+                    "snapmv:changed-since:origin".into()
+                ),
+                (rmc, ALLOCATION_DEPTH_ID, "qemu:allocation-depth".into()),
+                (REP_ACK, 0, String::new()),
+            ]
+        );
+        assert_eq!(c.go("o@2", &[]).last().unwrap().0, REP_ACK);
+        let status = |c: &mut Raw, h: u64, off: u64, len: u64| {
+            if extended {
+                c.ext_req(0, CMD_BLOCK_STATUS, h, off, len, &[]);
+            } else {
+                c.req(0, CMD_BLOCK_STATUS, h, off, len as u32, &[]);
+            }
+            c.status_chunks(h, extended)
+        };
+        let k = 4096u64;
+        // o@2 against o@1: block 1 (0x11 -> 0x22); against the origin:
+        // nothing yet. The mem backend's allocation: block 0 zero.
+        let cs1 = CHANGED_SINCE_FIRST_ID;
+        let cso = CHANGED_SINCE_FIRST_ID + 1;
+        assert_eq!(
+            status(&mut c, 1, 0, 4 * k),
+            [
+                (cs1, vec![(k, 0), (k, STATE_CHANGED), (2 * k, 0)]),
+                (BASE_ALLOCATION_ID, vec![(k, 3), (3 * k, 0)]),
+                (cso, vec![(4 * k, 0)]),
+                (ALLOCATION_DEPTH_ID, vec![(k, 0), (3 * k, 1)]),
+            ]
+        );
+        // A write to the export after negotiation shows in the next reply;
+        // so does a write to the origin (another version of the pair).
+        if extended {
+            c.ext_write(0, 2, 3 * k, &[0x33; 100]);
+            assert_eq!(c.ext_reply().handle, 2);
+        } else {
+            c.req(0, CMD_WRITE, 2, 3 * k, 100, &[0x33; 100]);
+            assert_eq!(c.reply(None), (2, 0, vec![]));
+        }
+        o.write(5 * k, &[0x44; 10], false).unwrap();
+        let r = status(&mut c, 3, 0, 8 * k);
+        assert_eq!(
+            r[0],
+            (cs1, vec![(k, 0), (k, 1), (k, 0), (k, 1), (4 * k, 0)])
+        );
+        assert_eq!(
+            r[2],
+            (cso, vec![(3 * k, 0), (k, 1), (k, 0), (k, 1), (2 * k, 0)])
+        );
+        // REQ_ONE: one descriptor per context.
+        if extended {
+            c.ext_req(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 4, k, 4 * k, &[]);
+        } else {
+            c.req(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 4, k, 4 * k as u32, &[]);
+        }
+        let r = c.status_chunks(4, extended);
+        assert_eq!(r.len(), 4);
+        assert!(r.iter().all(|(_, d)| d.len() == 1), "{r:?}");
+        assert_eq!(r[0], (cs1, vec![(k, 1)]));
+        // A range that starts mid-block is clipped to the request.
+        let r = status(&mut c, 5, k + 100, 200);
+        assert_eq!(r[0], (cs1, vec![(200, 1)]));
+        assert_eq!(r[2], (cso, vec![(200, 0)]));
+    }
+}
+
 /// it is a conformance check independent of our own client above.
 #[test]
 fn libnbd_conformance() {
@@ -930,7 +1193,8 @@ assert h.get_block_size(nbd.SIZE_PREFERRED) == 4096
 ctx = []
 h.set_export_name("o")
 h.opt_list_meta_context(lambda c: ctx.append(c) or 0)
-assert ctx == ["base:allocation"], ctx
+assert ctx == ["base:allocation", "qemu:allocation-depth",
+               "snapmv:changed-since:origin", "snapmv:changed-since:1"], ctx
 h.set_export_name("nope")
 try:
     h.opt_go()

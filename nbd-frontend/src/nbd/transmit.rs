@@ -39,7 +39,7 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
-use super::backend::{allocation_flags, BResult, Backend, FlushHold};
+use super::backend::{allocation_depth, allocation_flags, BResult, Backend, FlushHold};
 use super::budget::{Budget, Permit};
 use super::io::{MsgReader, ReadError, Stream};
 use super::negotiate::Negotiated;
@@ -135,6 +135,10 @@ struct Exec<B> {
     replies: ReplyStyle,
     live: Liveness,
     name: String,
+    /// The metadata contexts selected at negotiation, in reply order. Only
+    /// names and ids: every BLOCK_STATUS asks the engine afresh, so a write
+    /// shows in the next reply.
+    contexts: Vec<(u32, MetaContext)>,
 }
 
 impl<B: Backend> Exec<B> {
@@ -262,25 +266,70 @@ impl<B: Backend> Exec<B> {
         encode_read_head(&mut out.head, self.replies, to, len);
     }
 
+    /// One chunk per selected context, each from the engine's current
+    /// metadata, the last one flagged done. Any failure answers the whole
+    /// request with one error.
     fn block_status(&self, to: ReplyTo, offset: u64, len: u64, req_one: bool, out: &mut ReplyBuf) {
         let span = match self.replies {
             ReplyStyle::Extended => len,
             _ => len.min(BLOCK_STATUS_SPAN),
         };
-        match self.backend.block_status(offset, span) {
-            Ok(extents) => {
-                let ex: Vec<(u64, u64, u32)> = extents
-                    .iter()
-                    .map(|e| (e.offset, e.len, allocation_flags(e.kind)))
-                    .collect();
-                let descs = extents_to_descriptors(offset, span, &ex, req_one);
-                out.data.clear();
-                out.head.clear();
-                encode_block_status(&mut out.head, self.replies, to, BASE_ALLOCATION_ID, &descs);
-            }
-            Err(e) => self.fail(out, to, e),
+        out.data.clear();
+        out.head.clear();
+        // base:allocation and qemu:allocation-depth share one engine call.
+        let mut allocation = None;
+        let n = self.contexts.len();
+        for (i, &(id, ctx)) in self.contexts.iter().enumerate() {
+            let descs = match ctx {
+                MetaContext::BaseAllocation | MetaContext::AllocationDepth => {
+                    if allocation.is_none() {
+                        match self.backend.block_status(offset, span) {
+                            Ok(e) => allocation = Some(e),
+                            Err(e) => return self.fail(out, to, e),
+                        }
+                    }
+                    let extents = allocation.as_deref().unwrap_or_default();
+                    let to_flags = match ctx {
+                        MetaContext::BaseAllocation => allocation_flags,
+                        _ => allocation_depth,
+                    };
+                    let ex: Vec<(u64, u64, u32)> = extents
+                        .iter()
+                        .map(|e| (e.offset, e.len, to_flags(e.kind)))
+                        .collect();
+                    if ex.is_empty() {
+                        // Nothing described: say nothing (a context's
+                        // default is not always the safe answer).
+                        return self.fail(out, to, no_extents());
+                    }
+                    let described = ex
+                        .last()
+                        .map_or(span, |&(o, l, _)| o.saturating_add(l).min(offset + span));
+                    extents_to_descriptors(offset, described - offset, &ex, req_one)
+                }
+                MetaContext::ChangedSince(other) => {
+                    match self.backend.diff_from(other, offset, span) {
+                        Ok((changed, end)) => {
+                            let end = end.min(offset + span);
+                            if end <= offset {
+                                // Nothing decided: all of it may differ.
+                                vec![(span, STATE_CHANGED)]
+                            } else {
+                                let ex = changed_triples(offset, end, &changed);
+                                extents_to_descriptors(offset, end - offset, &ex, req_one)
+                            }
+                        }
+                        Err(e) => return self.fail(out, to, e),
+                    }
+                }
+            };
+            encode_block_status_chunk(&mut out.head, self.replies, to, id, &descs, i + 1 == n);
         }
     }
+}
+
+fn no_extents() -> snapmv_engine::Error {
+    snapmv_engine::Error::Invalid("the engine described no extent".into())
 }
 
 /// What one connection's thread and its requests in the pool share.
@@ -479,7 +528,7 @@ pub fn serve<B: Backend>(
         size: n.size,
         read_only: n.flags & TFLAG_READ_ONLY != 0,
         replies: n.replies,
-        meta_context: n.meta_context,
+        meta_context: !n.contexts.is_empty(),
         max_request: limits.max_request,
     };
     let outbox = match Outbox::new(wstream) {
@@ -497,6 +546,7 @@ pub fn serve<B: Backend>(
                 epoch: Instant::now(),
             },
             name: n.name.clone(),
+            contexts: n.contexts.clone(),
         },
         outbox,
         in_pool: Mutex::new(0),
