@@ -17,12 +17,15 @@
 # (what one NBD block-status request asks); and, as the reference for a
 # walk chunk by chunk, `block_status` over 1 GiB, extrapolated. Last, the
 # whole `snapmv diff ... --json` process (open, diff, output) for two cases.
+# The measurement runs twice: with the default page-cache budget, and with
+# DIFF_BIG_CACHE (256 MiB), which holds the whole exception index.
 #
 #   benches/diff.sh                  # both sizes
 #   DIFF_SIZES=16G benches/diff.sh   # one
 #   benches/diff.sh --out FILE       # also write the report to FILE
 #   env: DIFF_DIR (device cache, default /var/tmp/snapmv-diff; kept, about
-#        1.7 GiB per device), DIFF_ROUNDS (default 5), DIFF_REGEN=1
+#        1.7 GiB per device), DIFF_ROUNDS (default 5), DIFF_BIG_CACHE,
+#        DIFF_REGEN=1
 #
 # A measurement script: it asserts nothing about speed.
 set -euo pipefail
@@ -33,7 +36,7 @@ OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "diff.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -41,6 +44,7 @@ done
 SIZES=${DIFF_SIZES:-1T 16G}
 DIR=${DIFF_DIR:-/var/tmp/snapmv-diff}
 ROUNDS=${DIFF_ROUNDS:-5}
+BIG_CACHE=${DIFF_BIG_CACHE:-268435456}
 GEN_ARGS="--snapshots 10000 --hot 30 --zeroed-every 10 --zeroed 700 --burst-after 5005 --burst 100000"
 
 cargo build --release -q -p snapmv-nbd --bin snapmv -p snapmv-benches --bin diff_bench
@@ -70,12 +74,20 @@ for SIZE in $SIZES; do
   fi
   echo "== measuring $D" >&2
   "$BIN/diff_bench" measure --cow "$D/cow.img" --rounds "$ROUNDS" --burst-after 5005 >"$D/measure.txt"
+  "$BIN/diff_bench" measure --cow "$D/cow.img" --rounds "$ROUNDS" --burst-after 5005 \
+    --cache-budget "$BIG_CACHE" >"$D/measure-big-cache.txt"
   {
     echo "### Origin $SIZE"
     echo
     echo "Generated: $(grep '^made' "$D/gen.txt")."
     echo
+    echo "Default page-cache budget (32 MiB, as \`snapmv serve\` runs):"
+    echo
     grep -v '^RESULT' "$D/measure.txt"
+    echo
+    echo "Page-cache budget $BIG_CACHE bytes (the whole exception index stays in memory):"
+    echo
+    grep -v '^RESULT' "$D/measure-big-cache.txt" | grep -v '^opened'
     echo
     echo "Whole \`snapmv diff COW vol FROM TO --json\` processes (offline: open, diff, JSON out), wall seconds and peak RSS:"
     echo

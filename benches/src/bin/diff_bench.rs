@@ -6,7 +6,8 @@
 //! diff_bench gen --cow COW --origin ORIGIN [--origin-size 1T] [--snapshots 10000]
 //!                [--hot 30] [--zeroed-every 10] [--zeroed 700] [--burst-after 5005]
 //!                [--burst 100000] [--cow-size 8G]
-//! diff_bench measure --cow COW [--origin PATH] [--rounds 5]
+//! diff_bench measure --cow COW [--origin PATH] [--rounds 5] [--burst-after 5005]
+//!                    [--cache-budget BYTES]
 //! ```
 //!
 //! `gen` goes through the engine's public API only, 4 KiB chunks: format,
@@ -20,7 +21,7 @@
 //! chunks spread over the device (one copy each). Then a clean close.
 //!
 //! `measure` opens the store read-only (default page-cache budget, as
-//! `snapmv serve` runs) and times each diff case: the first call, then the
+//! `snapmv serve` runs, unless `--cache-budget`) and times each diff case: the first call, then the
 //! median and minimum of `--rounds` more. It also times `block_status` of
 //! one snapshot over 1 GiB, a walk that resolves every chunk, as the
 //! reference for what a diff that went chunk by chunk would cost.
@@ -314,6 +315,9 @@ fn measure(f: &Flags) -> Res<()> {
     let store = Store::open_read_only(file_dev(&cow, None, true)?, &mut resolver)
         .map_err(|e| format!("open: {e}"))?;
     let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if f.0.contains_key("cache-budget") {
+        store.set_cache_budget(f.num("cache-budget", 0)?);
+    }
     let size = store.volume(ID, None).map_err(|e| e.to_string())?.size();
     let snapshots = store.versions().len() as u64 - 1;
     let burst_after = f.num("burst-after", 5005)?;
