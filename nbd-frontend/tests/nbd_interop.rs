@@ -314,7 +314,8 @@ assert h.get_size() == 16 << 20
 assert h.get_canonical_export_name() == "o@{s1}"
 ctx = []
 h.opt_list_meta_context(lambda c: ctx.append(c) or 0)
-assert ctx == ["base:allocation"], ctx
+assert ctx == ["base:allocation", "qemu:allocation-depth",
+               "snapmv:changed-since:origin", "snapmv:changed-since:{s1}"], ctx
 h.set_export_name("o@999")
 try:
     h.opt_info()
@@ -516,4 +517,190 @@ fn qemu_negotiates_extended_headers() {
     let zero: Vec<(u64, u64)> = extents.iter().filter(|e| e.3).map(|e| (e.0, e.1)).collect();
     assert_eq!(zero, vec![(7 << 30, 1 << 20)], "{out}");
     assert_eq!(extents.iter().map(|e| e.1).sum::<u64>(), size, "{out}");
+}
+
+/// Origin "o" with data, snapshot 1, then writes to two chunks (one of
+/// them partly), snapshot 2: what the changed-since tests share.
+fn two_snapshots(h: &Harness) -> (u64, u64) {
+    let o = h.store.volume("o", None).unwrap();
+    o.write(0, &vec![0xAA; 1 << 20], false).unwrap();
+    let s1 = h.snapshot("one");
+    o.write(2 << 20, &vec![0xBB; 64 << 10], false).unwrap();
+    o.write((5 << 20) + 100, &[0xCC; 10], false).unwrap();
+    let s2 = h.snapshot("two");
+    (s1, s2)
+}
+
+/// `nbdinfo --map=CONTEXT --json`: (offset, length, type) per line.
+fn map_json(out: &str) -> Vec<(u64, u64, u32)> {
+    out.lines()
+        .filter(|l| l.contains("\"offset\""))
+        .map(|l| {
+            let num = |key: &str| -> u64 {
+                let at = l.find(key).unwrap() + key.len();
+                l[at..]
+                    .trim_start_matches([':', ' '])
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+                    .parse()
+                    .unwrap()
+            };
+            (num("\"offset\""), num("\"length\""), num("\"type\"") as u32)
+        })
+        .collect()
+}
+
+/// nbdinfo (libnbd 1.14) negotiates `snapmv:changed-since:1` and
+/// `qemu:allocation-depth` by name, lists every context, and sees exactly
+/// the chunks written between the snapshots.
+#[test]
+fn nbdinfo_maps_changed_since_and_allocation_depth() {
+    let Some(nbdinfo) = tool("nbdinfo") else {
+        return;
+    };
+    let h = Harness::new(Opts::default());
+    let (s1, s2) = two_snapshots(&h);
+    let uri = h.uri(&format!("o@{s2}"));
+    let ctx = format!("--map=snapmv:changed-since:{s1}");
+    let out = run(&nbdinfo, &[&ctx, "--json", &uri], T);
+    assert!(out.ok, "{out}");
+    let (m, c) = (1u64 << 20, 64u64 << 10);
+    assert_eq!(
+        map_json(&out.stdout),
+        [
+            (0, 2 * m, 0),
+            (2 * m, c, 1),
+            (2 * m + c, 3 * m - c, 0),
+            (5 * m, c, 1),
+            (5 * m + c, 11 * m - c, 0)
+        ],
+        "{out}"
+    );
+    // The other way round, and against the origin: the same chunks.
+    let back = format!("--map=snapmv:changed-since:{s2}");
+    let out1 = run(&nbdinfo, &[&back, "--json", &h.uri(&format!("o@{s1}"))], T);
+    assert_eq!(map_json(&out1.stdout), map_json(&out.stdout), "{out1}");
+    let o = h.store.volume("o", None).unwrap();
+    o.write(8 << 20, &[1; 4096], false).unwrap();
+    let to_origin = "--map=snapmv:changed-since:origin";
+    let out2 = run(&nbdinfo, &[to_origin, "--json", &uri], T);
+    assert_eq!(
+        map_json(&out2.stdout),
+        [(0, 8 * m, 0), (8 * m, c, 1), (8 * m + c, 8 * m - c, 0)],
+        "{out2}"
+    );
+    // Depth: the origin moved on at 8 MiB, so o@2 holds its own copy
+    // there (1); everything else it still reads from the origin (2).
+    let out = run(
+        &nbdinfo,
+        &["--map=qemu:allocation-depth", "--json", &uri],
+        T,
+    );
+    assert_eq!(
+        map_json(&out.stdout),
+        [(0, 8 * m, 2), (8 * m, c, 1), (8 * m + c, 8 * m - c, 2)],
+        "{out}"
+    );
+    assert!(
+        out.stdout.contains("backing depth 2") && out.stdout.contains("local"),
+        "{out}"
+    );
+    // Every context is listed, newest tag first.
+    let out = run(&nbdinfo, &["--content", &uri], T);
+    let listed = format!(
+        "base:allocation\n\t\tqemu:allocation-depth\n\t\tsnapmv:changed-since:origin\n\t\t\
+         snapmv:changed-since:{s2}\n\t\tsnapmv:changed-since:{s1}\n"
+    );
+    assert!(out.ok && out.stdout.contains(&listed), "{out}");
+    // A tag that is no snapshot is not negotiated: nbdinfo says so.
+    let out = run(&nbdinfo, &["--map=snapmv:changed-since:99", &uri], T);
+    assert!(!out.ok, "{out}");
+}
+
+/// A write after negotiation shows in the next BLOCK_STATUS on the same
+/// connection (nbdsh, libnbd's Python shell), with three contexts in one
+/// reply.
+#[test]
+fn nbdsh_sees_writes_after_negotiation() {
+    let Some(nbdsh) = tool("nbdsh") else {
+        return;
+    };
+    let h = Harness::new(Opts::default());
+    let (s1, s2) = two_snapshots(&h);
+    let uri = h.uri(&format!("o@{s2}"));
+    let script = format!(
+        r#"
+import nbd
+h = nbd.NBD()
+for c in ["base:allocation", "snapmv:changed-since:{s1}", "qemu:allocation-depth"]:
+    h.add_meta_context(c)
+h.connect_uri("{uri}")
+for c in ["base:allocation", "snapmv:changed-since:{s1}", "qemu:allocation-depth"]:
+    assert h.can_meta_context(c), c
+def status(off, n):
+    seen = {{}}
+    def cb(ctx, o, e, err):
+        seen[ctx] = list(e)
+        return 0
+    h.block_status(n, off, cb)
+    return seen
+M, C = 1 << 20, 64 << 10
+before = status(4 * M, 4 * M)
+assert before["snapmv:changed-since:{s1}"] == [M, 0, C, 1, 3 * M - C, 0], before
+h.pwrite(b"w" * 512, 6 * M + 1000)
+after = status(4 * M, 4 * M)
+assert after["snapmv:changed-since:{s1}"] == [M, 0, C, 1, M - C, 0, C, 1, 2 * M - C, 0], after
+assert after["qemu:allocation-depth"] == [2 * M, 2, C, 1, 2 * M - C, 2], after
+assert after["base:allocation"] == [2 * M, 1, C, 0, 2 * M - C, 1], after
+h.shutdown()
+print("ok")
+"#
+    );
+    let out = run(&nbdsh, &["-c", &script], T);
+    assert!(out.ok && out.stdout.contains("ok"), "{out}");
+}
+
+/// qemu 10 asks for the context through its `x-dirty-bitmap` option and
+/// reports changed chunks as `"data": false` (a dirty bit sits where
+/// base:allocation's hole bit does), over extended headers.
+#[test]
+fn qemu_img_map_with_x_dirty_bitmap() {
+    let Some(qemu_img) = tool("qemu-img") else {
+        return;
+    };
+    let h = Harness::new(Opts::default());
+    let (s1, s2) = two_snapshots(&h);
+    let opts = format!(
+        "driver=nbd,server.type=inet,server.host={},server.port={},export=o@{s2},\
+         x-dirty-bitmap=snapmv:changed-since:{s1}",
+        h.addr.ip(),
+        h.addr.port()
+    );
+    let out = run(
+        &qemu_img,
+        &["map", "--output=json", "--image-opts", &opts],
+        T,
+    );
+    assert!(out.ok, "{out}");
+    // Changed chunks are the entries without data.
+    let changed: Vec<(u64, u64)> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("\"data\": false"))
+        .map(|l| {
+            let num = |key: &str| -> u64 {
+                let at = l.find(key).unwrap() + key.len();
+                l[at..]
+                    .trim_start_matches([':', ' '])
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+                    .parse()
+                    .unwrap()
+            };
+            (num("\"start\""), num("\"length\""))
+        })
+        .collect();
+    assert_eq!(changed, [(2 << 20, 64 << 10), (5 << 20, 64 << 10)], "{out}");
 }
