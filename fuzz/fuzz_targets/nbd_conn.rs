@@ -12,7 +12,10 @@
 //! base:allocation, GO) for the export picked by bits 2-3, so the rest of
 //! the input lands straight in the transmission phase; bit 4 makes that
 //! handshake ask for EXTENDED_HEADERS instead of STRUCTURED_REPLY, so the
-//! rest is read as 32-byte extended requests. The target writes
+//! rest is read as 32-byte extended requests; bit 5 makes it select, besides
+//! base:allocation, `snapmv:changed-since:1`, `snapmv:changed-since:origin`
+//! and `qemu:allocation-depth` (one BLOCK_STATUS chunk each, diffs run by
+//! the engine on every request). The target writes
 //! the stream, half-closes, and reads replies until the server closes the
 //! connection: a server that does not close within 20 s is a hang.
 //! A panic on any server thread aborts the process (libFuzzer's hook).
@@ -145,13 +148,19 @@ fn lp(s: &str) -> Vec<u8> {
 
 /// A valid handshake ending in OPT_GO for `name`, with structured replies
 /// or extended headers.
-fn handshake(name: &str, extended: bool) -> Vec<u8> {
+fn handshake(name: &str, extended: bool, contexts: bool) -> Vec<u8> {
     let mut s = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
     let replies = if extended { OPT_EXTENDED_HEADERS } else { OPT_STRUCTURED_REPLY };
     s.extend(opt(replies, &[]));
     let mut mc = lp(name);
-    mc.extend_from_slice(&1u32.to_be_bytes());
-    mc.extend(lp(BASE_ALLOCATION));
+    let mut queries = vec![BASE_ALLOCATION];
+    if contexts {
+        queries.extend(["snapmv:changed-since:1", "snapmv:changed-since:origin", ALLOCATION_DEPTH]);
+    }
+    mc.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        mc.extend(lp(q));
+    }
     s.extend(opt(OPT_SET_META_CONTEXT, &mc));
     let mut go = lp(name);
     go.extend_from_slice(&1u16.to_be_bytes());
@@ -188,7 +197,7 @@ fn session(data: &[u8]) {
 
     let mut stream = Vec::with_capacity(rest.len() + 128);
     if mode & 2 != 0 {
-        stream.extend(handshake(EXPORTS[(mode as usize >> 2) % 4], mode & 0x10 != 0));
+        stream.extend(handshake(EXPORTS[(mode as usize >> 2) % 4], mode & 0x10 != 0, mode & 0x20 != 0));
     }
     stream.extend_from_slice(rest);
 

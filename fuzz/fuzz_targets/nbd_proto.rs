@@ -134,6 +134,12 @@ fn descriptors(e: Extents, replies: ReplyStyle) {
             (o, l, u32::from(*f % 4))
         })
         .collect();
+    // changed-since: the triples cover [offset, end) exactly, changes kept.
+    let end = e.offset + e.len;
+    let ranges: Vec<(u64, u64)> = ext.iter().map(|&(o, l, _)| (o, l)).collect();
+    let t = changed_triples(e.offset, end, &ranges);
+    assert!(t.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0), "gap or overlap");
+    assert!(t.first().is_none_or(|f| f.0 == e.offset) && t.last().is_none_or(|l| l.0 + l.1 == end));
     let d = extents_to_descriptors(e.offset, e.len, &ext, e.req_one);
     assert!(!d.is_empty());
     assert!(d.len() <= if e.req_one { 1 } else { MAX_DESCRIPTORS });
@@ -258,6 +264,10 @@ fuzz_target!(|data: &[u8]| {
         4 => {
             if let Ok(s) = std::str::from_utf8(rest) {
                 let _ = query_matches_base_allocation(s, sel & 0x80 != 0);
+                if let Ok(MetaQuery::Exact(c)) = parse_meta_query(s) {
+                    // A selectable context's name parses back to itself.
+                    assert_eq!(parse_meta_query(&c.name()), Ok(MetaQuery::Exact(c)));
+                }
                 let _ = snapmv_nbd::exports::parse_export_name(s);
                 let cut = truncate_str(s, (sel as usize) % 8);
                 assert!(cut.len() <= (sel as usize) % 8 && s.starts_with(cut));
