@@ -125,14 +125,17 @@ fn tree_case(input: TreeInput) {
         return;
     };
     // Structural facts from_records promises.
-    for (id, n) in &t.nodes {
+    for (id, n) in t.nodes() {
         assert_eq!(*id, n.id);
         if n.parent != ORIGIN {
-            assert!(t.nodes.contains_key(&n.parent), "dangling parent accepted");
+            assert!(
+                t.nodes().contains_key(&n.parent),
+                "dangling parent accepted"
+            );
         }
     }
     for (tag, leaf) in &t.tags {
-        assert_eq!(t.nodes[leaf].tag, *tag);
+        assert_eq!(t.node(*leaf).tag, *tag);
     }
     let exc: BTreeMap<(u64, NodeId), u64> = input
         .exc
@@ -143,7 +146,7 @@ fn tree_case(input: TreeInput) {
             ((u64::from(c % 4), node_id(*n)), val)
         })
         .collect();
-    let ids: Vec<NodeId> = t.nodes.keys().copied().collect();
+    let ids: Vec<NodeId> = t.nodes().keys().copied().collect();
     for id in &ids {
         let _ = t.is_live(*id);
         let _ = t.merge_target(*id);
@@ -157,7 +160,7 @@ fn tree_case(input: TreeInput) {
                 let _ = t.origin_write_target(chunk, &mut Exc(&exc));
                 if let Some(leaf) = t.leaf_of(u64::from(tag % 8)) {
                     let _ = t.resolve(leaf, chunk, &mut Exc(&exc));
-                    if t.nodes[&leaf].kind == Kind::Leaf {
+                    if t.node(leaf).kind == Kind::Leaf {
                         let _ = t.leaf_write_plan(leaf, chunk, &mut Exc(&exc));
                     }
                 }
@@ -184,6 +187,9 @@ fn tree_case(input: TreeInput) {
             TreeOp::FinishPass { gen } => {
                 let _ = t.finish_pass(u64::from(gen % 5));
             }
+        }
+        if let Err(e) = t.verify_flag_index() {
+            panic!("after {op:?}: {e}");
         }
     }
 }

@@ -11,7 +11,6 @@ use crate::meta::Tree;
 use crate::store::api::StepReport;
 use crate::sync::{self, Arc, Ordering};
 use crate::vtree::{CleanAction, NodeId, MAX_NODE, RB_MARK};
-use std::collections::HashMap;
 
 /// Chunks the cleaner handles under one lock set and one commit.
 const CLEAN_BATCH: usize = 64;
@@ -127,7 +126,6 @@ impl Inner {
 
     fn clean_steps(&self, budget: usize) -> Result<usize> {
         let mut done = 0;
-        let mut needs: HashMap<(u64, u32), bool> = HashMap::new();
         // Bounded: every iteration either does one unit of work or skips a
         // whole origin (at most once per origin per call).
         for _ in 0..budget.saturating_mul(2) + 64 {
@@ -155,14 +153,9 @@ impl Inner {
             };
             let (onum, chunk, _) = split_key(key);
             let o = self.origin_by_num(onum);
-            let wanted = *needs.entry((pass_gen, onum)).or_insert_with(|| {
-                o.as_ref().is_some_and(|o| {
-                    sync::read(&o.tree)
-                        .nodes
-                        .values()
-                        .any(|n| n.flagged && n.flag_gen < pass_gen)
-                })
-            });
+            let wanted = o
+                .as_ref()
+                .is_some_and(|o| sync::read(&o.tree).has_flagged_before(pass_gen));
             match (wanted, o) {
                 (true, Some(o)) => done += self.clean_batch(&o, chunk, pass_gen, budget - done)?,
                 // Nothing to clean in this origin: skip all of it.
@@ -267,9 +260,18 @@ impl Inner {
         Ok(())
     }
 
+    /// End pass `pass_gen`: remove the nodes it emptied. The gate is taken
+    /// exclusively (no write between planning a copy into a node and
+    /// mapping it), but only on origins with nodes flagged before the pass,
+    /// and for work that grows with those nodes, not with the tree. None
+    /// can appear meanwhile: a delete during the pass flags with the pass's
+    /// own generation.
     fn finish_pass(&self, pass_gen: u64) -> Result<()> {
         let origins: Vec<Arc<OriginRt>> = sync::read(&self.origins).values().cloned().collect();
         for o in origins {
+            if !sync::read(&o.tree).has_flagged_before(pass_gen) {
+                continue;
+            }
             let _g = sync::write(&o.gate);
             let mut tree = sync::write(&o.tree);
             let ch = tree.finish_pass(pass_gen);

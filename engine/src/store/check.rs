@@ -155,7 +155,7 @@ fn check_exceptions(
                 )),
                 Some(_) if n == RB_MARK => None,
                 Some(rec) => match trees.get(&o) {
-                    Some(t) if t.nodes.contains_key(&n) => {
+                    Some(t) if t.nodes().contains_key(&n) => {
                         *own_seen.entry(n).or_insert(0) += 1;
                         None
                     }

@@ -302,7 +302,7 @@ impl MetaState {
             self.own_dirty.remove(id);
         }
         for id in &ch.updated {
-            if let Some(n) = tree.nodes.get(id) {
+            if let Some(n) = tree.nodes().get(id) {
                 self.put_node(origin, n)?;
             }
         }
@@ -730,7 +730,7 @@ impl Inner {
                 count,
             });
         }
-        if !sync::read(&o.tree).nodes.is_empty() {
+        if !sync::read(&o.tree).nodes().is_empty() {
             return Err(Error::Busy(format!(
                 "origin {id}: deleted snapshots are still being cleaned; try again later"
             )));
@@ -777,10 +777,7 @@ impl Inner {
             None => tree.snapshot_origin(SPINE_BIT | a, b, tag)?,
             Some(t) => tree.snapshot_of(t, a, b, tag)?,
         };
-        if let Some(leaf) = tree.nodes.get_mut(&b) {
-            leaf.created = now_ok(now);
-            leaf.memo = memo.to_string();
-        }
+        tree.describe_leaf(b, now_ok(now), memo, false);
         md.apply_changes(o.num, &tree, &ch)?;
         md.save_app()?;
         let gen = md.gen;
@@ -845,10 +842,7 @@ impl Inner {
             md.app.next_tag += 1;
             let (a, b) = (md.next_node()?, md.next_node()?);
             let ch = tree.snapshot_of(tag, a, b, src)?;
-            if let Some(leaf) = tree.nodes.get_mut(&b) {
-                leaf.hidden = true;
-                leaf.memo = format!("rollback source of {tag}");
-            }
+            tree.describe_leaf(b, 0, &format!("rollback source of {tag}"), true);
             md.apply_changes(o.num, tree, &ch)?;
             md.app.rollback = Some(RollbackState {
                 origin: o.num,
@@ -888,9 +882,9 @@ impl Inner {
             let mut snaps: Vec<SnapshotStatus> = tree
                 .tags
                 .iter()
-                .filter(|(_, leaf)| !tree.nodes[*leaf].hidden)
+                .filter(|(_, leaf)| !tree.node(**leaf).hidden)
                 .map(|(tag, leaf)| {
-                    let n = &tree.nodes[leaf];
+                    let n = tree.node(*leaf);
                     let u = per_leaf.get(leaf).copied().unwrap_or_default();
                     SnapshotStatus {
                         tag: *tag,
@@ -1013,7 +1007,7 @@ fn new_origin(rec: OriginRec, dev: OriginDev, tree: VTree) -> OriginRt {
 
 /// Whether `tag` is a user-visible live snapshot (not an internal leaf).
 pub fn visible(tree: &VTree, tag: u64) -> bool {
-    tree.leaf_of(tag).is_some_and(|l| !tree.nodes[&l].hidden)
+    tree.leaf_of(tag).is_some_and(|l| !tree.node(l).hidden)
 }
 
 pub fn no_snap(id: &str, tag: u64) -> Error {

@@ -83,7 +83,7 @@ impl Volume {
             Some(t) => {
                 let tree = sync::read(&self.o.tree);
                 tree.leaf_of(t)
-                    .map(|l| tree.nodes[&l].memo.clone())
+                    .map(|l| tree.node(l).memo.clone())
                     .unwrap_or_default()
             }
         }

@@ -13,7 +13,7 @@ pub mod model;
 pub mod usage;
 
 use crate::error::{Error, Result};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 pub type NodeId = u64;
 
@@ -141,14 +141,19 @@ pub struct Changes {
 
 #[derive(Clone, Debug, Default)]
 pub struct VTree {
-    pub nodes: HashMap<NodeId, Node>,
+    /// Private so that `flagged` and `flag_gen` change only through the
+    /// methods that keep `flag_index` (read with [`VTree::nodes`]).
+    nodes: HashMap<NodeId, Node>,
     /// The newest spine node: the origin's only child.
     pub spine_top: Option<NodeId>,
     /// Live tags -> leaf.
     pub tags: HashMap<u64, NodeId>,
-    /// Nodes waiting for the cleaner (kept so the background driver's
-    /// "anything to do?" is O(1)).
-    flagged: usize,
+    /// Every flagged node as (flag_gen, id): exactly the nodes with
+    /// `flagged` set, ordered by generation, so the cleaner's questions
+    /// ("anything flagged before this pass?", "which nodes may a finished
+    /// pass remove?") cost the flagged nodes, not the whole tree (100,000
+    /// snapshots are ~200,000 nodes). Derived from the records at open.
+    flag_index: BTreeSet<(u64, NodeId)>,
 }
 
 fn corrupt(reason: String) -> Error {
@@ -213,8 +218,32 @@ impl VTree {
             t.add_live_path(leaf)?;
         }
         t.check_acyclic()?;
-        t.flagged = t.nodes.values().filter(|n| n.flagged).count();
+        t.flag_index = t.scan_flagged();
         Ok(t)
+    }
+
+    /// The flagged set by a walk over every node: what `flag_index` must
+    /// always equal.
+    fn scan_flagged(&self) -> BTreeSet<(u64, NodeId)> {
+        let flagged = self.nodes.values().filter(|n| n.flagged);
+        flagged.map(|n| (n.flag_gen, n.id)).collect()
+    }
+
+    /// Compare the flagged index with a walk over every node (O(nodes):
+    /// for tests and checkers, never on a hot path).
+    pub fn verify_flag_index(&self) -> std::result::Result<(), String> {
+        let scanned = self.scan_flagged();
+        if scanned == self.flag_index {
+            return Ok(());
+        }
+        let missing: Vec<_> = scanned.difference(&self.flag_index).take(4).collect();
+        let extra: Vec<_> = self.flag_index.difference(&scanned).take(4).collect();
+        Err(format!(
+            "flag index holds {} nodes, a scan finds {}: missing (gen, id) {missing:x?}, \
+             extra {extra:x?}",
+            self.flag_index.len(),
+            scanned.len()
+        ))
     }
 
     /// Count `leaf` as live in every ancestor whose live count it starts.
@@ -264,6 +293,39 @@ impl VTree {
 
     pub fn node(&self, id: NodeId) -> &Node {
         &self.nodes[&id]
+    }
+
+    /// Every node, by id (read-only: flags change only through the tree).
+    pub fn nodes(&self) -> &HashMap<NodeId, Node> {
+        &self.nodes
+    }
+
+    /// Set a new leaf's listing data (creation time, memo) and whether it
+    /// is an internal one. Fields no invariant of the tree depends on.
+    pub fn describe_leaf(&mut self, leaf: NodeId, created: i64, memo: &str, hidden: bool) {
+        if let Some(n) = self.nodes.get_mut(&leaf) {
+            assert_eq!(n.kind, Kind::Leaf, "only a leaf is described");
+            n.created = created;
+            n.memo = memo.to_string();
+            n.hidden = hidden;
+        }
+    }
+
+    /// Flag `id` for the cleaner with generation `gen` (again, if it was:
+    /// the newer generation wins), keeping `flag_index` exact.
+    fn flag(&mut self, id: NodeId, gen: u64) -> Result<()> {
+        let n = self
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| corrupt(format!("node {id:#x} missing")))?;
+        if n.flagged {
+            let indexed = self.flag_index.remove(&(n.flag_gen, id));
+            assert!(indexed, "flagged node {id:#x} was not in the flag index");
+        }
+        n.flagged = true;
+        n.flag_gen = gen;
+        self.flag_index.insert((gen, id));
+        Ok(())
     }
 
     pub fn leaf_of(&self, tag: u64) -> Option<NodeId> {
@@ -460,10 +522,7 @@ impl VTree {
             .get_mut(&leaf)
             .ok_or_else(|| corrupt("leaf missing".into()))?;
         n.deleted = true;
-        // from_records refuses a live leaf that is flagged; stay exact anyway.
-        self.flagged += usize::from(!n.flagged);
-        n.flagged = true;
-        n.flag_gen = gen;
+        self.flag(leaf, gen)?;
         ch.updated.push(leaf);
         let mut child = leaf;
         for _ in 0..=self.nodes.len() {
@@ -480,14 +539,7 @@ impl VTree {
             p.live_children = p.live_children.saturating_sub(1);
             let after = (self.is_live(parent), self.merge_target(parent));
             if before != after {
-                let p = self
-                    .nodes
-                    .get_mut(&parent)
-                    .ok_or_else(|| corrupt("dangling parent".into()))?;
-                let newly = !p.flagged;
-                p.flagged = true;
-                p.flag_gen = gen;
-                self.flagged += usize::from(newly);
+                self.flag(parent, gen)?;
                 ch.updated.push(parent);
             }
             if after.0 {
@@ -544,33 +596,49 @@ impl VTree {
 
     /// Nodes waiting for the cleaner.
     pub fn flagged_count(&self) -> usize {
-        self.flagged
+        self.flag_index.len()
     }
 
     /// Whether any node still waits for the cleaner.
     pub fn has_flagged(&self) -> bool {
-        self.flagged > 0
+        !self.flag_index.is_empty()
+    }
+
+    /// Whether a pass of generation `pass_gen` has work here: a node
+    /// flagged before it. O(log flagged).
+    pub fn has_flagged_before(&self, pass_gen: u64) -> bool {
+        self.flag_index
+            .first()
+            .is_some_and(|(gen, _)| *gen < pass_gen)
     }
 
     /// Remove every node a finished pass `pass_gen` has emptied: dead nodes
     /// with no children left, and merging nodes spliced out of the tree.
+    /// Visits only the nodes flagged before the pass, and the parents of
+    /// those it removes: removing a node changes no other node's liveness
+    /// or merge target, only its parent's children, so a parent is the
+    /// one node that can become removable. The result is the fixpoint a
+    /// walk over every node until none is removable reaches.
     pub fn finish_pass(&mut self, pass_gen: u64) -> Changes {
         let mut ch = Changes::default();
-        loop {
-            let ready: Vec<NodeId> = self
-                .nodes
-                .values()
-                .filter(|n| n.flagged && n.flag_gen < pass_gen)
-                .map(|n| n.id)
-                .filter(|id| self.removable(*id))
-                .collect();
-            if ready.is_empty() {
-                break;
+        let mut work: Vec<NodeId> = self
+            .flag_index
+            .range(..(pass_gen, 0))
+            .map(|(_, id)| *id)
+            .collect();
+        // Bounded: every node enters once from the index, and once more as
+        // the parent of each child removed (a removal happens once a node).
+        while let Some(id) = work.pop() {
+            let Some(n) = self.nodes.get(&id) else {
+                continue; // removed already
+            };
+            if !n.flagged || n.flag_gen >= pass_gen || !self.removable(id) {
+                continue;
             }
-            for id in ready {
-                if self.nodes.contains_key(&id) && self.removable(id) {
-                    self.remove_node(id, &mut ch);
-                }
+            let parent = n.parent;
+            self.remove_node(id, &mut ch);
+            if parent != ORIGIN {
+                work.push(parent);
             }
         }
         ch.updated.retain(|id| self.nodes.contains_key(id));
@@ -594,7 +662,8 @@ impl VTree {
         let Some(n) = self.nodes.remove(&id) else {
             return;
         };
-        self.flagged -= usize::from(n.flagged);
+        let indexed = self.flag_index.remove(&(n.flag_gen, id));
+        assert_eq!(indexed, n.flagged, "node {id:#x}: flag index disagrees");
         let heir = n.children.first().copied();
         assert!(n.children.len() <= 1);
         if let Some(h) = heir {
@@ -619,5 +688,60 @@ impl VTree {
             ch.updated.push(n.parent);
         }
         ch.removed.push(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `snapshots` snapshots of the origin, all deleted with generation 0.
+    fn dead_spine(snapshots: u64) -> VTree {
+        let mut t = VTree::default();
+        for i in 1..=snapshots {
+            t.snapshot_origin(SPINE_BIT | (2 * i), 2 * i + 1, i)
+                .expect("snapshot");
+        }
+        for tag in 1..=snapshots {
+            t.delete(tag, 0).expect("delete");
+        }
+        t
+    }
+
+    /// A dead spine empties from the bottom up, one node making the next
+    /// removable: one pass takes all of it (a walk over every node per
+    /// round took one round a spine node).
+    #[test]
+    fn one_pass_removes_a_whole_dead_spine() {
+        let mut t = dead_spine(10_000);
+        assert_eq!(t.flagged_count(), 20_000);
+        assert_eq!(t.verify_flag_index(), Ok(()));
+        let ch = t.finish_pass(1);
+        assert_eq!(ch.removed.len(), 20_000);
+        assert!(ch.updated.is_empty(), "{:?}", ch.updated);
+        assert!(t.nodes().is_empty() && t.spine_top.is_none());
+        assert!(!t.has_flagged());
+        assert_eq!(t.verify_flag_index(), Ok(()));
+    }
+
+    /// A pass acts only on nodes flagged before it; a node flagged again
+    /// moves to its newer generation.
+    #[test]
+    fn a_pass_leaves_nodes_flagged_during_it() {
+        let mut t = dead_spine(2);
+        t.snapshot_origin(SPINE_BIT | 100, 101, 3)
+            .expect("snapshot");
+        t.delete(3, 1).expect("delete");
+        assert!(t.has_flagged_before(1) && t.has_flagged_before(2));
+        let ch = t.finish_pass(1);
+        // The first two spine nodes and their leaves go; the third spine
+        // node (dead, flagged at 1) and its leaf stay for the next pass.
+        assert_eq!(ch.removed.len(), 4);
+        assert_eq!(t.flagged_count(), 2);
+        assert!(!t.has_flagged_before(1) && t.has_flagged_before(2));
+        assert_eq!(t.verify_flag_index(), Ok(()));
+        t.finish_pass(2);
+        assert!(t.nodes().is_empty() && !t.has_flagged());
+        assert_eq!(t.verify_flag_index(), Ok(()));
     }
 }

@@ -468,7 +468,10 @@ impl Algebra {
             return Ok(());
         };
         if cursor >= self.chunks {
-            self.tree.finish_pass(pass_gen);
+            let mut reference = self.tree.clone();
+            let want = finish_pass_by_scan(&mut reference, pass_gen);
+            let got = self.tree.finish_pass(pass_gen);
+            same_finish(&self.tree, got, &reference, want).map_err(Error::Invalid)?;
             self.pass = None;
             return Ok(());
         }
@@ -712,16 +715,62 @@ impl Algebra {
                 ));
             }
         }
-        if rebuilt.flagged_count() != self.tree.flagged_count() {
-            return Err(format!(
-                "flagged count {} but {} nodes are flagged",
-                self.tree.flagged_count(),
-                rebuilt.flagged_count()
-            ));
+        // The flag index is exact after every operation, and the one an
+        // open rebuilds from the records is the same.
+        self.tree.verify_flag_index()?;
+        if rebuilt.flag_index != self.tree.flag_index {
+            return Err("the flag index differs after rebuild".into());
         }
         if rebuilt.spine_top != self.tree.spine_top {
             return Err("spine top differs after rebuild".into());
         }
         Ok(())
     }
+}
+
+/// `VTree::finish_pass` as it was before the flag index: walk every node
+/// until none flagged before the pass is removable. The indexed one must
+/// reach the same tree and report the same changes.
+fn finish_pass_by_scan(tree: &mut VTree, pass_gen: u64) -> Changes {
+    let mut ch = Changes::default();
+    loop {
+        let ready: Vec<NodeId> = tree
+            .nodes
+            .values()
+            .filter(|n| n.flagged && n.flag_gen < pass_gen)
+            .map(|n| n.id)
+            .filter(|id| tree.removable(*id))
+            .collect();
+        if ready.is_empty() {
+            break;
+        }
+        for id in ready {
+            if tree.nodes.contains_key(&id) && tree.removable(id) {
+                tree.remove_node(id, &mut ch);
+            }
+        }
+    }
+    ch.updated.retain(|id| tree.nodes.contains_key(id));
+    ch.updated.sort_unstable();
+    ch.updated.dedup();
+    ch
+}
+
+fn same_finish(
+    got_tree: &VTree,
+    mut got: Changes,
+    want_tree: &VTree,
+    mut want: Changes,
+) -> std::result::Result<(), String> {
+    got.removed.sort_unstable();
+    want.removed.sort_unstable();
+    if got != want {
+        return Err(format!(
+            "finish_pass changed {got:x?}, a walk over every node {want:x?}"
+        ));
+    }
+    if got_tree.nodes != want_tree.nodes || got_tree.spine_top != want_tree.spine_top {
+        return Err("finish_pass left another tree than a walk over every node".into());
+    }
+    Ok(())
 }
