@@ -19,6 +19,10 @@
 # (engine/src/meta/page_cache.rs, `a_fetch_that_raced_*`). destage_early
 # (staged first writes go in place before the commit that makes their
 # copy durable) needs a commit racing a write: the concurrent simulator.
+# unindexed_flag (the version tree's flag index misses the interior nodes a
+# delete flags, so no cleaner pass removes them) is caught by the vtree
+# exhaustive check (engine/tests/vtree_exhaustive.rs), which compares the
+# index with a walk over every node after every operation.
 # pool_blocks_on_client (a frontend bug: a shared pool thread waits on a
 # client that does not read its replies) is caught by the NBD server's
 # test `a_client_that_never_reads_holds_no_pool_thread`.
@@ -29,7 +33,7 @@
 # Exit status is non-zero if any planted bug goes uncaught.
 set -eu
 cd "$(dirname "$0")/.."
-bugs="${*:-skip_cow_flush skip_checksum early_reuse alloc_early flush_no_cover clean_free_early evict_dirty fetch_ignores_epoch destage_early pool_blocks_on_client}"
+bugs="${*:-skip_cow_flush skip_checksum early_reuse alloc_early flush_no_cover clean_free_early evict_dirty fetch_ignores_epoch unindexed_flag destage_early pool_blocks_on_client}"
 concurrent_seeds="${SNAPMV_CONCURRENT_SEEDS:-2000}"
 target="${CARGO_TARGET_DIR:-target}/planted"
 mkdir -p "$target/wrappers"
@@ -79,6 +83,10 @@ WRAP
     fetch_ignores_epoch)
         tests_catch snapmv-engine "the page cache's race tests" a_fetch_that_raced \
             --lib -- a_fetch_that_raced
+        ;;
+    unindexed_flag)
+        tests_catch snapmv-engine "the vtree exhaustive check" every_sequence \
+            --test vtree_exhaustive -- every_sequence_up_to_bound
         ;;
     pool_blocks_on_client)
         tests_catch snapmv-nbd "the NBD server's stuck-client test" a_client_that_never_reads \

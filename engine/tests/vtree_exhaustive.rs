@@ -9,7 +9,11 @@
 //! so none whose content differs is missed, and an unchanged one is
 //! reported only where the metadata cannot tell (two copies with equal
 //! content: zeros, or an origin rolled back in place); the totals are
-//! printed.
+//! printed. The version tree's index of flagged nodes is compared with a
+//! walk over every node after every operation, and each cleaner pass's end
+//! (`finish_pass`, which visits only indexed nodes) with the walk it
+//! replaced (`Algebra::check`, `Algebra::clean_step`); planted bug
+//! `unindexed_flag` fails `every_sequence_up_to_bound_matches_the_naive_model`.
 
 use proptest::prelude::*;
 use snapmv_engine::vtree::model::{Algebra, DiffTally, Naive, Op};

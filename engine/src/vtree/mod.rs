@@ -324,6 +324,11 @@ impl VTree {
         }
         n.flagged = true;
         n.flag_gen = gen;
+        // Planted bug: nodes flagged because a descendant was deleted (the
+        // interior ones) never enter the index, so no pass removes them.
+        if cfg!(snapmv_planted_bug = "unindexed_flag") && n.kind != Kind::Leaf {
+            return Ok(());
+        }
         self.flag_index.insert((gen, id));
         Ok(())
     }
