@@ -6,7 +6,7 @@
 //! diff_bench gen --cow COW --origin ORIGIN [--origin-size 1T] [--snapshots 10000]
 //!                [--hot 30] [--zeroed-every 10] [--zeroed 700] [--burst-after 5005]
 //!                [--burst 100000] [--cow-size 8G]
-//! diff_bench measure --cow COW [--origin PATH] [--rounds 5] [--burst-after 5005]
+//! diff_bench measure --cow COW[,COW...] [--rounds 5] [--burst-after 5005]
 //!                    [--cache-budget BYTES]
 //! ```
 //!
@@ -20,11 +20,13 @@
 //! the device. After snapshot `--burst-after` the origin writes `--burst`
 //! chunks spread over the device (one copy each). Then a clean close.
 //!
-//! `measure` opens the store read-only (default page-cache budget, as
-//! `snapmv serve` runs, unless `--cache-budget`) and times each diff case: the first call, then the
-//! median and minimum of `--rounds` more. It also times `block_status` of
-//! one snapshot over 1 GiB, a walk that resolves every chunk, as the
-//! reference for what a diff that went chunk by chunk would cost.
+//! `measure` opens each store read-only (default page-cache budget, as
+//! `snapmv serve` runs, unless `--cache-budget`) and times each diff case:
+//! the first call, then the median and minimum of `--rounds` more, the
+//! devices taking turns call by call (others' load falls on them alike).
+//! It also times `block_status` of one snapshot over 1 GiB, a walk that
+//! resolves every chunk, as the reference for what a diff that went chunk
+//! by chunk would cost.
 //! Lines starting with `RESULT ` are `key=value` pairs for scripts.
 
 use snapmv_engine::dev::OpenOptions;
@@ -299,92 +301,154 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn measure(f: &Flags) -> Res<()> {
-    let cow = f.path("cow")?;
-    let over = f.0.get("origin").map(PathBuf::from);
-    let rounds = f.num("rounds", 5)?.max(1);
+/// One device under measurement.
+struct Device {
+    name: String,
+    store: Store,
+    size: u64,
+    snapshots: u64,
+}
+
+fn open_device(path: &str, budget: Option<u64>) -> Res<Device> {
     let mut resolver = |_id: &str, recorded: &str| -> snapmv_engine::Result<Dev> {
-        let p = over.clone().unwrap_or_else(|| PathBuf::from(recorded));
         let ro = OpenOptions {
             read_only: true,
             ..OpenOptions::default()
         };
-        Ok(Arc::new(FileDev::open(&p, &ro)?) as Dev)
+        Ok(Arc::new(FileDev::open(recorded, &ro)?) as Dev)
     };
     let t0 = Instant::now();
-    let store = Store::open_read_only(file_dev(&cow, None, true)?, &mut resolver)
-        .map_err(|e| format!("open: {e}"))?;
+    let store = Store::open_read_only(file_dev(&PathBuf::from(path), None, true)?, &mut resolver)
+        .map_err(|e| format!("open {path}: {e}"))?;
     let open_ms = t0.elapsed().as_secs_f64() * 1e3;
-    if f.0.contains_key("cache-budget") {
-        store.set_cache_budget(f.num("cache-budget", 0)?);
+    if let Some(b) = budget {
+        store.set_cache_budget(b);
     }
     let size = store.volume(ID, None).map_err(|e| e.to_string())?.size();
     let snapshots = store.versions().len() as u64 - 1;
-    let burst_after = f.num("burst-after", 5005)?;
+    let name = match size >> 30 {
+        g if g >= 1024 => format!("{} TiB", g >> 10),
+        g => format!("{g} GiB"),
+    };
     println!(
-        "opened in {open_ms:.0} ms: {snapshots} snapshots, {} GiB origin ({} chunks of {CS} B)",
-        size >> 30,
+        "{path}: opened in {open_ms:.0} ms; {snapshots} snapshots, {name} origin ({} chunks of {CS} B)",
         size / CS
     );
-    let opened = store.cache_stats();
-    println!("| case | range | extents | bytes | first ms | median ms | min ms |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
-    for c in cases(size, snapshots, burst_after) {
-        let run = || store.diff(ID, c.from, c.to, c.offset, c.len);
-        let t = Instant::now();
-        let first = run().map_err(|e| format!("{}: {e}", c.name))?;
-        let first_ms = t.elapsed().as_secs_f64() * 1e3;
-        let mut times = Vec::new();
-        for _ in 0..rounds {
-            let t = Instant::now();
-            let again = run().map_err(|e| format!("{}: {e}", c.name))?;
-            times.push(t.elapsed().as_secs_f64() * 1e3);
-            assert_eq!(
-                again, first,
-                "{}: a read-only store gave two answers",
-                c.name
-            );
-        }
-        let bytes: u64 = first.iter().map(|e| e.len).sum();
-        let min = times.iter().copied().fold(f64::MAX, f64::min);
-        let med = median(&mut times);
-        let range = match c.len == size {
-            true => "whole".to_string(),
-            false => format!("{} MiB at {} GiB", c.len >> 20, c.offset >> 30),
-        };
-        println!(
-            "| {} | {range} | {} | {bytes} | {first_ms:.1} | {med:.1} | {min:.1} |",
-            c.name,
-            first.len()
-        );
-        println!(
-            "RESULT case={:?} offset={} len={} extents={} bytes={bytes} first_ms={first_ms:.3} \
-             median_ms={med:.3} min_ms={min:.3}",
-            c.name,
-            c.offset,
-            c.len,
-            first.len()
-        );
-    }
-    let st = store.cache_stats();
-    println!(
-        "page cache during the diffs: budget {} MiB, {} pages held, {} hits, {} misses \
-         ({} under the write lock), {} evictions",
-        st.budget >> 20,
-        st.pages,
-        st.hits - opened.hits,
-        st.misses - opened.misses,
-        st.locked_misses - opened.locked_misses,
-        st.evictions - opened.evictions
-    );
-    per_chunk_reference(&store, size, plain_tag(snapshots))?;
-    store.close().map_err(|e| format!("close: {e}"))
+    Ok(Device {
+        name,
+        store,
+        size,
+        snapshots,
+    })
 }
 
-/// `block_status` of snapshot `tag` over 1 GiB: every chunk resolved, what
-/// a diff walking chunk by chunk would pay, extrapolated to the device.
-fn per_chunk_reference(store: &Store, size: u64, tag: u64) -> Res<()> {
-    let vol = store.volume(ID, Some(tag)).map_err(|e| e.to_string())?;
+/// Times of one case on one device: the first call (ms, extents, bytes),
+/// then the others' ms.
+#[derive(Default)]
+struct Timing {
+    first: Option<(f64, usize, u64)>,
+    runs: Vec<f64>,
+}
+
+/// Run `case` on `d`, checking it gives the answer it gave first.
+fn time_case(d: &Device, c: &Case, t: &mut Timing) -> Res<()> {
+    let start = Instant::now();
+    let got = d
+        .store
+        .diff(ID, c.from, c.to, c.offset, c.len)
+        .map_err(|e| format!("{}: {e}", c.name))?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    let bytes: u64 = got.iter().map(|e| e.len).sum();
+    match t.first {
+        None => t.first = Some((ms, got.len(), bytes)),
+        Some((_, n, b)) if (n, b) == (got.len(), bytes) => t.runs.push(ms),
+        Some(_) => return Err(format!("{}: a read-only store gave two answers", c.name)),
+    }
+    Ok(())
+}
+
+/// Every case on every device given (`--cow A,B,...`): per case, the
+/// devices take turns run by run, so the machine's load, which others
+/// share, falls on them alike.
+fn measure(f: &Flags) -> Res<()> {
+    let rounds = f.num("rounds", 5)?.max(1);
+    let budget = match f.0.contains_key("cache-budget") {
+        true => Some(f.num("cache-budget", 0)?),
+        false => None,
+    };
+    let paths = f.0.get("cow").ok_or("--cow is required")?;
+    let devices: Vec<Device> = paths
+        .split(',')
+        .map(|p| open_device(p, budget))
+        .collect::<Res<_>>()?;
+    let burst_after = f.num("burst-after", 5005)?;
+    let opened: Vec<_> = devices.iter().map(|d| d.store.cache_stats()).collect();
+    println!("| case | origin | range | extents | bytes | first ms | median ms | min ms |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|");
+    let all: Vec<Vec<Case>> = devices
+        .iter()
+        .map(|d| cases(d.size, d.snapshots, burst_after))
+        .collect();
+    for i in 0..all[0].len() {
+        let mut timings: Vec<Timing> = devices.iter().map(|_| Timing::default()).collect();
+        for _ in 0..=rounds {
+            for (k, d) in devices.iter().enumerate() {
+                time_case(d, &all[k][i], &mut timings[k])?;
+            }
+        }
+        for (k, d) in devices.iter().enumerate() {
+            report_case(d, &all[k][i], &mut timings[k]);
+        }
+    }
+    for (d, before) in devices.iter().zip(opened) {
+        let st = d.store.cache_stats();
+        println!(
+            "{} page cache during the diffs: budget {} MiB, {} pages held, {} hits, {} misses \
+             ({} under the write lock), {} evictions",
+            d.name,
+            st.budget >> 20,
+            st.pages,
+            st.hits - before.hits,
+            st.misses - before.misses,
+            st.locked_misses - before.locked_misses,
+            st.evictions - before.evictions
+        );
+    }
+    for d in &devices {
+        per_chunk_reference(d)?;
+    }
+    for d in devices {
+        d.store.close().map_err(|e| format!("close: {e}"))?;
+    }
+    Ok(())
+}
+
+fn report_case(d: &Device, c: &Case, t: &mut Timing) {
+    let (first_ms, extents, bytes) = t.first.expect("timed at least once");
+    let min = t.runs.iter().copied().fold(f64::MAX, f64::min);
+    let med = median(&mut t.runs);
+    let range = match c.len == d.size {
+        true => "whole".to_string(),
+        false => format!("{} MiB at {} GiB", c.len >> 20, c.offset >> 30),
+    };
+    println!(
+        "| {} | {} | {range} | {extents} | {bytes} | {first_ms:.1} | {med:.1} | {min:.1} |",
+        c.name, d.name
+    );
+    println!(
+        "RESULT case={:?} origin={:?} offset={} len={} extents={extents} bytes={bytes} \
+         first_ms={first_ms:.3} median_ms={med:.3} min_ms={min:.3}",
+        c.name, d.name, c.offset, c.len
+    );
+}
+
+/// `block_status` of a snapshot over 1 GiB: every chunk resolved, what a
+/// diff walking chunk by chunk would pay, extrapolated to the device.
+fn per_chunk_reference(d: &Device) -> Res<()> {
+    let (store, size) = (&d.store, d.size);
+    let vol = store
+        .volume(ID, Some(plain_tag(d.snapshots)))
+        .map_err(|e| e.to_string())?;
     let len = (1u64 << 30).min(size);
     let t = Instant::now();
     let mut pos = 0;
@@ -398,8 +462,9 @@ fn per_chunk_reference(store: &Store, size: u64, tag: u64) -> Res<()> {
     let per_chunk_ns = secs * 1e9 / (len / CS) as f64;
     let whole_s = per_chunk_ns * (size / CS) as f64 / 1e9;
     println!(
-        "per-chunk reference: block_status over {} MiB ({} chunks) in {:.1} ms, {per_chunk_ns:.0} ns a chunk; \
+        "{} per-chunk reference: block_status over {} MiB ({} chunks) in {:.1} ms, {per_chunk_ns:.0} ns a chunk; \
          the whole device chunk by chunk: {whole_s:.1} s",
+        d.name,
         len >> 20,
         len / CS,
         secs * 1e3
