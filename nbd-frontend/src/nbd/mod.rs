@@ -1,6 +1,8 @@
 //! The NBD protocol server (fixed newstyle negotiation, simple and
-//! structured replies, extended headers, `base:allocation`), after
-//! `doc/proto.md` of the NetworkBlockDevice/nbd repository.
+//! structured replies, extended headers, metadata contexts
+//! `base:allocation`, `qemu:allocation-depth` and
+//! `snapmv:changed-since:<tag>`), after `doc/proto.md` of the
+//! NetworkBlockDevice/nbd repository.
 //!
 //! # Public API (what the CLI wires up)
 //!
@@ -39,6 +41,25 @@
 //!   OPT_STRUCTURED_REPLY gets ERR_EXT_HEADER_REQD, and OPT_EXPORT_NAME
 //!   after them ends the connection (it cannot carry an error). Clients
 //!   that do not ask (libnbd before 1.18, the kernel) see no change.
+//! - Metadata contexts (`negotiate`, `proto::parse_meta_query`): on an
+//!   export of origin ID, `snapmv:changed-since:TAG` (TAG a live snapshot
+//!   of ID, written as in export names, or `origin`) sets bit 0 where the
+//!   export may differ from that version (`Volume::diff_from`: never
+//!   misses a changed chunk; a rewrite with the same bytes may show);
+//!   `qemu:allocation-depth` is 0 for zeros, 1 for data on the COW device
+//!   this version reads, 2 for data still read from the origin in place
+//!   (the engine does not tell a snapshot's copy from one it shares with an
+//!   ancestor snapshot, so the depth stops at 2). LIST: no query lists
+//!   everything; `base:`, `qemu:`, `snapmv:` and `snapmv:changed-since:`
+//!   list their namespace (the last two: `origin` and the newest 256
+//!   tags; any other tag is still selectable by name). SET selects up to
+//!   16 contexts by full name, ids 1 (base), 2 (depth), then 3, 4, ... for
+//!   changed-since in query order; unknown namespaces and names, and tags
+//!   that are no live snapshot, are ignored; a query with no colon is
+//!   ERR_INVALID. A BLOCK_STATUS sends one chunk per selected context, in
+//!   that order, each from the engine's metadata as it is then (nothing
+//!   is cached per connection, so a write shows in the next reply); a
+//!   snapshot deleted after selection fails the request.
 //! - Engine errors map through `Error::errno()` onto NBD errors; a deleted
 //!   version answers ESHUTDOWN. Protocol violations (bad magic, truncated
 //!   header, bad client flags, over-long options) end only that connection.
