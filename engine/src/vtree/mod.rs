@@ -620,10 +620,10 @@ impl VTree {
     /// Remove every node a finished pass `pass_gen` has emptied: dead nodes
     /// with no children left, and merging nodes spliced out of the tree.
     /// Visits only the nodes flagged before the pass, and the parents of
-    /// those it removes: removing a node changes no other node's liveness
-    /// or merge target, only its parent's children, so a parent is the
-    /// one node that can become removable. The result is the fixpoint a
-    /// walk over every node until none is removable reaches.
+    /// those it removes: removing a node changes no node's liveness, only
+    /// its parent's children (a spliced node's heir takes its place), so a
+    /// parent is the one node that can become removable. The result is the
+    /// fixpoint a walk over every node until none is removable reaches.
     pub fn finish_pass(&mut self, pass_gen: u64) -> Changes {
         let mut ch = Changes::default();
         let mut work: Vec<NodeId> = self
