@@ -385,19 +385,24 @@ fn measure(f: &Flags) -> Res<()> {
     let opened: Vec<_> = devices.iter().map(|d| d.store.cache_stats()).collect();
     println!("| case | origin | range | extents | bytes | first ms | median ms | min ms |");
     println!("|---|---|---|---:|---:|---:|---:|---:|");
-    let all: Vec<Vec<Case>> = devices
+    // Each device's cases (the same ones, at its own size), case by case.
+    let mut per_device: Vec<_> = devices
         .iter()
-        .map(|d| cases(d.size, d.snapshots, burst_after))
+        .map(|d| cases(d.size, d.snapshots, burst_after).into_iter())
         .collect();
-    for i in 0..all[0].len() {
+    while let Some(row) = per_device
+        .iter_mut()
+        .map(Iterator::next)
+        .collect::<Option<Vec<Case>>>()
+    {
         let mut timings: Vec<Timing> = devices.iter().map(|_| Timing::default()).collect();
         for _ in 0..=rounds {
-            for (k, d) in devices.iter().enumerate() {
-                time_case(d, &all[k][i], &mut timings[k])?;
+            for ((d, c), t) in devices.iter().zip(&row).zip(&mut timings) {
+                time_case(d, c, t)?;
             }
         }
-        for (k, d) in devices.iter().enumerate() {
-            report_case(d, &all[k][i], &mut timings[k]);
+        for ((d, c), t) in devices.iter().zip(&row).zip(&mut timings) {
+            report_case(d, c, t);
         }
     }
     for (d, before) in devices.iter().zip(opened) {
