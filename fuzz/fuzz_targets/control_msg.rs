@@ -1,7 +1,8 @@
 //! Control-socket messages.
 //!
 //! The control socket lives in the `snapmv` *binary* (nbd-frontend/src/
-//! control.rs, with status.rs, admin.rs and lock.rs), not in the
+//! control/, with status.rs, operations.rs, route.rs, diff.rs, admin.rs
+//! and lock.rs), not in the
 //! `snapmv-nbd` lib, so nothing outside the binary can call it. This target
 //! compiles those modules in place (`#[path]`, unmodified) and drives them
 //! the way `serve_conn` does:
@@ -9,7 +10,7 @@
 //! - mode 0 (raw): the input is the client's byte stream; it is cut into
 //!   lines exactly as `serve_conn` cuts them (at most `MAX_LINE` bytes),
 //!   each line is parsed as a `Request` and, if it parses, executed by
-//!   `control::handle` against a fresh store (origins `o`, `p`; snapshots
+//!   `control::handle_request` against a fresh store (origins `o`, `p`; snapshots
 //!   1, 2 of `o`). Every reply must serialise to one line, and the client
 //!   side must parse that line back to the same `Reply`.
 //! - mode 1 (structured): requests built from fuzzer-chosen fields (ids,
@@ -23,10 +24,16 @@
 
 #[path = "../../nbd-frontend/src/admin.rs"]
 mod admin;
-#[path = "../../nbd-frontend/src/control.rs"]
+#[path = "../../nbd-frontend/src/control/mod.rs"]
 mod control;
+#[path = "../../nbd-frontend/src/diff.rs"]
+mod diff;
 #[path = "../../nbd-frontend/src/lock.rs"]
 mod lock;
+#[path = "../../nbd-frontend/src/operations.rs"]
+mod operations;
+#[path = "../../nbd-frontend/src/route.rs"]
+mod route;
 #[path = "../../nbd-frontend/src/status.rs"]
 mod status;
 
@@ -77,7 +84,7 @@ fn fresh() -> Store {
 
 /// Execute one request and check the reply's trip over the wire.
 fn serve_one(store: &Store, req: Request) {
-    let reply = control::handle(req, store, "/fuzz/cow.img");
+    let reply = control::handle_request(req, store, "/fuzz/cow.img");
     // What `send` writes: one JSON object and a newline, no newline inside.
     let line = serde_json::to_vec(&reply).expect("reply serialises");
     assert!(!line.contains(&b'\n'), "reply line contains a newline");

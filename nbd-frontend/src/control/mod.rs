@@ -38,8 +38,8 @@ mod server;
 mod wire;
 
 pub use client::Client;
-pub use server::ControlServer;
-pub use wire::{DiffPage, ExtentWire, Reply, Request};
+pub use server::{handle_request, ControlServer};
+pub use wire::{DiffPage, ExtentWire, Reply, Request, MAX_LINE};
 
 use anyhow::{bail, Context, Result};
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -380,6 +380,23 @@ fn serve_conn(stream: UnixStream, shared: &Shared) {
     }
 }
 
+/// Execute one request against `store` outside any connection, without
+/// waiting: a `rollback_progress` request answers at once. The control
+/// fuzz target drives the handler through this.
+pub fn handle_request(req: Request, store: &Store, cow: &str) -> Reply {
+    let req = match req {
+        Request::RollbackProgress { seen, .. } => Request::RollbackProgress { seen, wait_ms: 0 },
+        other => other,
+    };
+    let shared = Shared {
+        store: store.clone(),
+        cow: cow.to_string(),
+        stop: AtomicBool::new(false),
+        progress: Progress::default(),
+    };
+    handle(req, &shared)
+}
+
 /// Execute one request against the live store. Error messages are the
 /// offline commands' (`operations`), so scripts see the same text either
 /// way.
