@@ -38,7 +38,8 @@ impl Inner {
         Ok(StepReport { work, more })
     }
 
-    fn any_flagged(&self) -> bool {
+    /// Whether a node of any origin waits for the cleaner. O(origins).
+    pub(super) fn any_flagged(&self) -> bool {
         sync::read(&self.origins)
             .values()
             .any(|o| sync::read(&o.tree).has_flagged())

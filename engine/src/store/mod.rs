@@ -108,10 +108,28 @@ impl Store {
     }
 
     /// `status()` without the space accounting (`own_chunks` and
-    /// `shared_chunks` are 0): cheap whatever the store's size, for callers
-    /// that want ids, progress or the cleaner's state.
+    /// `shared_chunks` are 0): no pass over the exceptions, but still a
+    /// walk over every snapshot (their listing data, sorted): tens of ms
+    /// at 100,000 snapshots, holding each origin's tree shared. For the
+    /// cleaner's state alone see [`Store::cleaning`], for the origins
+    /// [`Store::origin_ids`].
     pub fn status_without_usage(&self) -> Status {
         self.inner.status(false)
+    }
+
+    /// Whether cleaning is pending (`Status::cleaning`): a cleaner pass in
+    /// progress, or a node waiting for one. O(origins).
+    pub fn cleaning(&self) -> bool {
+        // The meta lock is released before the trees are read (lock order).
+        let pass = sync::read(&self.inner.md).app.clean_pass.is_some();
+        pass || self.inner.any_flagged()
+    }
+
+    /// The bound origins' ids, in the order `versions()` lists them,
+    /// without walking their snapshots. O(origins).
+    pub fn origin_ids(&self) -> Vec<String> {
+        let origins = sync::read(&self.inner.origins);
+        origins.values().map(|o| o.rec.id.clone()).collect()
     }
 
     /// The byte ranges of `[offset, offset + len)` where version `from`
