@@ -223,7 +223,7 @@ pub fn unbind(cow: &Path, id: &str) -> Result<ExitCode> {
     // Offline nobody drives the cleaner, and the engine refuses to unbind an
     // origin whose deleted snapshots are still being cleaned: finish that
     // work here first.
-    let pending = if store.status_without_usage().cleaning {
+    let pending = if store.cleaning() {
         drain_background(&store)
     } else {
         Ok(())

@@ -72,18 +72,17 @@ impl Exports for StoreExports {
     }
 
     /// With exactly one origin served, an empty export name means it, as
-    /// with qemu-nbd's single export.
+    /// with qemu-nbd's single export. Asked at every such connection: the
+    /// origins alone, not a walk over every snapshot (`versions()`, tens
+    /// of ms at 100,000 snapshots, holding the trees an admin call waits
+    /// for).
     fn default_name(&self) -> Option<String> {
-        let mut origins = self
-            .stores
-            .iter()
-            .flat_map(|s| s.versions())
-            .filter(|v| v.tag.is_none());
+        let mut origins = self.stores.iter().flat_map(|s| s.origin_ids());
         let first = origins.next()?;
         if origins.next().is_some() {
             return None;
         }
-        Some(first.origin)
+        Some(first)
     }
 }
 
@@ -111,5 +110,32 @@ mod tests {
         ] {
             assert_eq!(parse_export_name(bad), None, "{bad:?}");
         }
+    }
+
+    /// The empty name means the one origin served, snapshots or not; with
+    /// two origins (in one store or two) it means nothing.
+    #[test]
+    fn the_default_export_is_the_only_origin() {
+        use snapmv_engine::store::FormatOptions;
+        use snapmv_engine::MemDev;
+        use std::sync::Arc;
+        let store = || {
+            let cow = Arc::new(MemDev::new(16 << 20));
+            Store::format(cow, &FormatOptions::default()).unwrap()
+        };
+        let origin = || Arc::new(MemDev::new(1 << 20));
+        let (a, b) = (store(), store());
+        assert_eq!(
+            StoreExports::new(vec![a.clone()], false).default_name(),
+            None
+        );
+        a.bind("o", "/dev/o", origin(), 0).unwrap();
+        a.snapshot("o", None, "", 0).unwrap();
+        let one = StoreExports::new(vec![a.clone(), b.clone()], false);
+        assert_eq!(one.default_name().as_deref(), Some("o"));
+        b.bind("p", "/dev/p", origin(), 0).unwrap();
+        assert_eq!(one.default_name(), None);
+        a.bind("q", "/dev/q", origin(), 0).unwrap();
+        assert_eq!(StoreExports::new(vec![a], false).default_name(), None);
     }
 }
