@@ -199,7 +199,8 @@ impl<'a, P: PageSource> TreeReader<'a, P> {
     }
 
     /// Entries with lo <= key <= hi, ascending, at most `limit`. Visits only
-    /// the leaves that hold them (plus one step past an exhausted leaf).
+    /// the leaves that hold them (plus one step past an exhausted leaf):
+    /// a walk that never skips.
     pub(super) fn range(
         &mut self,
         lo: u128,
@@ -210,34 +211,14 @@ impl<'a, P: PageSource> TreeReader<'a, P> {
         if lo > hi || limit == 0 {
             return Ok(out);
         }
-        let esz = self.leaf_esz();
-        let (mut path, mut leaf) = self.descend(lo)?;
-        let mut i = {
-            let p = self.pages.page(leaf, self.role(0))?;
-            node::search(p, node::count(p), esz, lo).unwrap_or_else(|i| i)
-        };
-        loop {
-            let p = self.pages.page(leaf, self.role(0))?;
-            let n = node::count(p);
-            while i < n {
-                let k = node::key_at(&p[..], i, esz);
-                if k > hi {
-                    return Ok(out);
-                }
-                out.push((k, node::value_at(p, i, esz).to_vec()));
-                if out.len() >= limit {
-                    return Ok(out);
-                }
-                i += 1;
-            }
-            match self.next_leaf(&mut path, hi)? {
-                Some(b) => {
-                    leaf = b;
-                    i = 0;
-                }
-                None => return Ok(out),
-            }
-        }
+        self.walk(lo, hi, &mut |k, v| {
+            out.push((k, v.to_vec()));
+            Ok(match out.len() >= limit {
+                true => Walk::Stop,
+                false => Walk::Next,
+            })
+        })?;
+        Ok(out)
     }
 
     /// Visit the entries with lo <= key <= hi in ascending order; after

@@ -802,6 +802,24 @@ fn deleted_export_gets_eshutdown_and_vanishes() {
     assert_eq!(d.go("o@1", &[])[0].0, REP_ERR_UNKNOWN);
 }
 
+/// From another thread, send 4,000 reads of 256 KiB on `hog`'s socket and
+/// never read a reply: the sender blocks once the server stops reading.
+fn send_reads_without_reading(hog: &Raw) -> std::thread::JoinHandle<()> {
+    let mut s = hog.s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        for h in 0..4000u64 {
+            v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            v.extend_from_slice(&0u16.to_be_bytes());
+            v.extend_from_slice(&CMD_READ.to_be_bytes());
+            v.extend_from_slice(&h.to_be_bytes());
+            v.extend_from_slice(&0u64.to_be_bytes());
+            v.extend_from_slice(&(256u32 << 10).to_be_bytes());
+        }
+        let _ = s.write_all(&v);
+    })
+}
+
 #[test]
 fn slow_reply_reader_holds_back_only_itself() {
     let (cat, _) = catalog();
@@ -815,22 +833,7 @@ fn slow_reply_reader_holds_back_only_itself() {
     // A client that sends many reads and never reads a reply.
     let mut hog = Raw::connect(srv.addr);
     hog.go("o", &[]);
-    let sender = {
-        let mut s = hog.s.try_clone().unwrap();
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            for h in 0..4000u64 {
-                v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-                v.extend_from_slice(&0u16.to_be_bytes());
-                v.extend_from_slice(&CMD_READ.to_be_bytes());
-                v.extend_from_slice(&h.to_be_bytes());
-                v.extend_from_slice(&0u64.to_be_bytes());
-                v.extend_from_slice(&(256u32 << 10).to_be_bytes());
-            }
-            // Blocks once the server stops reading; that is the point.
-            let _ = s.write_all(&v);
-        })
-    };
+    let sender = send_reads_without_reading(&hog);
     std::thread::sleep(Duration::from_millis(500));
     // Others are served promptly meanwhile.
     let t = Instant::now();
@@ -871,22 +874,7 @@ fn a_client_that_never_reads_holds_no_pool_thread() {
     let srv = TestServer::start(cat, cfg);
     let mut hog = Raw::connect(srv.addr);
     hog.go("o", &[]);
-    let sender = {
-        let mut s = hog.s.try_clone().unwrap();
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            for h in 0..4000u64 {
-                v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-                v.extend_from_slice(&0u16.to_be_bytes());
-                v.extend_from_slice(&CMD_READ.to_be_bytes());
-                v.extend_from_slice(&h.to_be_bytes());
-                v.extend_from_slice(&0u64.to_be_bytes());
-                v.extend_from_slice(&(256u32 << 10).to_be_bytes());
-            }
-            // Blocks once the server stops reading; that is the point.
-            let _ = s.write_all(&v);
-        })
-    };
+    let sender = send_reads_without_reading(&hog);
     std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
     for i in 0..3 {
@@ -934,19 +922,7 @@ fn shutdown_cuts_a_client_that_never_reads_replies() {
     let mut srv = TestServer::start(cat, cfg);
     let mut hog = Raw::connect(srv.addr);
     hog.go("o", &[]);
-    let mut s = hog.s.try_clone().unwrap();
-    let sender = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        for h in 0..4000u64 {
-            v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-            v.extend_from_slice(&0u16.to_be_bytes());
-            v.extend_from_slice(&CMD_READ.to_be_bytes());
-            v.extend_from_slice(&h.to_be_bytes());
-            v.extend_from_slice(&0u64.to_be_bytes());
-            v.extend_from_slice(&(256u32 << 10).to_be_bytes());
-        }
-        let _ = s.write_all(&v);
-    });
+    let sender = send_reads_without_reading(&hog);
     std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
     srv.stop();
