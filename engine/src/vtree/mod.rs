@@ -154,6 +154,10 @@ pub struct VTree {
     /// pass remove?") cost the flagged nodes, not the whole tree (100,000
     /// snapshots are ~200,000 nodes). Derived from the records at open.
     flag_index: BTreeSet<(u64, NodeId)>,
+    /// Counts the changes to the tree's shape (snapshot, delete, a
+    /// cleaner pass): a reader that spans several lock holds and must see
+    /// one shape (a diff's gather over `ByNode`) compares it.
+    shape: u64,
 }
 
 fn corrupt(reason: String) -> Error {
@@ -431,6 +435,12 @@ impl VTree {
         }
     }
 
+    /// The shape counter: equal values mean no snapshot, delete or cleaner
+    /// pass came between (see the field).
+    pub fn shape(&self) -> u64 {
+        self.shape
+    }
+
     /// Snapshot of the origin: a new spine node on top, the new leaf under it.
     pub fn snapshot_origin(
         &mut self,
@@ -438,6 +448,7 @@ impl VTree {
         leaf_id: NodeId,
         tag: u64,
     ) -> Result<Changes> {
+        self.shape += 1;
         self.check_new_ids(spine_id, leaf_id, tag)?;
         let mut spine = Node::new(spine_id, ORIGIN, Kind::Spine);
         let mut ch = Changes::default();
@@ -473,6 +484,7 @@ impl VTree {
         leaf_id: NodeId,
         tag: u64,
     ) -> Result<Changes> {
+        self.shape += 1;
         self.check_new_ids(cont_id, leaf_id, tag)?;
         let old = self
             .leaf_of(of)
@@ -517,6 +529,7 @@ impl VTree {
     /// Delete a snapshot: instant. Flags the leaf and every ancestor whose
     /// state changes (to merging or dead) with generation `gen`.
     pub fn delete(&mut self, tag: u64, gen: u64) -> Result<Changes> {
+        self.shape += 1;
         let leaf = self
             .tags
             .remove(&tag)
@@ -625,6 +638,7 @@ impl VTree {
     /// parent is the one node that can become removable. The result is the
     /// fixpoint a walk over every node until none is removable reaches.
     pub fn finish_pass(&mut self, pass_gen: u64) -> Changes {
+        self.shape += 1;
         let mut ch = Changes::default();
         let mut work: Vec<NodeId> = self
             .flag_index
