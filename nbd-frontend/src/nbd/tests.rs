@@ -599,7 +599,7 @@ fn negotiate_as(
     let identity = identity.map(str::to_string);
     let server = std::thread::spawn(move || {
         let (s, _) = listener.accept().unwrap();
-        let w = std::io::BufWriter::new(s.try_clone().unwrap());
+        let mut w = std::io::BufWriter::new(s.try_clone().unwrap());
         // Never written to, so the stop never fires.
         let (stop_rx, _stop_tx) = std::os::unix::net::UnixStream::pair().unwrap();
         let stop = StopSignal {
@@ -607,7 +607,6 @@ fn negotiate_as(
             fd: stop_rx.as_raw_fd(),
         };
         let mut rd = MsgReader::new(Stream::Tcp(s), stop);
-        let mut w = w;
         match negotiate(&mut rd, &mut w, cat.as_ref(), false, &policy, identity) {
             Ok(Outcome::Transmission(n)) => Ok(Some((n.name, n.flags))),
             Ok(Outcome::Ended) => Ok(None),
@@ -656,10 +655,36 @@ fn go_flags(replies: &[(u32, Vec<u8>)]) -> u16 {
     u16::from_be_bytes(d[10..12].try_into().unwrap())
 }
 
+/// What the server answers for an export name it does not know.
+fn unknown(name: &str) -> (u32, Vec<u8>) {
+    let why = format!("no export named {name:?}");
+    (REP_ERR_UNKNOWN, why.into_bytes())
+}
+
+/// INFO, LIST_META_CONTEXT and SET_META_CONTEXT on each of `all` are
+/// answered for the `visible` ones, and for the others byte for byte as
+/// for a name that exists nowhere.
+fn assert_sees_only(c: &mut Raw, who: Option<&str>, all: &[&str], visible: &[&str]) {
+    for name in all {
+        let info = c.info(name);
+        let meta_list = c.list_meta(name, &[BASE_ALLOCATION]);
+        let meta_set = c.set_meta(name, &[BASE_ALLOCATION]);
+        if visible.contains(name) {
+            assert_eq!(info.0, REP_ACK, "{who:?} INFO {name}");
+            assert_eq!(meta_list, Ok(vec![BASE_ALLOCATION.to_string()]));
+            assert_eq!(meta_set.len(), 2, "{who:?} SET {name}: {meta_set:?}");
+        } else {
+            assert_eq!(info, unknown(name), "{who:?} INFO {name}");
+            assert_eq!(meta_list, Err(REP_ERR_UNKNOWN), "{who:?} LIST_META {name}");
+            assert_eq!(meta_set, [unknown(name)], "{who:?} SET {name}");
+        }
+    }
+    assert_eq!(c.info("nope"), unknown("nope"));
+}
+
 /// `--allow o@*=alice --allow o@2=bob --allow p=alice`, default export
 /// `p`: each client sees, lists, queries and opens exactly what the rules
-/// give it, and a hidden export answers every option byte for byte as a
-/// name that exists nowhere.
+/// give it.
 #[test]
 fn allow_rules_hide_exports_from_other_clients() {
     let cat = Arc::new(MemCatalog::default());
@@ -686,27 +711,7 @@ fn allow_rules_hide_exports_from_other_clients() {
         let (mut c, server) = negotiate_as(cat.clone(), policy.clone(), who);
         assert_eq!(c.list(), visible, "{who:?}: OPT_LIST");
         c.structured();
-        for name in all {
-            let seen = visible.contains(&name);
-            let unknown = (
-                REP_ERR_UNKNOWN,
-                format!("no export named {name:?}").into_bytes(),
-            );
-            let info = c.info(name);
-            let meta_list = c.list_meta(name, &[BASE_ALLOCATION]);
-            let meta_set = c.set_meta(name, &[BASE_ALLOCATION]);
-            if seen {
-                assert_eq!(info.0, REP_ACK, "{who:?} INFO {name}");
-                assert_eq!(meta_list, Ok(vec![BASE_ALLOCATION.to_string()]));
-                assert_eq!(meta_set.len(), 2, "{who:?} SET {name}: {meta_set:?}");
-            } else {
-                // The same error, message included, as for "nope".
-                assert_eq!(info, unknown, "{who:?} INFO {name}");
-                assert_eq!(meta_list, Err(REP_ERR_UNKNOWN), "{who:?} LIST_META {name}");
-                assert_eq!(meta_set, [unknown], "{who:?} SET {name}");
-            }
-        }
-        assert_eq!(c.info("nope").1, b"no export named \"nope\"");
+        assert_sees_only(&mut c, who, &all, visible);
         // The default export is p: hidden where p is.
         let default = if visible.contains(&"p") {
             REP_ACK
@@ -722,16 +727,9 @@ fn allow_rules_hide_exports_from_other_clients() {
         assert_eq!(set.len(), if who == Some("alice") { 2 } else { 1 });
         // A hidden export's GO fails and negotiation goes on; EXPORT_NAME
         // cannot fail softly, so it ends the connection.
-        let hidden = all.iter().find(|n| !visible.contains(n));
-        match hidden {
+        match all.iter().find(|n| !visible.contains(n)) {
             Some(name) => {
-                assert_eq!(
-                    c.go(name, &[]),
-                    [(
-                        REP_ERR_UNKNOWN,
-                        format!("no export named {name:?}").into_bytes()
-                    )]
-                );
+                assert_eq!(c.go(name, &[]), [unknown(name)], "{who:?} GO {name}");
                 c.opt(OPT_EXPORT_NAME, name.as_bytes());
                 assert!(c.closed(), "{who:?} EXPORT_NAME {name}");
                 let end = server.join().unwrap().unwrap_err();
