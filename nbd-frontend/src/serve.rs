@@ -10,7 +10,7 @@ use snapmv_engine::dev::OpenOptions;
 use snapmv_engine::store::{Dev, FormatOptions, Store};
 use snapmv_engine::FileDev;
 use snapmv_nbd::exports::StoreExports;
-use snapmv_nbd::nbd::{Server, ServerConfig, ShutdownHandle};
+use snapmv_nbd::nbd::{AccessPolicy, Server, ServerConfig, ShutdownHandle};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,8 @@ pub struct ServeArgs {
     pub listen: Option<SocketAddr>,
     pub unix: Option<PathBuf>,
     pub read_only: bool,
+    /// `--allow` and `--read-only-export`.
+    pub access: AccessPolicy,
     /// Byte budget of each store's metadata page cache.
     pub cache_budget: u64,
     /// Byte budget of each store's staged first writes.
@@ -119,6 +121,7 @@ fn run(served: &[Served], args: &ServeArgs, sigs: libc::sigset_t) -> Result<()> 
         tcp,
         unix: args.unix.clone(),
         read_only: args.read_only,
+        access: args.access.clone(),
         ..ServerConfig::default()
     };
     let exports = Arc::new(StoreExports::new(

@@ -115,6 +115,8 @@ pub struct ExportOf<B> {
 /// `Volume` instance of it).
 pub trait Catalog<B>: Send + Sync + 'static {
     fn list(&self) -> Vec<String>;
+    /// Opens only the names `list` gives (one name an export: the access
+    /// policy matches the name asked for).
     fn open(&self, name: &str) -> Option<ExportOf<B>>;
     fn default_name(&self) -> Option<String>;
 }
@@ -304,6 +306,8 @@ pub mod mem {
     #[derive(Default)]
     pub struct MemCatalog {
         pub exports: Mutex<BTreeMap<String, ExportOf<MemBackend>>>,
+        /// What an empty export name means (none by default).
+        pub default: Mutex<Option<String>>,
     }
 
     impl MemCatalog {
@@ -327,7 +331,7 @@ pub mod mem {
             self.exports.lock().unwrap().get(name).cloned()
         }
         fn default_name(&self) -> Option<String> {
-            None
+            self.default.lock().unwrap().clone()
         }
     }
 }

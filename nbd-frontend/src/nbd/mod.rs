@@ -68,6 +68,11 @@
 //!   `parse_extended_request_header`, `check_request`,
 //!   `parse_option_header`, `parse_option`, `extents_to_descriptors`, the
 //!   reply encoders).
+//! - Per-export access ([`AccessPolicy`], `access`): exports matching an
+//!   `--allow` pattern exist only for the clients it names (others get
+//!   ERR_UNKNOWN and do not see them in OPT_LIST); `--read-only-export`
+//!   patterns serve matching exports read-only. Applied where negotiation
+//!   resolves a name, so every option that names an export obeys it.
 //! - Not supported: TLS (answered ERR_UNSUP), NBD_CMD_CACHE (EINVAL),
 //!   payloads on commands other than WRITE (EINVAL, the payload drained;
 //!   `NBD_FLAG_BLOCK_STAT_PAYLOAD` is not advertised).
@@ -78,6 +83,7 @@ use std::sync::Arc;
 
 use snapmv_engine::store::Volume;
 
+mod access;
 mod backend;
 mod budget;
 mod io;
@@ -91,6 +97,7 @@ mod transmit;
 #[cfg(test)]
 mod tests;
 
+pub use access::{AccessError, AccessPolicy, AllowRule, ExportPattern};
 pub use server::MAX_CONNECTIONS;
 
 /// One export as the server sees it at negotiation time.
@@ -106,7 +113,9 @@ pub struct Export {
 pub trait Exports: Send + Sync + 'static {
     /// Names of every export now (origin ids and "id@tag").
     fn list(&self) -> Vec<String>;
-    /// Look up one export by name, at negotiation time.
+    /// Look up one export by name, at negotiation time. Only the name
+    /// `list` gives an export may open it: the [`AccessPolicy`] is matched
+    /// against the name asked for, so an alias would slip past it.
     fn open(&self, name: &str) -> Option<Export>;
     /// The default export for an empty name (OPT_EXPORT_NAME "" / OPT_GO ""), if any.
     fn default_name(&self) -> Option<String> {
@@ -138,6 +147,9 @@ pub struct ServerConfig {
     /// Threads of the pool shared by all connections, at most (default 64;
     /// started on demand).
     pub pool_threads: usize,
+    /// Which clients may open which exports, and which are read-only
+    /// (default: all open, none read-only beyond `read_only`).
+    pub access: AccessPolicy,
 }
 
 impl Default for ServerConfig {
@@ -151,6 +163,7 @@ impl Default for ServerConfig {
             server_buffer_bytes: 1 << 30,
             parallel_per_conn: 8,
             pool_threads: 64,
+            access: AccessPolicy::default(),
         }
     }
 }

@@ -19,7 +19,7 @@ use super::io::{MsgReader, StopSignal, Stream};
 use super::negotiate::{negotiate, Outcome};
 use super::pool::WorkerPool;
 use super::transmit::{self, Limits, OVERHEAD};
-use super::ServerConfig;
+use super::{AccessPolicy, ServerConfig};
 
 /// Negotiation must make progress at least this often.
 const NEGOTIATION_IDLE: Duration = Duration::from_secs(60);
@@ -65,6 +65,7 @@ struct Shared<B> {
     catalog: Arc<dyn Catalog<B>>,
     stop: Arc<AtomicBool>,
     read_only: bool,
+    access: AccessPolicy,
     max_request: u32,
     conn_buffer: usize,
     parallel: usize,
@@ -169,12 +170,13 @@ impl<B: Backend> Core<B> {
         let conn_buffer = cfg.conn_buffer_bytes.max(max_request as usize + OVERHEAD);
         let server_budget = cfg.server_buffer_bytes.max(conn_buffer);
         info!(tcp = ?local_addr, unix = ?cfg.unix, read_only = cfg.read_only, max_request,
-              conn_buffer, server_budget, "NBD server listening");
+              conn_buffer, server_budget, access = %cfg.access, "NBD server listening");
         Ok(Core {
             shared: Arc::new(Shared {
                 catalog,
                 stop: Arc::new(AtomicBool::new(false)),
                 read_only: cfg.read_only,
+                access: cfg.access.clone(),
                 max_request,
                 conn_buffer,
                 parallel: cfg.parallel_per_conn.clamp(1, 256),
@@ -397,7 +399,9 @@ fn handle_conn<B: Backend>(s: Stream, shared: &Shared<B>) {
     let mut rd = MsgReader::new(s, stop);
     rd.idle_limit = Some(NEGOTIATION_IDLE);
     let mut w = BufWriter::new(ws);
-    let outcome = negotiate(&mut rd, &mut w, shared.catalog.as_ref(), shared.read_only);
+    // No TLS yet, so no client has an identity.
+    let (catalog, access) = (shared.catalog.as_ref(), &shared.access);
+    let outcome = negotiate(&mut rd, &mut w, catalog, shared.read_only, access, None);
     let n = match outcome {
         Ok(Outcome::Transmission(n)) => n,
         Ok(Outcome::Ended) => {
