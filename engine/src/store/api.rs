@@ -75,6 +75,14 @@ pub enum ExtentKind {
     Zero,
 }
 
+/// One run of `Volume::allocation_depth`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DepthExtent {
+    pub offset: u64,
+    pub len: u64,
+    pub depth: u32,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
     pub offset: u64,

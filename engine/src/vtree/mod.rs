@@ -366,21 +366,38 @@ impl VTree {
 
     /// Where the read of `leaf` at `chunk` finds its data.
     pub fn resolve(&self, leaf: NodeId, chunk: u64, v: &mut dyn ExcView) -> Result<Source> {
+        Ok(self.resolve_layer(leaf, chunk, v)?.0)
+    }
+
+    /// `resolve`, and the layer the data comes from, as an image chain
+    /// counts them (qemu's allocation depth): 1 is the leaf's own
+    /// exception; each frozen ancestor above it (a ghost: the state a
+    /// snapshot-of-snapshot froze, which both its children now read
+    /// through, as an overlay reads its backing file) is one layer more;
+    /// the origin, in place or through a spine copy of what it held, is
+    /// the last layer.
+    pub fn resolve_layer(
+        &self,
+        leaf: NodeId,
+        chunk: u64,
+        v: &mut dyn ExcView,
+    ) -> Result<(Source, u32)> {
         let mut cur = leaf;
         // Non-spine ancestors: one point lookup each (snapshot-of-snapshot depth).
-        for _ in 0..=self.nodes.len() {
+        for layer in 1..=self.nodes.len() as u32 + 1 {
             if cur == ORIGIN {
-                return Ok(Source::Origin);
+                return Ok((Source::Origin, layer));
             }
             let n = &self.nodes[&cur];
             if n.is_spine() {
-                return Ok(match v.seek_spine(chunk, cur)? {
+                let source = match v.seek_spine(chunk, cur)? {
                     Some((node, val)) => Source::Exc(node, val),
                     None => Source::Origin,
-                });
+                };
+                return Ok((source, layer));
             }
             if let Some(val) = v.get(chunk, cur)? {
-                return Ok(Source::Exc(cur, val));
+                return Ok((Source::Exc(cur, val), layer));
             }
             cur = n.parent;
         }

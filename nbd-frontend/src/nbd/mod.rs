@@ -46,10 +46,12 @@
 //!   of ID, written as in export names, or `origin`) sets bit 0 where the
 //!   export may differ from that version (`Volume::diff_from`: never
 //!   misses a changed chunk; a rewrite with the same bytes may show);
-//!   `qemu:allocation-depth` is 0 for zeros, 1 for data on the COW device
-//!   this version reads, 2 for data still read from the origin in place
-//!   (the engine does not tell a snapshot's copy from one it shares with an
-//!   ancestor snapshot, so the depth stops at 2). LIST: no query lists
+//!   `qemu:allocation-depth` counts layers as an image chain does
+//!   (`Volume::allocation_depth`): 0 for zeros, 1 for this version's own
+//!   copy, 2 and more for data inherited from the snapshots it was taken
+//!   of (a snapshot of a snapshot reads its parent's frozen state, as an
+//!   overlay reads its backing file), the origin last (in place, or the
+//!   copy of what it held when it moved on). LIST: no query lists
 //!   everything; `base:`, `qemu:`, `snapmv:` and `snapmv:changed-since:`
 //!   list their namespace (the last two: `origin` and the newest 256
 //!   tags; any other tag is still selectable by name). SET selects up to
