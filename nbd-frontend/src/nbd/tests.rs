@@ -385,8 +385,9 @@ fn negotiation_sequences() {
         c.opt_reply(),
         (77, REP_ERR_UNSUP, b"option not supported".to_vec())
     );
+    // TLS is not configured: a policy refusal (the spec's NOTLS mode).
     c.opt(OPT_STARTTLS, &[]);
-    assert_eq!(c.opt_reply().1, REP_ERR_UNSUP);
+    assert_eq!(c.opt_reply().1, REP_ERR_POLICY);
     // META before STRUCTURED_REPLY is invalid.
     assert_eq!(c.set_meta("o", &[BASE_ALLOCATION])[0].0, REP_ERR_INVALID);
     c.structured();
