@@ -387,7 +387,13 @@ mod tests {
         let cli = Cli::try_parse_from(["snapmv", "serve", "c.img"]).unwrap();
         assert!(matches!(cli.cmd, Cmd::Serve { tls, .. } if tls.mode == TlsModeArg::Off));
         let cli = Cli::try_parse_from([
-            "snapmv", "serve", "--tls", "require", "--tls-dir", "/d", "c.img",
+            "snapmv",
+            "serve",
+            "--tls",
+            "require",
+            "--tls-dir",
+            "/d",
+            "c.img",
         ])
         .unwrap();
         match cli.cmd {

@@ -177,7 +177,12 @@ impl<B: Backend> State<'_, B> {
         tls: &mut dyn Starttls<W>,
     ) -> Result<(), NegError> {
         if self.tls_mode == TlsMode::Off {
-            send_err(w, option, REP_ERR_POLICY, "TLS is not enabled on this server")?;
+            send_err(
+                w,
+                option,
+                REP_ERR_POLICY,
+                "TLS is not enabled on this server",
+            )?;
             return Ok(());
         }
         if self.tls_active {

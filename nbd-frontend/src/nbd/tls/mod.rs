@@ -421,10 +421,12 @@ fn x509(
             if n == 0 {
                 return Err(ca_err("no PEM certificate in it".into()));
             }
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .map_err(|e| ca_err(e.to_string()))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| ca_err(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };

@@ -156,7 +156,12 @@ struct Flow {
 }
 
 impl Flow {
-    fn new(s: Box<dyn Session>, net: NetSocket, plain: UnixStream, write_timeout: Duration) -> Flow {
+    fn new(
+        s: Box<dyn Session>,
+        net: NetSocket,
+        plain: UnixStream,
+        write_timeout: Duration,
+    ) -> Flow {
         Flow {
             s,
             net,
@@ -328,7 +333,11 @@ impl Flow {
                 revents: 0,
             },
             libc::pollfd {
-                fd: if plain_ev != 0 { self.plain.as_raw_fd() } else { -1 },
+                fd: if plain_ev != 0 {
+                    self.plain.as_raw_fd()
+                } else {
+                    -1
+                },
                 events: plain_ev,
                 revents: 0,
             },

@@ -174,7 +174,8 @@ struct Rustls(rustls::ServerConnection);
 pub(super) fn rustls_session(
     config: Arc<rustls::ServerConfig>,
 ) -> Result<Box<dyn Session>, HandshakeError> {
-    let mut c = rustls::ServerConnection::new(config).map_err(|e| HandshakeError::Tls(e.to_string()))?;
+    let mut c =
+        rustls::ServerConnection::new(config).map_err(|e| HandshakeError::Tls(e.to_string()))?;
     c.set_buffer_limit(Some(SEND_BUFFER));
     Ok(Box::new(Rustls(c)))
 }
