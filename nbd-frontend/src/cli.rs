@@ -176,7 +176,7 @@ pub enum Cmd {
         #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "5ms")]
         commit_delay: std::time::Duration,
         #[command(flatten)]
-        tls: TlsArgs,
+        tls: Box<TlsArgs>,
     },
 }
 

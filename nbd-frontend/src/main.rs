@@ -94,7 +94,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             cache_budget,
             staging_budget,
             commit_delay,
-            tls,
+            tls: *tls,
         }),
     }
 }

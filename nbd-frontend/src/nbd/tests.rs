@@ -1391,7 +1391,7 @@ fn starttls_upgrades_and_forgets_what_came_before() {
         assert_eq!(t.go("o", &[]).last().unwrap().0, REP_ACK);
         t.req(0, CMD_WRITE, 1, 0, 4, b"abcd");
         assert_eq!(t.simple(), (0, 1));
-        let data: Vec<u8> = (0..(512u32 << 10)).map(|i| (i * 7 >> 3) as u8).collect();
+        let data: Vec<u8> = (0..(512u32 << 10)).map(|i| ((i * 7) >> 3) as u8).collect();
         t.req(0, CMD_WRITE, 2, 4096, data.len() as u32, &data);
         assert_eq!(t.simple(), (0, 2));
         t.req(0, CMD_READ, 3, 4096, data.len() as u32, &[]);

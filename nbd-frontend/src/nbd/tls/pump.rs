@@ -178,7 +178,7 @@ impl Flow {
     }
 
     /// Decrypted bytes to the connection's thread. True if anything moved.
-    fn to_conn_side(&mut self) -> io::Result<bool> {
+    fn decrypted_to_conn(&mut self) -> io::Result<bool> {
         let mut moved = false;
         loop {
             if !self.to_conn.is_empty() {
@@ -231,7 +231,7 @@ impl Flow {
     }
 
     /// Plain text from the connection's thread into the session.
-    fn from_conn_side(&mut self) -> io::Result<bool> {
+    fn conn_to_session(&mut self) -> io::Result<bool> {
         let mut moved = false;
         loop {
             if !self.from_conn.is_empty() {
@@ -267,8 +267,8 @@ impl Flow {
 
     fn run(&mut self) -> io::Result<()> {
         loop {
-            let mut moved = self.to_conn_side()?;
-            moved |= self.from_conn_side()?;
+            let mut moved = self.decrypted_to_conn()?;
+            moved |= self.conn_to_session()?;
             while self.s.wants_write() {
                 match self.s.write_tls(&mut self.net) {
                     Ok(0) => break,
