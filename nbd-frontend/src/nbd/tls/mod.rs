@@ -370,64 +370,77 @@ fn pem_error(path: &Path, e: rustls::pki_types::pem::Error) -> TlsError {
     }
 }
 
+/// The certificates in a PEM file (none is an error).
+fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, e))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The first private key in a PEM file.
+fn parse_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    match PrivateKeyDer::from_pem_slice(pem) {
+        Ok(k) => Ok(k),
+        Err(rustls::pki_types::pem::Error::NoItemsFound) => Err(TlsError::NoKey {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(pem_error(path, e)),
+    }
+}
+
+/// A verifier that requires a client certificate chaining to the CA
+/// certificates in `pem` and valid now.
+fn client_verifier(
+    path: &Path,
+    pem: &[u8],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let ca_err = |why: String| TlsError::Ca {
+        path: path.to_path_buf(),
+        why,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| pem_error(path, e))?;
+        roots
+            .add(cert)
+            .map_err(|e| ca_err(format!("unusable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(ca_err("no PEM certificate in it".into()));
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| ca_err(e.to_string()))
+}
+
 fn x509(
     (cert_path, cert): (&Path, &[u8]),
     (key_path, key): (&Path, &[u8]),
     ca: Option<(&Path, &[u8])>,
 ) -> Result<TlsCredentials, TlsError> {
-    use rustls::pki_types::pem::Error as PemError;
-    let certs = CertificateDer::pem_slice_iter(cert)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(cert_path, e))?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: cert_path.to_path_buf(),
-        });
-    }
-    let key = match PrivateKeyDer::from_pem_slice(key) {
-        Ok(k) => k,
-        Err(PemError::NoItemsFound) => {
-            return Err(TlsError::NoKey {
-                path: key_path.to_path_buf(),
-            })
-        }
-        Err(e) => return Err(pem_error(key_path, e)),
+    let certs = parse_certs(cert_path, cert)?;
+    let key = parse_key(key_path, key)?;
+    let unusable = |why: String| TlsError::Unusable {
+        cert: cert_path.to_path_buf(),
+        key: key_path.to_path_buf(),
+        why,
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Unusable {
-            cert: cert_path.to_path_buf(),
-            key: key_path.to_path_buf(),
-            why: e.to_string(),
-        })?;
+        .map_err(|e| unusable(e.to_string()))?;
     let verify_clients = ca.is_some();
     let builder = match ca {
         None => builder.with_no_client_auth(),
-        Some((ca_path, ca)) => {
-            let ca_err = |why: String| TlsError::Ca {
-                path: ca_path.to_path_buf(),
-                why,
-            };
-            let mut roots = rustls::RootCertStore::empty();
-            let mut n = 0;
-            for c in CertificateDer::pem_slice_iter(ca) {
-                let c = c.map_err(|e| pem_error(ca_path, e))?;
-                roots
-                    .add(c)
-                    .map_err(|e| ca_err(format!("unusable CA certificate: {e}")))?;
-                n += 1;
-            }
-            if n == 0 {
-                return Err(ca_err("no PEM certificate in it".into()));
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .build()
-            .map_err(|e| ca_err(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
+        Some((path, pem)) => {
+            builder.with_client_cert_verifier(client_verifier(path, pem, provider)?)
         }
     };
     let mut config = builder.with_single_cert(certs, key).map_err(|e| match e {
@@ -437,11 +450,7 @@ fn x509(
                 key: key_path.to_path_buf(),
             }
         }
-        e => TlsError::Unusable {
-            cert: cert_path.to_path_buf(),
-            key: key_path.to_path_buf(),
-            why: e.to_string(),
-        },
+        e => unusable(e.to_string()),
     })?;
     // No resumption: every connection proves its certificate afresh.
     config.send_tls13_tickets = 0;
@@ -453,17 +462,17 @@ fn x509(
 }
 
 fn psk_context(users: Arc<HashMap<String, Vec<u8>>>) -> Result<SslContext, TlsError> {
-    let mut b = SslContextBuilder::new(SslMethod::tls_server())?;
-    b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
+    let mut builder = SslContextBuilder::new(SslMethod::tls_server())?;
+    builder.set_min_proto_version(Some(SslVersion::TLS1_2))?;
     // TLS 1.2: the PSK suites without a certificate (ECDHE-PSK first, for
     // forward secrecy). TLS 1.3 takes a PSK through the same callback,
     // with SHA-256 suites (what GnuTLS, so libnbd and qemu, offers).
-    b.set_cipher_list("ECDHE-PSK:PSK:!NULL:!aRSA")?;
-    b.set_options(SslOptions::NO_TICKET | SslOptions::NO_RENEGOTIATION);
-    b.set_num_tickets(0)?;
-    b.set_session_cache_mode(openssl::ssl::SslSessionCacheMode::OFF);
+    builder.set_cipher_list("ECDHE-PSK:PSK:!NULL:!aRSA")?;
+    builder.set_options(SslOptions::NO_TICKET | SslOptions::NO_RENEGOTIATION);
+    builder.set_num_tickets(0)?;
+    builder.set_session_cache_mode(openssl::ssl::SslSessionCacheMode::OFF);
     let index = session::psk_identity_index()?;
-    b.set_psk_server_callback(move |ssl, identity, out| {
+    builder.set_psk_server_callback(move |ssl, identity, out| {
         let raw = identity.unwrap_or_default();
         let name = String::from_utf8_lossy(raw).into_owned();
         let key = std::str::from_utf8(raw).ok().and_then(|n| users.get(n));
@@ -480,7 +489,7 @@ fn psk_context(users: Arc<HashMap<String, Vec<u8>>>) -> Result<SslContext, TlsEr
             }
         }
     });
-    Ok(b.build())
+    Ok(builder.build())
 }
 
 /// Run the server side of a TLS handshake on `sock`, after STARTTLS was

@@ -66,13 +66,13 @@ impl Pump {
         let thread = std::thread::Builder::new()
             .name("nbd-tls".into())
             .spawn(move || {
-                let mut p = Flow::new(session, net, pump_end, write_timeout);
-                match p.run() {
+                let mut flow = Flow::new(session, net, pump_end, write_timeout);
+                match flow.run() {
                     Ok(()) => debug!(%peer, "TLS pump ended"),
                     Err(e) => debug!(%peer, "TLS pump ended: {e}"),
                 }
-                let _ = p.net.stream().shutdown(Shutdown::Both);
-                let _ = p.plain.shutdown(Shutdown::Both);
+                let _ = flow.net.stream().shutdown(Shutdown::Both);
+                let _ = flow.plain.shutdown(Shutdown::Both);
             })?;
         Ok(Pump {
             conn_end,
@@ -135,7 +135,7 @@ impl Buf {
 }
 
 struct Flow {
-    s: Box<dyn Session>,
+    session: Box<dyn Session>,
     net: NetSocket,
     plain: UnixStream,
     write_timeout: Duration,
@@ -157,13 +157,13 @@ struct Flow {
 
 impl Flow {
     fn new(
-        s: Box<dyn Session>,
+        session: Box<dyn Session>,
         net: NetSocket,
         plain: UnixStream,
         write_timeout: Duration,
     ) -> Flow {
         Flow {
-            s,
+            session,
             net,
             plain,
             write_timeout,
@@ -198,7 +198,7 @@ impl Flow {
                     }
                 }
             } else if !self.net_done {
-                match self.s.read_plain(&mut self.to_conn.data) {
+                match self.session.read_plain(&mut self.to_conn.data) {
                     Ok(0) => {
                         self.net_done = true;
                         moved = true;
@@ -235,7 +235,7 @@ impl Flow {
         let mut moved = false;
         loop {
             if !self.from_conn.is_empty() {
-                match self.s.write_plain(self.from_conn.pending())? {
+                match self.session.write_plain(self.from_conn.pending())? {
                     0 => break,
                     n => {
                         self.from_conn.consume(n);
@@ -254,7 +254,7 @@ impl Flow {
                     // the bytes already taken.
                     _ => {
                         self.conn_done = true;
-                        self.s.close_notify();
+                        self.session.close_notify();
                         moved = true;
                     }
                 }
@@ -269,33 +269,33 @@ impl Flow {
         loop {
             let mut moved = self.decrypted_to_conn()?;
             moved |= self.conn_to_session()?;
-            while self.s.wants_write() {
-                match self.s.write_tls(&mut self.net) {
+            while self.session.wants_write() {
+                match self.session.write_tls(&mut self.net) {
                     Ok(0) => break,
                     Ok(_) => moved = true,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => return Err(e),
                 }
             }
-            if self.conn_done && self.from_conn.is_empty() && !self.s.wants_write() {
+            if self.conn_done && self.from_conn.is_empty() && !self.session.wants_write() {
                 // All the connection's bytes and the close_notify are out.
                 return Ok(());
             }
-            if !self.net_eof && self.to_conn.is_empty() && self.s.wants_read() {
-                match self.s.read_tls(&mut self.net) {
+            if !self.net_eof && self.to_conn.is_empty() && self.session.wants_read() {
+                match self.session.read_tls(&mut self.net) {
                     Ok(0) => {
                         self.net_eof = true;
                         moved = true;
                     }
                     Ok(_) => {
-                        self.s.process().map_err(io::Error::other)?;
+                        self.session.process().map_err(io::Error::other)?;
                         moved = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
             }
-            if moved || self.net.has_early() {
+            if moved {
                 continue;
             }
             self.wait()?;
@@ -306,10 +306,10 @@ impl Flow {
     /// output waiting.
     fn wait(&self) -> io::Result<()> {
         let mut net_ev = 0;
-        if !self.net_eof && self.to_conn.is_empty() && self.s.wants_read() {
+        if !self.net_eof && self.to_conn.is_empty() && self.session.wants_read() {
             net_ev |= libc::POLLIN;
         }
-        if self.s.wants_write() {
+        if self.session.wants_write() {
             net_ev |= libc::POLLOUT;
         }
         let mut plain_ev = 0;
@@ -318,6 +318,10 @@ impl Flow {
         }
         if !self.to_conn.is_empty() && !self.conn_gone {
             plain_ev |= libc::POLLOUT;
+        }
+        if net_ev & libc::POLLIN != 0 && self.net.has_early() {
+            // Bytes read before the handshake are still to be taken.
+            return Ok(());
         }
         if net_ev == 0 && plain_ev == 0 {
             return Err(io::Error::other("TLS pump has nothing to wait for"));
@@ -344,7 +348,7 @@ impl Flow {
         ];
         // Output waiting for the client bounds the wait; otherwise an idle
         // connection may stay idle.
-        let timeout = if self.s.wants_write() {
+        let timeout = if self.session.wants_write() {
             self.write_timeout.as_millis().min(i32::MAX as u128) as libc::c_int
         } else {
             -1
