@@ -23,6 +23,11 @@
 # delete flags, so no cleaner pass removes them) is caught by the vtree
 # exhaustive check (engine/tests/vtree_exhaustive.rs), which compares the
 # index with a walk over every node after every operation.
+# gather_ignores_moves (a diff's gather over the index by node goes on
+# after the cleaner moved exceptions between its batches) is caught by
+# `a_gather_disturbed_by_the_cleaner_misses_nothing`
+# (engine/src/store/diff_by_node.rs), which deletes snapshots between
+# batches and compares with the undisturbed diff.
 # pool_blocks_on_client (a frontend bug: a shared pool thread waits on a
 # client that does not read its replies) is caught by the NBD server's
 # test `a_client_that_never_reads_holds_no_pool_thread`.
@@ -33,7 +38,7 @@
 # Exit status is non-zero if any planted bug goes uncaught.
 set -eu
 cd "$(dirname "$0")/.."
-bugs="${*:-skip_cow_flush skip_checksum early_reuse alloc_early flush_no_cover clean_free_early evict_dirty fetch_ignores_epoch unindexed_flag destage_early pool_blocks_on_client}"
+bugs="${*:-skip_cow_flush skip_checksum early_reuse alloc_early flush_no_cover clean_free_early evict_dirty fetch_ignores_epoch unindexed_flag gather_ignores_moves destage_early pool_blocks_on_client}"
 concurrent_seeds="${SNAPMV_CONCURRENT_SEEDS:-2000}"
 target="${CARGO_TARGET_DIR:-target}/planted"
 mkdir -p "$target/wrappers"
@@ -87,6 +92,10 @@ WRAP
     unindexed_flag)
         tests_catch snapmv-engine "the vtree exhaustive check" every_sequence \
             --test vtree_exhaustive -- every_sequence_up_to_bound
+        ;;
+    gather_ignores_moves)
+        tests_catch snapmv-engine "the diff's disturbed-gather test" a_gather_disturbed \
+            --lib -- a_gather_disturbed
         ;;
     pool_blocks_on_client)
         tests_catch snapmv-nbd "the NBD server's stuck-client test" a_client_that_never_reads \

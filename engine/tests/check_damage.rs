@@ -275,6 +275,10 @@ fn an_exception_of_an_unbound_origin_is_named_by_its_key() {
     let mut m = Meta::open(cow.clone() as Dev).unwrap();
     m.insert(Tree::Exceptions, k, &ZERO_CHUNK.to_le_bytes())
         .unwrap();
+    // Its key in the index by node too, as the store would have put it:
+    // the one damage is then the unbound origin.
+    m.insert(Tree::ByNode, records::by_node_key(77, 1, 5), &[])
+        .unwrap();
     m.checkpoint().unwrap();
     drop(m);
     let rep = store::check(cow as Dev).unwrap();

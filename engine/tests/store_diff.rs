@@ -30,7 +30,7 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use snapmv_engine::store::{Dev, DiffExtent, FormatOptions, Store};
+use snapmv_engine::store::{Dev, DiffExtent, DiffStrategy, FormatOptions, Store};
 use snapmv_engine::{Error, MemDev};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -340,7 +340,24 @@ fn check_pair(
     rng: &mut ChaCha8Rng,
     ctx: &str,
 ) {
+    // Both ways to the candidates (the walk by chunk, the gather over the
+    // index by node) give the same extents.
+    w.store.set_diff_strategy(DiffStrategy::ByChunk);
+    let by_chunk = w.store.diff(IDS[o], from, to, 0, SIZE).unwrap();
+    w.store.set_diff_strategy(DiffStrategy::ByNode);
     let got = w.store.diff(IDS[o], from, to, 0, SIZE).unwrap();
+    assert_eq!(
+        got, by_chunk,
+        "{ctx}: diff {} {from:?} {to:?}: by node, by chunk",
+        IDS[o]
+    );
+    // The sub-range and paged forms below take either way.
+    let way = [
+        DiffStrategy::ByChunk,
+        DiffStrategy::ByNode,
+        DiffStrategy::Auto,
+    ][rng.gen_range(0..3)];
+    w.store.set_diff_strategy(way);
     assert!(
         got.windows(2).all(|p| p[0].offset + p[0].len < p[1].offset),
         "{ctx}: extents ascend, apart"

@@ -46,6 +46,7 @@ enum T {
     Exceptions,
     Nodes,
     Origins,
+    ByNode,
 }
 
 impl T {
@@ -54,6 +55,7 @@ impl T {
             T::Exceptions => Tree::Exceptions,
             T::Nodes => Tree::Nodes,
             T::Origins => Tree::Origins,
+            T::ByNode => Tree::ByNode,
         }
     }
     fn ix(self) -> usize {
@@ -89,7 +91,7 @@ enum Op {
 
 #[derive(Clone, Default, PartialEq, Eq, Debug)]
 struct State {
-    trees: [BTreeMap<u128, Vec<u8>>; 3],
+    trees: [BTreeMap<u128, Vec<u8>>; 4],
     app: Vec<u8>,
 }
 
@@ -132,7 +134,7 @@ fn formatted() -> &'static [u8] {
 
 fn dump(m: &mut M) -> State {
     let mut s = State::default();
-    for (i, t) in [Tree::Exceptions, Tree::Nodes, Tree::Origins].into_iter().enumerate() {
+    for (i, t) in Tree::ALL.into_iter().enumerate() {
         let all = m.range(t, 0, u128::MAX, usize::MAX).expect("full range scan");
         s.trees[i] = all.into_iter().collect();
     }

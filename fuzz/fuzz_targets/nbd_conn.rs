@@ -130,6 +130,7 @@ fn fixture() -> &'static Fixture {
                 server_buffer_bytes: 2 << 20,
                 parallel_per_conn: 2,
                 pool_threads: 4,
+                access: Default::default(),
                 tls,
             };
             let server = Server::bind(cfg, current.clone() as Arc<dyn Exports>).expect("bind NBD server");

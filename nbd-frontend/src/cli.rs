@@ -2,6 +2,7 @@
 //! with scripts and the benchmark peers: change them only additively.
 
 use clap::{Parser, Subcommand};
+use snapmv_nbd::nbd::{AllowRule, ExportPattern};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -157,6 +158,26 @@ pub enum Cmd {
         /// Export every version read-only.
         #[arg(long)]
         read_only: bool,
+        /// Let only the named clients open the exports matching
+        /// EXPORT_PATTERN (repeatable).
+        ///
+        /// A client's name is its TLS identity: the CN of its certificate
+        /// or its PSK user name, matched exactly; a client without TLS has
+        /// none, so it can open no export any --allow matches. EXPORT_PATTERN is
+        /// a glob over the whole export name (`ORIGIN` or `ORIGIN@TAG`):
+        /// `*` matches any run of characters, `@` included, `?` exactly one,
+        /// and nothing is escaped; `sdb1@*` is every snapshot of sdb1,
+        /// `sdb1` the origin alone, `*` everything. An export matched by
+        /// several patterns is open to every client any of them names;
+        /// one matched by none stays open to every client. To other clients
+        /// a matched export does not exist: the list leaves it out and
+        /// opening it fails as for an unknown name.
+        #[arg(long = "allow", value_name = "EXPORT_PATTERN=NAME[,NAME...]", value_parser = parse_allow)]
+        allow: Vec<AllowRule>,
+        /// Serve the exports matching PATTERN read-only (repeatable; the
+        /// same globs as --allow): writes, trims and zeroing get EPERM.
+        #[arg(long = "read-only-export", value_name = "PATTERN", value_parser = parse_export_pattern)]
+        read_only_exports: Vec<ExportPattern>,
         /// Byte budget of each COW device's metadata page cache (suffixes
         /// K, KiB, M, MiB, G, GiB). Clean pages beyond it are evicted and
         /// read again when needed; pages changed and not yet checkpointed
@@ -302,6 +323,16 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+fn parse_allow(s: &str) -> Result<AllowRule, String> {
+    s.parse()
+        .map_err(|e: snapmv_nbd::nbd::AccessError| e.to_string())
+}
+
+fn parse_export_pattern(s: &str) -> Result<ExportPattern, String> {
+    s.parse()
+        .map_err(|e: snapmv_nbd::nbd::AccessError| e.to_string())
+}
+
 fn parse_origin_override(s: &str) -> Result<(String, PathBuf), String> {
     match s.split_once('=') {
         Some((id, path)) if !id.is_empty() && !path.is_empty() => {
@@ -441,6 +472,52 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// The access flags parse into rules, and every bad value fails at
+    /// parse time with a message naming the problem.
+    #[test]
+    fn access_flags() {
+        let serve = |extra: &[&str]| {
+            let args = ["snapmv", "serve", "c.img"].iter().chain(extra);
+            Cli::try_parse_from(args).map_err(|e| e.to_string())
+        };
+        let cli = serve(&[
+            "--allow",
+            "sdb1@*=alice,bob",
+            "--allow=*=carol",
+            "--read-only-export",
+            "sdb1@?",
+        ])
+        .unwrap();
+        let Cmd::Serve {
+            allow,
+            read_only_exports,
+            ..
+        } = cli.cmd
+        else {
+            panic!("not serve")
+        };
+        let allow: Vec<String> = allow.iter().map(|r| r.to_string()).collect();
+        assert_eq!(allow, ["sdb1@*=alice,bob", "*=carol"]);
+        assert_eq!(read_only_exports.len(), 1);
+        assert!(read_only_exports[0].matches("sdb1@7"));
+        assert!(!read_only_exports[0].matches("sdb1@17"));
+        let cases: [(&[&str], &str); 6] = [
+            (&["--allow", "sdb1"], "not of the form EXPORT_PATTERN=NAME"),
+            (&["--allow", "sdb1="], "names no client"),
+            (&["--allow", "=alice"], "the export pattern is empty"),
+            (&["--allow", "sdb1=alice,"], "stray ','"),
+            (&["--read-only-export", ""], "the export pattern is empty"),
+            (
+                &["--read-only-export", "a/b"],
+                "can never match an export name",
+            ),
+        ];
+        for (args, needle) in cases {
+            let err = serve(args).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
     }
 
     #[test]

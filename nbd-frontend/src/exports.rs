@@ -28,15 +28,21 @@ pub fn export_name(v: &VersionId) -> String {
 }
 
 /// Split an export name into (origin id, tag). `None` for names that cannot
-/// name any version (empty id, a tag that is not a positive integer).
+/// name any version (empty id, a tag that is not a positive integer), and
+/// for any spelling but the canonical one (`export_name`): `--allow`
+/// patterns match the name a client asks for, so `sdb1@01` must not open
+/// what `sdb1@1` names.
 pub fn parse_export_name(name: &str) -> Option<(&str, Option<u64>)> {
     match name.rsplit_once('@') {
         None if !name.is_empty() => Some((name, None)),
         None => None,
         Some((id, tag)) => {
-            // u64::from_str accepts a leading '+', which would give one
-            // version two names; insist on plain digits.
-            if id.is_empty() || tag.is_empty() || !tag.bytes().all(|b| b.is_ascii_digit()) {
+            // u64::from_str accepts a leading '+' and zeros, which would
+            // give one version many names; insist on plain digits, no
+            // leading zero.
+            let plain =
+                !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_digit()) && !tag.starts_with('0');
+            if id.is_empty() || !plain {
                 return None;
             }
             match tag.parse::<u64>() {
@@ -105,6 +111,8 @@ mod tests {
             "orig@",
             "orig@0",
             "orig@+1",
+            "orig@01",
+            "orig@007",
             "orig@x",
             "orig@99999999999999999999999",
         ] {

@@ -10,7 +10,9 @@ use snapmv_engine::dev::OpenOptions;
 use snapmv_engine::store::{Dev, FormatOptions, Store};
 use snapmv_engine::FileDev;
 use snapmv_nbd::exports::StoreExports;
-use snapmv_nbd::nbd::{Server, ServerConfig, ShutdownHandle, TlsConfig, TlsCredentials, TlsMode};
+use snapmv_nbd::nbd::{
+    AccessPolicy, Server, ServerConfig, ShutdownHandle, TlsConfig, TlsCredentials, TlsMode,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +33,8 @@ pub struct ServeArgs {
     pub listen: Option<SocketAddr>,
     pub unix: Option<PathBuf>,
     pub read_only: bool,
+    /// `--allow` and `--read-only-export`.
+    pub access: AccessPolicy,
     /// Byte budget of each store's metadata page cache.
     pub cache_budget: u64,
     /// Byte budget of each store's staged first writes.
@@ -125,6 +129,7 @@ fn run(served: &[Served], args: &ServeArgs, tls: TlsConfig, sigs: libc::sigset_t
         tcp,
         unix: args.unix.clone(),
         read_only: args.read_only,
+        access: args.access.clone(),
         tls,
         ..ServerConfig::default()
     };

@@ -230,3 +230,52 @@ fn serve_with_psk_on_a_unix_socket() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("client=Some(\"alice\")"), "{text}");
 }
+
+/// `--allow` with TLS identities: `sdb1@*` for alice only. Alice (her
+/// certificate's CN, or her PSK username) lists and opens the snapshots;
+/// bob sees only the origin, and the snapshot fails for him as a missing
+/// name does.
+#[test]
+fn allow_list_by_tls_identity() {
+    if !have_tool("nbdinfo") {
+        return;
+    }
+    let f = Fixture::bound();
+    let Some(c) = certs(f.dir.path()) else {
+        return;
+    };
+    assert_eq!(snapmv(&["snapshot", s(&f.cow), "sdb1"]).ok().stdout, "1\n");
+    let nbd_sock = f.path("nbd.sock");
+    let keys = c.join("psk/keys.psk");
+    let x509 = ["--tls-dir", &c.join("server").display().to_string()].map(String::from);
+    let psk = ["--tls-psk", &keys.display().to_string()].map(String::from);
+    for creds in [x509, psk] {
+        let mut args = vec![s(&f.cow), "--unix", s(&nbd_sock), "--tls", "require"];
+        args.extend(creds.iter().map(String::as_str));
+        args.extend(["--allow", "sdb1@*=alice"]);
+        let log = f.path("serve.log");
+        let srv = Server::start(f.dir.path(), &args, &f.sock(), &log);
+        let uri = |who: &str, export: &str| {
+            let sock = nbd_sock.display();
+            if creds[0] == "--tls-psk" {
+                let keys = keys.display();
+                format!("nbds+unix://{who}@/{export}?socket={sock}&tls-psk-file={keys}")
+            } else {
+                let dir = c.join(who).display().to_string();
+                format!("nbds+unix:///{export}?socket={sock}&tls-certificates={dir}")
+            }
+        };
+        assert_eq!(nbd_list(&uri("alice", "")), ["sdb1", "sdb1@1"]);
+        assert_eq!(nbd_list(&uri("bob", "")), ["sdb1"]);
+        let size = sh("nbdinfo", &["--size", &uri("alice", "sdb1@1")]);
+        assert_eq!(size.trim(), ORIGIN_SIZE.to_string());
+        let bob = std::process::Command::new("nbdinfo")
+            .args(["--size", &uri("bob", "sdb1@1")])
+            .output()
+            .unwrap();
+        assert!(!bob.status.success(), "bob opened alice's snapshot");
+        assert_eq!(srv.stop(), 0);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("refused by --allow"), "{text}");
+    }
+}

@@ -607,27 +607,49 @@ fn nbdinfo_maps_changed_since_and_allocation_depth() {
         [(0, 8 * m, 0), (8 * m, c, 1), (8 * m + c, 8 * m - c, 0)],
         "{out2}"
     );
-    // Depth: the origin moved on at 8 MiB, so o@2 holds its own copy
-    // there (1); everything else it still reads from the origin (2).
-    let out = run(
-        &nbdinfo,
-        &["--map=qemu:allocation-depth", "--json", &uri],
-        T,
-    );
+    // Depth counts layers as an image chain does. o@2 wrote 12 MiB itself
+    // (1); all else it inherits from the origin (2), read in place or, at
+    // 8 MiB where the origin moved on, from the copy of what it held.
+    let depth = |uri: &str| {
+        let out = run(&nbdinfo, &["--map=qemu:allocation-depth", "--json", uri], T);
+        assert!(out.ok, "{out}");
+        out
+    };
+    let s2v = h.store.volume("o", Some(s2)).unwrap();
+    s2v.write(12 << 20, &[2; 4096], false).unwrap();
+    let out = depth(&uri);
     assert_eq!(
         map_json(&out.stdout),
-        [(0, 8 * m, 2), (8 * m, c, 1), (8 * m + c, 8 * m - c, 2)],
+        [(0, 12 * m, 2), (12 * m, c, 1), (12 * m + c, 4 * m - c, 2)],
         "{out}"
     );
     assert!(
         out.stdout.contains("backing depth 2") && out.stdout.contains("local"),
         "{out}"
     );
+    // A snapshot of o@2 is a layer above it: o@2's writes are depth 2
+    // there, the origin's data 3, and its own write 1.
+    let s3 = h.store.snapshot("o", Some(s2), "three", 0).unwrap();
+    let s3v = h.store.volume("o", Some(s3)).unwrap();
+    s3v.write(14 << 20, &[3; 4096], false).unwrap();
+    let out = depth(&h.uri(&format!("o@{s3}")));
+    assert_eq!(
+        map_json(&out.stdout),
+        [
+            (0, 12 * m, 3),
+            (12 * m, c, 2),
+            (12 * m + c, 2 * m - c, 3),
+            (14 * m, c, 1),
+            (14 * m + c, 2 * m - c, 3)
+        ],
+        "{out}"
+    );
+    assert!(out.stdout.contains("backing depth 3"), "{out}");
     // Every context is listed, newest tag first.
     let out = run(&nbdinfo, &["--content", &uri], T);
     let listed = format!(
         "base:allocation\n\t\tqemu:allocation-depth\n\t\tsnapmv:changed-since:origin\n\t\t\
-         snapmv:changed-since:{s2}\n\t\tsnapmv:changed-since:{s1}\n"
+         snapmv:changed-since:{s3}\n\t\tsnapmv:changed-since:{s2}\n\t\tsnapmv:changed-since:{s1}\n"
     );
     assert!(out.ok && out.stdout.contains(&listed), "{out}");
     // A tag that is no snapshot is not negotiated: nbdinfo says so.

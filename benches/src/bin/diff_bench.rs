@@ -30,7 +30,7 @@
 //! Lines starting with `RESULT ` are `key=value` pairs for scripts.
 
 use snapmv_engine::dev::OpenOptions;
-use snapmv_engine::store::{Dev, FormatOptions, Store};
+use snapmv_engine::store::{Dev, DiffStrategy, FormatOptions, Store};
 use snapmv_engine::FileDev;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -376,11 +376,21 @@ fn measure(f: &Flags) -> Res<()> {
         true => Some(f.num("cache-budget", 0)?),
         false => None,
     };
+    let strategy = match f.0.get("strategy").map(String::as_str) {
+        None | Some("auto") => DiffStrategy::Auto,
+        Some("by-chunk") => DiffStrategy::ByChunk,
+        Some("by-node") => DiffStrategy::ByNode,
+        Some(other) => return Err(format!("--strategy {other}: auto, by-chunk or by-node")),
+    };
     let paths = f.0.get("cow").ok_or("--cow is required")?;
     let devices: Vec<Device> = paths
         .split(',')
         .map(|p| open_device(p, budget))
         .collect::<Res<_>>()?;
+    for d in &devices {
+        d.store.set_diff_strategy(strategy);
+    }
+    println!("diff strategy: {strategy:?}");
     let burst_after = f.num("burst-after", 5005)?;
     let opened: Vec<_> = devices.iter().map(|d| d.store.cache_stats()).collect();
     println!("| case | origin | range | extents | bytes | first ms | median ms | min ms |");

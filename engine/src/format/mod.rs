@@ -30,7 +30,7 @@ pub use journal::{
 };
 pub use layout::Layout;
 pub use node::{decode_node, NodeInfo};
-pub use state::{decode_state, encode_state, StateRec, TreeRoot, APP_STATE_CAP, MAX_HEIGHT};
+pub use state::{decode_state, encode_state, StateRec, TreeRoot, APP_STATE_CAP, MAX_HEIGHT, TREES};
 pub use superblock::{decode_superblock, encode_superblock, has_magic, Superblock};
 
 use crate::error::{Error, Result};
@@ -42,7 +42,14 @@ pub const BLOCK: u64 = PAGE_SIZE as u64;
 /// Bytes reserved for the common header at the start of every block.
 pub const HEADER_SIZE: usize = 64;
 pub const MAGIC: [u8; 8] = *b"SNAPMV\0\x01";
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this build writes: 2 adds the exception index by version
+/// node (the state page's fourth root).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this build still reads and writes (in its own
+/// format: a device keeps the version it was formatted with).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
+/// The first format with the exception index by version node.
+pub const NODE_INDEX_VERSION: u32 = 2;
 
 /// One metadata block image.
 pub type Page = [u8; PAGE_SIZE];

@@ -5,7 +5,12 @@
 //!  64 + 16*i  root i: block u64, height u32, pad u32   (i = 0..3)
 //! 112 data_chunks  120 meta_blocks  128 free_blocks  136 meta_chunks
 //! 144 data_cursor  152 meta_cursor  160 app_len u32  168 app bytes
+//! 2224 root 3: block u64, height u32 (format 2; all zeros: absent)
 //! ```
+//!
+//! Root 3 (format 2) sits after the app state's room: the first three
+//! roots were packed before the counters in format 1, whose pages hold
+//! zeros there, which decode as "no such tree".
 
 use super::{check_header, init_header, new_page, rd_u32, rd_u64, wr_u32, wr_u64};
 use super::{BlockKind, Page, PAGE_SIZE};
@@ -17,17 +22,39 @@ pub const APP_STATE_CAP: usize = 2048;
 pub const MAX_HEIGHT: u32 = 40;
 const OFF_APP: usize = 168;
 const _: () = assert!(OFF_APP + APP_STATE_CAP <= PAGE_SIZE);
+/// Trees whose roots the state page records.
+pub const TREES: usize = 4;
+/// Where root 3 lives (after the app state's room).
+const OFF_ROOT3: usize = 2224;
+const _: () = assert!(OFF_APP + APP_STATE_CAP <= OFF_ROOT3 && OFF_ROOT3 + 16 <= PAGE_SIZE);
+
+/// Where root `i` lives in the state page.
+fn root_offset(i: usize) -> usize {
+    assert!(i < TREES);
+    if i < 3 {
+        64 + 16 * i
+    } else {
+        OFF_ROOT3
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct TreeRoot {
     pub block: u64,
-    /// 1 = the root is a leaf.
+    /// 1 = the root is a leaf; 0 = the tree does not exist (root 3 of a
+    /// format-1 device), and then `block` is 0.
     pub height: u32,
+}
+
+impl TreeRoot {
+    pub fn exists(&self) -> bool {
+        self.height > 0
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct StateRec {
-    pub roots: [TreeRoot; 3],
+    pub roots: [TreeRoot; TREES],
     pub data_chunks: u64,
     pub meta_blocks: u64,
     /// Clear bits in the allocation area.
@@ -44,8 +71,8 @@ pub fn encode_state(s: &StateRec, block: u64) -> Box<Page> {
     let mut p = new_page();
     init_header(&mut p, BlockKind::State, block, 0);
     for (i, r) in s.roots.iter().enumerate() {
-        wr_u64(&mut p[..], 64 + 16 * i, r.block);
-        wr_u32(&mut p[..], 72 + 16 * i, r.height);
+        wr_u64(&mut p[..], root_offset(i), r.block);
+        wr_u32(&mut p[..], root_offset(i) + 8, r.height);
     }
     for (off, v) in [
         (112, s.data_chunks),
@@ -73,11 +100,14 @@ pub fn decode_state(buf: &[u8], expected_block: u64) -> Result<StateRec> {
         kind: "state page",
         reason,
     };
-    let mut roots = [TreeRoot::default(); 3];
+    let mut roots = [TreeRoot::default(); TREES];
     for (i, r) in roots.iter_mut().enumerate() {
-        r.block = rd_u64(buf, 64 + 16 * i);
-        r.height = rd_u32(buf, 72 + 16 * i);
-        if r.height == 0 || r.height > MAX_HEIGHT {
+        r.block = rd_u64(buf, root_offset(i));
+        r.height = rd_u32(buf, root_offset(i) + 8);
+        // Only the tree format 2 added may be absent (the caller checks
+        // that against the superblock's version).
+        let absent = i == 3 && r.height == 0 && r.block == 0;
+        if !absent && (r.height == 0 || r.height > MAX_HEIGHT) {
             return Err(bad(format!("tree {i} has height {}", r.height)));
         }
     }

@@ -13,7 +13,7 @@
 
 use super::{
     check_header, init_header, new_page, rd_u32, rd_u64, wr_u32, wr_u64, BlockKind, Layout, Page,
-    FORMAT_VERSION, MAGIC,
+    FORMAT_VERSION, MAGIC, OLDEST_FORMAT_VERSION,
 };
 use crate::error::{Error, Result};
 
@@ -21,6 +21,8 @@ use crate::error::{Error, Result};
 pub struct Superblock {
     /// Newest valid slot wins.
     pub seq: u64,
+    /// The format the device was made in (kept by every checkpoint).
+    pub version: u32,
     /// Identifies one format of the device; journal blocks carry it so
     /// records left by an earlier format are never replayed.
     pub uuid: u64,
@@ -45,7 +47,8 @@ pub fn encode_superblock(sb: &Superblock, slot: u64) -> Box<Page> {
     let mut p = new_page();
     init_header(&mut p, BlockKind::Superblock, slot, sb.seq);
     p[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&MAGIC);
-    wr_u32(&mut p[..], 72, FORMAT_VERSION);
+    assert!((OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&sb.version));
+    wr_u32(&mut p[..], 72, sb.version);
     wr_u32(&mut p[..], 76, l.chunk_size);
     for (off, v) in [
         (80, l.device_size),
@@ -80,7 +83,7 @@ pub fn decode_superblock(buf: &[u8], slot: u64) -> Result<Superblock> {
         return Err(bad("bad magic".into()));
     }
     let version = rd_u32(buf, 72);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(Error::UnsupportedVersion {
             found: version,
             supported: FORMAT_VERSION,
@@ -115,6 +118,7 @@ pub fn decode_superblock(buf: &[u8], slot: u64) -> Result<Superblock> {
     }
     Ok(Superblock {
         seq: h.seq,
+        version,
         uuid: rd_u64(buf, 88),
         layout,
         tail_pos,

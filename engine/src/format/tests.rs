@@ -46,6 +46,7 @@ fn layout_is_ordered_and_aligned() {
 fn superblock_roundtrip_and_slot_check() {
     let sb = Superblock {
         seq: 7,
+        version: FORMAT_VERSION,
         uuid: 0xdead_beef,
         layout: layout(),
         tail_pos: 5,
@@ -77,6 +78,10 @@ fn state_roundtrip() {
                 block: 12,
                 height: 2,
             },
+            TreeRoot {
+                block: 13,
+                height: 4,
+            },
         ],
         data_chunks: 1,
         meta_blocks: 2,
@@ -88,6 +93,15 @@ fn state_roundtrip() {
     };
     let p = encode_state(&s, 2);
     assert_eq!(decode_state(&p[..], 2).unwrap(), s);
+    // Format 1's pages hold zeros where root 3 lives: it decodes absent.
+    let mut v1 = s.clone();
+    v1.roots[3] = TreeRoot::default();
+    let back = decode_state(&encode_state(&v1, 2)[..], 2).unwrap();
+    assert!(!back.roots[3].exists() && back.roots[..3] == s.roots[..3]);
+    // Only root 3 may be absent.
+    let mut bad = s.clone();
+    bad.roots[1] = TreeRoot::default();
+    assert!(decode_state(&encode_state(&bad, 2)[..], 2).is_err());
 }
 
 #[test]
@@ -139,6 +153,7 @@ fn decoders_never_panic_on_garbage() {
         encode_superblock(
             &Superblock {
                 seq: 1,
+                version: FORMAT_VERSION,
                 uuid: 2,
                 layout: layout(),
                 tail_pos: 0,
@@ -204,6 +219,7 @@ fn crafted_superblocks_never_panic() {
         l.alloc_start = pick(&mut rng);
         let sb = Superblock {
             seq: rng.gen(),
+            version: rng.gen_range(OLDEST_FORMAT_VERSION..=FORMAT_VERSION),
             uuid: rng.gen(),
             layout: l,
             tail_pos: pick(&mut rng),

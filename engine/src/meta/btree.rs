@@ -16,7 +16,7 @@ use super::space_map::SpaceMap;
 use super::types::Tree;
 use crate::dev::BlockDev;
 use crate::error::{Error, Result};
-use crate::format::{self, node, Layout, Page, TreeRoot};
+use crate::format::{self, node, Layout, Page, TreeRoot, TREES};
 
 /// Entry size of internal nodes (key + child).
 const IESZ: usize = 24;
@@ -36,15 +36,15 @@ pub enum Walk {
     Stop,
 }
 
-/// The roots of the three trees, kept in the state page.
+/// The roots of the trees, kept in the state page.
 pub(super) struct Roots {
-    roots: [TreeRoot; 3],
+    roots: [TreeRoot; TREES],
     /// A root changed since the state page was last encoded.
     changed: bool,
 }
 
 impl Roots {
-    pub(super) fn new(roots: [TreeRoot; 3]) -> Self {
+    pub(super) fn new(roots: [TreeRoot; TREES]) -> Self {
         Roots {
             roots,
             changed: false,
@@ -55,8 +55,16 @@ impl Roots {
         self.roots[t.index()]
     }
 
-    /// All three, in state page order.
-    pub(super) fn all(&self) -> [TreeRoot; 3] {
+    /// The root of a tree an operation is about to use: it must exist
+    /// (the store asks `Meta::has_tree` before it touches `ByNode`).
+    pub(super) fn existing(&self, t: Tree) -> TreeRoot {
+        let r = self.roots[t.index()];
+        assert!(r.exists(), "operation on the absent {} tree", t.name());
+        r
+    }
+
+    /// All of them, in state page order.
+    pub(super) fn all(&self) -> [TreeRoot; TREES] {
         self.roots
     }
 
@@ -336,7 +344,7 @@ fn tree_error(tree: Tree, block: u64, reason: &str) -> Error {
 
 impl<D: BlockDev> BTree<'_, D> {
     fn root(&self) -> TreeRoot {
-        self.roots.get(self.tree)
+        self.roots.existing(self.tree)
     }
 
     fn role(&self, level: u32) -> Role {

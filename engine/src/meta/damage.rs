@@ -111,6 +111,9 @@ pub enum DamageKind {
     BrokenVersionTree,
     /// A node record's own-chunk counter disagrees with the index.
     OwnChunksMismatch { recorded: u64, found: u64 },
+    /// The index by node (`ByNode`) is not the exception index transposed:
+    /// one node's chunks differ between the two.
+    IndexMismatch,
     /// A pass stopped early: what it did not reach is unchecked.
     Incomplete,
 }
@@ -138,6 +141,7 @@ impl DamageKind {
             DamageKind::NoSuchNode => "no_such_node",
             DamageKind::BrokenVersionTree => "broken_version_tree",
             DamageKind::OwnChunksMismatch { .. } => "own_chunks_mismatch",
+            DamageKind::IndexMismatch => "index_mismatch",
             DamageKind::Incomplete => "incomplete",
         }
     }

@@ -39,10 +39,14 @@ fn scan_ring_max_seq(dev: &dyn BlockDev, l: &Layout) -> Result<u64> {
     Ok(max)
 }
 
+/// A fresh store's tree pages: one empty root leaf per tree, in the first
+/// blocks of the allocation area.
+const ROOT_LEAVES: u64 = Tree::ALL.len() as u64;
+
 /// Bitmap word for blocks `wb..wb+64` of a fresh device: fixed areas, the
-/// three root leaves, and blocks past the last whole chunk are in use.
+/// root leaves, and blocks past the last whole chunk are in use.
 fn fresh_bitmap_word(l: &Layout, wb: u64) -> u64 {
-    let low = l.alloc_start + 3;
+    let low = l.alloc_start + ROOT_LEAVES;
     let mut w = 0u64;
     if wb + 64 <= low {
         w = u64::MAX;
@@ -80,19 +84,21 @@ fn write_fresh_bitmap(dev: &dyn BlockDev, l: &Layout) -> Result<()> {
 }
 
 fn fresh_state(l: &Layout) -> StateRec {
-    let roots = [0u64, 1, 2].map(|i| TreeRoot {
+    let roots = [0u64, 1, 2, 3].map(|i| TreeRoot {
         block: l.alloc_start + i,
         height: 1,
     });
-    let meta_chunks = (l.alloc_start + 2) / l.bpc - l.alloc_start / l.bpc + 1;
+    let trees = ROOT_LEAVES;
+    assert_eq!(roots.len() as u64, trees);
+    let meta_chunks = (l.alloc_start + trees - 1) / l.bpc - l.alloc_start / l.bpc + 1;
     StateRec {
         roots,
         data_chunks: 0,
-        meta_blocks: 3,
-        free_blocks: l.area_blocks() - 3,
+        meta_blocks: trees,
+        free_blocks: l.area_blocks() - trees,
         meta_chunks,
         data_cursor: l.first_chunk + l.chunks_total() / 32,
-        meta_cursor: l.alloc_start + 3,
+        meta_cursor: l.alloc_start + trees,
         app_state: Vec::new(),
     }
 }
@@ -142,6 +148,7 @@ pub(super) fn write_empty_store(dev: &dyn BlockDev, opts: &FormatOptions) -> Res
     for seq in [1u64, 2] {
         let sb = Superblock {
             seq,
+            version: format::FORMAT_VERSION,
             uuid,
             layout: l,
             tail_pos: 0,

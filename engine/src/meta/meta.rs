@@ -14,12 +14,14 @@ use super::space_map::{Reserved, SpaceCounters, SpaceMap};
 use super::types::{FormatOptions, Geometry, Tree, Usage, APP_STATE_MAX};
 use crate::dev::BlockDev;
 use crate::error::{Error, Result};
-use crate::format::{self, Layout, Page, StateRec, TreeRoot};
+use crate::format::{self, Layout, Page, StateRec, TreeRoot, TREES};
 use std::sync::Arc;
 
 pub struct Meta<D: BlockDev> {
     dev: Arc<D>,
     read_only: bool,
+    /// The device's format version (the superblock's).
+    version: u32,
     layout: Layout,
     cache: PageCache<D>,
     space: SpaceMap,
@@ -83,6 +85,7 @@ impl<D: BlockDev> Meta<D> {
         Ok(Meta {
             dev,
             read_only,
+            version: sb.version,
             layout: sb.layout,
             cache,
             space: SpaceMap::new(&sb.layout, &empty),
@@ -119,7 +122,15 @@ impl<D: BlockDev> Meta<D> {
             reason,
         };
         for (t, r) in Tree::ALL.iter().zip(rec.roots.iter()) {
-            if !l.in_area(r.block) {
+            if r.exists() != self.format_has(*t) {
+                return Err(bad(format!(
+                    "{} tree {} in a format {} device",
+                    t.name(),
+                    if r.exists() { "present" } else { "missing" },
+                    self.version
+                )));
+            }
+            if r.exists() && !l.in_area(r.block) {
                 return Err(bad(format!(
                     "{} root {} outside the allocation area",
                     t.name(),
@@ -181,9 +192,15 @@ impl<D: BlockDev> Meta<D> {
         Ok(())
     }
 
-    /// Roots of every tree, in state page order.
-    pub(super) fn roots(&self) -> [TreeRoot; 3] {
+    /// Roots of every tree, in state page order (an absent tree's root
+    /// has height 0).
+    pub(super) fn roots(&self) -> [TreeRoot; TREES] {
         self.roots.all()
+    }
+
+    /// Whether this device's format has tree `t` (format 1 lacks `ByNode`).
+    fn format_has(&self, t: Tree) -> bool {
+        t != Tree::ByNode || self.version >= format::NODE_INDEX_VERSION
     }
 }
 
@@ -280,7 +297,7 @@ impl<D: BlockDev> Meta<D> {
     /// from the device; a page not held is `Error::NotCached`.
     pub fn get_cached(&self, t: Tree, key: u128) -> Result<Option<Vec<u8>>> {
         let mut pages = Shared(&self.cache);
-        TreeReader::new(t, &self.layout, self.roots.get(t), &mut pages).get(key)
+        TreeReader::new(t, &self.layout, self.roots.existing(t), &mut pages).get(key)
     }
     pub fn get_u64_cached(&self, t: Tree, key: u128) -> Result<Option<u64>> {
         Ok(self.get_cached(t, key)?.map(|v| format::rd_u64(&v, 0)))
@@ -298,7 +315,7 @@ impl<D: BlockDev> Meta<D> {
         limit: usize,
     ) -> Result<Vec<(u128, Vec<u8>)>> {
         let mut pages = Shared(&self.cache);
-        TreeReader::new(t, &self.layout, self.roots.get(t), &mut pages).range(lo, hi, limit)
+        TreeReader::new(t, &self.layout, self.roots.existing(t), &mut pages).range(lo, hi, limit)
     }
     /// Walk the entries with lo <= key <= hi under shared access, as
     /// `get_cached` (a page not held fails the walk with
@@ -313,7 +330,7 @@ impl<D: BlockDev> Meta<D> {
         visit: &mut dyn FnMut(u128, &[u8]) -> Result<Walk>,
     ) -> Result<()> {
         let mut pages = Shared(&self.cache);
-        TreeReader::new(t, &self.layout, self.roots.get(t), &mut pages).walk(lo, hi, visit)
+        TreeReader::new(t, &self.layout, self.roots.existing(t), &mut pages).walk(lo, hi, visit)
     }
     /// Reads pages that shared lookups missed, with no lock held.
     pub fn fetcher(&self) -> PageFetcher<D> {
@@ -406,6 +423,12 @@ impl<D: BlockDev> Meta<D> {
     /// `dirty_pages()` gets near it (a few pages of slack per operation).
     pub fn max_dirty_pages(&self) -> usize {
         self.journal.max_txn_pages()
+    }
+    /// Whether the device has tree `t`: every tree but `ByNode`, which a
+    /// format-1 device lacks (its exceptions are then indexed only by
+    /// chunk).
+    pub fn has_tree(&self, t: Tree) -> bool {
+        self.roots.get(t).exists()
     }
     /// Root block and height (1 = a single leaf) of a tree, for tests and
     /// diagnostics.

@@ -17,16 +17,22 @@ pub enum Tree {
     Nodes,
     /// origin number -> the store's origin record.
     Origins,
+    /// (origin, node, chunk) -> nothing: the exception index transposed,
+    /// so the chunks where one version node has exceptions are a range
+    /// (a diff's cost then follows the versions it compares, not the
+    /// device). Format 2 on; a format-1 device has no such tree.
+    ByNode,
 }
 
 impl Tree {
-    pub const ALL: [Tree; 3] = [Tree::Exceptions, Tree::Nodes, Tree::Origins];
+    pub const ALL: [Tree; 4] = [Tree::Exceptions, Tree::Nodes, Tree::Origins, Tree::ByNode];
 
     pub fn value_size(self) -> usize {
         match self {
             Tree::Exceptions => 8,
             Tree::Nodes => NODE_REC_SIZE,
             Tree::Origins => ORIGIN_REC_SIZE,
+            Tree::ByNode => 0,
         }
     }
 
@@ -35,6 +41,7 @@ impl Tree {
             Tree::Exceptions => "exceptions",
             Tree::Nodes => "nodes",
             Tree::Origins => "origins",
+            Tree::ByNode => "exceptions by node",
         }
     }
 
@@ -44,6 +51,7 @@ impl Tree {
             Tree::Exceptions => 0,
             Tree::Nodes => 1,
             Tree::Origins => 2,
+            Tree::ByNode => 3,
         }
     }
 

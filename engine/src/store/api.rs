@@ -75,6 +75,14 @@ pub enum ExtentKind {
     Zero,
 }
 
+/// One run of `Volume::allocation_depth`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DepthExtent {
+    pub offset: u64,
+    pub len: u64,
+    pub depth: u32,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
     pub offset: u64,
@@ -88,6 +96,39 @@ pub struct Extent {
 pub struct DiffExtent {
     pub offset: u64,
     pub len: u64,
+}
+
+/// How a diff finds the chunks that may differ (`Store::set_diff_strategy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiffStrategy {
+    /// The cheaper of the two by estimate (the default).
+    #[default]
+    Auto,
+    /// Walk the exception index by chunk: visits every chunk holding
+    /// exceptions in the range, whichever versions they belong to.
+    ByChunk,
+    /// Gather from the index by node: visits only the exceptions of the
+    /// version nodes that can make the two differ. A format-1 device has
+    /// no such index and walks by chunk.
+    ByNode,
+}
+
+impl DiffStrategy {
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            DiffStrategy::Auto => 0,
+            DiffStrategy::ByChunk => 1,
+            DiffStrategy::ByNode => 2,
+        }
+    }
+
+    pub(crate) fn from_code(code: u8) -> DiffStrategy {
+        match code {
+            1 => DiffStrategy::ByChunk,
+            2 => DiffStrategy::ByNode,
+            _ => DiffStrategy::Auto,
+        }
+    }
 }
 
 /// What `Volume::diff_from` found.

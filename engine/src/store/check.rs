@@ -1,11 +1,13 @@
 //! `check`: the metadata checker (`meta::check`: pages, checksums, order,
 //! space map rebuilt and compared) plus the store's own invariants: every
 //! node record decodes, each origin's tree rebuilds, every exception names
-//! a bound origin and an existing node of it, and each node's own-chunk
-//! counter equals the exceptions keyed by it.
+//! a bound origin and an existing node of it, each node's own-chunk
+//! counter equals the exceptions keyed by it, and the index by node holds
+//! exactly the exceptions' keys transposed.
 
 use super::api::Dev;
 use super::inner::{scan, val_u64};
+use super::records::{by_node_key, split_by_node_key};
 use super::records::{decode_app, decode_node, decode_origin, node_id_from_key, split_key, OWN_AT};
 use crate::error::Result;
 use crate::meta::{self, CheckReport, Damage, DamageKind, KeyRange, Meta, Place, Tree, ZERO_CHUNK};
@@ -28,11 +30,14 @@ pub fn check(cow: Dev) -> Result<CheckReport> {
             return Ok(report);
         }
     };
-    let mut own_fixes = Vec::new();
-    if let Err(e) = semantic(&mut m, &mut report, &mut own_fixes) {
+    let mut fixes = Fixes::default();
+    if let Err(e) = semantic(&mut m, &mut report, &mut fixes) {
         report.push(incomplete(format!("semantic check stopped: {e}")));
     }
-    for &(id, recorded, found) in &own_fixes {
+    for fix in &fixes.by_node {
+        report.push(fix.damage());
+    }
+    for &(id, recorded, found) in &fixes.own {
         let kind = DamageKind::OwnChunksMismatch { recorded, found };
         let detail = format!("record says {recorded} own chunks, index holds {found}");
         report.push(node_damage(id, kind, detail));
@@ -76,10 +81,10 @@ pub fn repair(cow: Dev) -> Result<RepairReport> {
         ..RepairReport::default()
     };
     let mut semantic_damage = CheckReport::default();
-    let mut own_fixes = Vec::new();
+    let mut fixes = Fixes::default();
     {
         let mut m = Meta::open_read_only(cow.clone())?;
-        if let Err(e) = semantic(&mut m, &mut semantic_damage, &mut own_fixes) {
+        if let Err(e) = semantic(&mut m, &mut semantic_damage, &mut fixes) {
             semantic_damage.push(incomplete(format!("cannot walk the store's records: {e}")));
         }
     }
@@ -102,7 +107,8 @@ pub fn repair(cow: Dev) -> Result<RepairReport> {
     report
         .fixed
         .extend(space.counters.iter().map(|c| format!("state page: {c}")));
-    fix_own_counters(cow.clone(), &own_fixes, &mut report.fixed)?;
+    fix_own_counters(cow.clone(), &fixes.own, &mut report.fixed)?;
+    fix_by_node(cow.clone(), &fixes.by_node, &mut report.fixed)?;
     report.after = check(cow)?;
     Ok(report)
 }
@@ -136,14 +142,17 @@ fn check_exceptions(
     origins: &BTreeMap<u32, super::records::OriginRec>,
     trees: &BTreeMap<u32, VTree>,
     report: &mut CheckReport,
+    by_node_fixes: &mut Vec<ByNodeFix>,
 ) -> Result<HashMap<NodeId, u64>> {
     let chunk_size = u64::from(m.geometry().chunk_size);
     let mut own_seen: HashMap<NodeId, u64> = HashMap::new();
+    let mut prints = Prints::default();
     let mut lo = 0u128;
     loop {
         let batch = m.range(Tree::Exceptions, lo, u128::MAX, SCAN_BATCH)?;
         for (k, v) in &batch {
             let (o, c, n) = split_key(*k);
+            prints.add(o, n, c);
             let why = match origins.get(&o) {
                 None => Some((
                     DamageKind::UnboundOrigin,
@@ -182,7 +191,164 @@ fn check_exceptions(
             _ => break,
         }
     }
+    if m.has_tree(Tree::ByNode) {
+        *by_node_fixes = check_by_node(m, &prints)?;
+    }
     Ok(own_seen)
+}
+
+/// Each (origin, node)'s chunks in one index, summed up in bounded memory:
+/// how many, and a sum of a mix of each (so another set of chunks of the
+/// same size shows, short of a 2^-64 coincidence).
+#[derive(Default, PartialEq, Eq)]
+struct Prints(HashMap<(u32, NodeId), (u64, u64)>);
+
+impl Prints {
+    fn add(&mut self, origin: u32, node: NodeId, chunk: u64) {
+        // splitmix64's finaliser: a chunk's mix shares no bits' pattern with
+        // its neighbour's, so sums of different sets do not meet.
+        let mut x = chunk.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let e = self.0.entry((origin, node)).or_insert((0, 0));
+        e.0 += 1;
+        e.1 = e.1.wrapping_add(x ^ (x >> 31));
+    }
+}
+
+/// Derived records that disagree with the index: what `check` reports as
+/// damage and `repair` rewrites.
+#[derive(Default)]
+struct Fixes {
+    /// (node, recorded, seen) own-chunk counters.
+    own: Vec<(NodeId, u64, u64)>,
+    by_node: Vec<ByNodeFix>,
+}
+
+/// One (origin, node) whose chunks in the index by node are not its
+/// exceptions' chunks.
+struct ByNodeFix {
+    origin: u32,
+    node: NodeId,
+    detail: String,
+}
+
+impl ByNodeFix {
+    fn damage(&self) -> Damage {
+        let keys = KeyRange {
+            from: by_node_key(self.origin, self.node, 0),
+            to: Some(by_node_key(self.origin, self.node, MAX_CHUNK)),
+        };
+        let d = Damage::new(
+            Place::Tree(Tree::ByNode),
+            DamageKind::IndexMismatch,
+            &*self.detail,
+        );
+        d.with_keys(keys)
+    }
+}
+
+/// The last chunk number a key can hold (48 bits).
+const MAX_CHUNK: u64 = (1 << 48) - 1;
+
+/// The index by node against the exception index's prints: every
+/// (origin, node) whose chunks differ between the two.
+fn check_by_node(m: &mut Meta<Dev>, want: &Prints) -> Result<Vec<ByNodeFix>> {
+    let mut got = Prints::default();
+    let mut lo = 0u128;
+    loop {
+        let batch = m.range(Tree::ByNode, lo, u128::MAX, SCAN_BATCH)?;
+        for (k, _) in &batch {
+            let (o, n, c) = split_by_node_key(*k);
+            got.add(o, n, c);
+        }
+        match (
+            batch.len() == SCAN_BATCH,
+            batch.last().and_then(|(k, _)| k.checked_add(1)),
+        ) {
+            (true, Some(next)) => lo = next,
+            _ => break,
+        }
+    }
+    let mut nodes: Vec<_> = want.0.keys().chain(got.0.keys()).copied().collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let mut out = Vec::new();
+    for (origin, node) in nodes {
+        let (a, b) = (want.0.get(&(origin, node)), got.0.get(&(origin, node)));
+        if a == b {
+            continue;
+        }
+        let count = |p: Option<&(u64, u64)>| p.map_or(0, |p| p.0);
+        let detail = format!(
+            "origin number {origin} node {node:#x}: the exception index holds {} chunk(s), the index by node {}{}",
+            count(a),
+            count(b),
+            if count(a) == count(b) { " (other chunks)" } else { "" }
+        );
+        out.push(ByNodeFix {
+            origin,
+            node,
+            detail,
+        });
+    }
+    Ok(out)
+}
+
+/// Rewrite the index by node for each node in `fixes` from the exception
+/// index (one pass over it), committing as transactions fill.
+fn fix_by_node(cow: Dev, fixes: &[ByNodeFix], out: &mut Vec<String>) -> Result<()> {
+    if fixes.is_empty() {
+        return Ok(());
+    }
+    let mut m = Meta::open(cow)?;
+    let nodes: std::collections::HashSet<(u32, NodeId)> =
+        fixes.iter().map(|f| (f.origin, f.node)).collect();
+    for &(o, n) in &nodes {
+        let (lo, hi) = (by_node_key(o, n, 0), by_node_key(o, n, MAX_CHUNK));
+        loop {
+            let stale = m.range(Tree::ByNode, lo, hi, SCAN_BATCH)?;
+            if stale.is_empty() {
+                break;
+            }
+            for (k, _) in stale {
+                m.remove(Tree::ByNode, k)?;
+                commit_if_full(&mut m)?;
+            }
+        }
+    }
+    let mut lo = 0u128;
+    loop {
+        let batch = m.range(Tree::Exceptions, lo, u128::MAX, SCAN_BATCH)?;
+        for (k, _) in &batch {
+            let (o, c, n) = split_key(*k);
+            if nodes.contains(&(o, n)) {
+                m.insert(Tree::ByNode, by_node_key(o, n, c), &[])?;
+                commit_if_full(&mut m)?;
+            }
+        }
+        match (
+            batch.len() == SCAN_BATCH,
+            batch.last().and_then(|(k, _)| k.checked_add(1)),
+        ) {
+            (true, Some(next)) => lo = next,
+            _ => break,
+        }
+    }
+    out.extend(
+        fixes
+            .iter()
+            .map(|f| format!("index by node rebuilt: {}", f.detail)),
+    );
+    m.checkpoint()
+}
+
+/// Commit once the open transaction nears what the journal takes.
+fn commit_if_full(m: &mut Meta<Dev>) -> Result<()> {
+    if m.dirty_pages() + 8 >= m.max_dirty_pages() {
+        m.commit()?;
+    }
+    Ok(())
 }
 
 fn describe_val(val: u64) -> String {
@@ -193,13 +359,11 @@ fn describe_val(val: u64) -> String {
 }
 
 /// The store's invariants. Own-chunk counters that disagree with the index
-/// go to `own_fixes` (node, recorded, seen), for the caller to report or
+/// go to `fixes.own` (node, recorded, seen), and nodes whose chunks differ
+/// between the index by node and the exception index to `fixes.by_node`,
+/// for the caller to report or
 /// repair.
-fn semantic(
-    m: &mut Meta<Dev>,
-    report: &mut CheckReport,
-    own_fixes: &mut Vec<(NodeId, u64, u64)>,
-) -> Result<()> {
+fn semantic(m: &mut Meta<Dev>, report: &mut CheckReport, fixes: &mut Fixes) -> Result<()> {
     if let Err(e) = decode_app(m.app_state()) {
         report.push(Damage::new(
             Place::AppState,
@@ -244,11 +408,11 @@ fn semantic(
             )),
         }
     }
-    let own_seen = check_exceptions(m, &origins, &trees, report)?;
+    let own_seen = check_exceptions(m, &origins, &trees, report, &mut fixes.by_node)?;
     for (id, rec) in &own_rec {
         let seen = own_seen.get(id).copied().unwrap_or(0);
         if seen != *rec {
-            own_fixes.push((*id, *rec, seen));
+            fixes.own.push((*id, *rec, seen));
         }
     }
     Ok(())

@@ -24,13 +24,14 @@
 //! has not changed any version. A chunk whose difference appears after the
 //! walk passed it was written after the call began.
 
+use super::diff_by_node::GATHER_STEPS;
 use super::inner::{no_snap, visible, Inner, MetaState, OriginRt};
 use super::io::Volume;
 use super::records::{exc_key, split_key};
 use crate::dev::check_range;
 use crate::error::{Error, Result};
 use crate::meta::{Tree, Walk};
-use crate::store::api::{Diff, DiffExtent};
+use crate::store::api::{Diff, DiffExtent, DiffStrategy};
 use crate::vtree::diff::{next_step, same_content, Side};
 use crate::vtree::{NodeId, VTree, MAX_NODE};
 
@@ -52,19 +53,102 @@ pub(crate) struct DiffQuery {
 /// (None: the range is done).
 type Batch = (Vec<u64>, Option<u64>);
 
-impl Inner {
-    /// Diff two versions of origin `o` (see `Volume::diff_from`).
-    pub(crate) fn diff(&self, o: &OriginRt, q: &DiffQuery) -> Result<Diff> {
-        self.diff_in_batches(o, q, BATCH_STEPS)
-    }
+/// Below this many chunks in the range the chunk walk is taken without
+/// weighing: it visits at most the range's chunks, and weighing costs a
+/// pass over the store's node counters.
+const BY_NODE_MIN_CHUNKS: u64 = 1 << 16;
+/// What a seek costs, in index steps, when weighing a gather over `ByNode`
+/// (one per node that counts) against the chunk walk.
+const SEEK_STEPS: u64 = 8;
 
-    /// `diff` with batches of `steps` index entries (tests use tiny ones).
-    fn diff_in_batches(&self, o: &OriginRt, q: &DiffQuery, steps: usize) -> Result<Diff> {
+impl Inner {
+    /// Diff two versions of origin `o` (see `Volume::diff_from`), the
+    /// cheaper way (see `DiffStrategy`) unless the store was told one.
+    pub(crate) fn diff(&self, o: &OriginRt, q: &DiffQuery) -> Result<Diff> {
         self.check_ok()?;
         check_range("diff", q.offset, q.len, o.rec.size)?;
         if q.max_extents == 0 {
             return Err(Error::Invalid("a diff needs room for one extent".into()));
         }
+        match self.diff_strategy_for(o, q)? {
+            DiffStrategy::ByNode => self.diff_by_node(o, q, GATHER_STEPS, &mut || ()),
+            _ => self.diff_in_batches(o, q, BATCH_STEPS),
+        }
+    }
+
+    /// The strategy this diff takes: the one set (`Store::set_diff_strategy`),
+    /// where the device has what it needs, else the cheaper by estimate.
+    /// The chunk walk costs up to the range's chunks; the gather, the
+    /// exceptions of the nodes that count (their own-chunk counters, over
+    /// the whole origin: an overestimate for part of it) and a seek each.
+    fn diff_strategy_for(&self, o: &OriginRt, q: &DiffQuery) -> Result<DiffStrategy> {
+        let has_by_node = self.lookup_meta(|md| Ok(md.meta.has_tree(Tree::ByNode)))?;
+        let chunks = q.len.div_ceil(self.chunk_size());
+        match self.diff_strategy() {
+            _ if !has_by_node || q.len == 0 => return Ok(DiffStrategy::ByChunk),
+            DiffStrategy::Auto if chunks < BY_NODE_MIN_CHUNKS => return Ok(DiffStrategy::ByChunk),
+            DiffStrategy::Auto => {}
+            forced => return Ok(forced),
+        }
+        let gather_steps = self.lookup(o, |tree, md| {
+            let sides = Sides::new(tree, md, o, q)?;
+            let keys = tree.diff_keys(sides.from, sides.to, sides.rb_src)?;
+            let mut steps = 0u64;
+            for (_, own) in md.own.iter().filter(|(n, _)| keys.contains(**n)) {
+                steps = steps.saturating_add(own + SEEK_STEPS);
+                if steps >= chunks {
+                    break; // the walk is no dearer: no need to count on
+                }
+            }
+            Ok(steps)
+        })?;
+        Ok(if gather_steps < chunks {
+            DiffStrategy::ByNode
+        } else {
+            DiffStrategy::ByChunk
+        })
+    }
+
+    /// `diff` through `ByNode` (`diff_by_node.rs`): gather the candidates,
+    /// then decide them in batches; the chunk walk if the gather kept
+    /// being disturbed. `between` runs between gather batches (tests).
+    pub(super) fn diff_by_node(
+        &self,
+        o: &OriginRt,
+        q: &DiffQuery,
+        steps: usize,
+        between: &mut dyn FnMut(),
+    ) -> Result<Diff> {
+        let mut out = Extents::new(q.offset, q.offset + q.len, self.chunk_size());
+        if q.len == 0 {
+            return Ok(out.finish());
+        }
+        let (start, last) = (
+            q.offset / self.chunk_size(),
+            (q.offset + q.len - 1) / self.chunk_size(),
+        );
+        let Some((cands, bound)) = self.gather_by_node(o, q, (start, last), steps, between)? else {
+            return self.diff_in_batches(o, q, BATCH_STEPS);
+        };
+        let mut at = 0;
+        while at < cands.len() {
+            let (differ, done) = self.decide(o, q, &cands[at..])?;
+            at += done;
+            for c in differ {
+                if !out.push(c, q.max_extents) {
+                    return Ok(out.finish());
+                }
+            }
+        }
+        if bound < last {
+            out.stop_at((bound + 1) * self.chunk_size());
+        }
+        Ok(out.finish())
+    }
+
+    /// `diff` by the chunk walk, with batches of `steps` index entries
+    /// (tests use tiny ones).
+    fn diff_in_batches(&self, o: &OriginRt, q: &DiffQuery, steps: usize) -> Result<Diff> {
         let mut out = Extents::new(q.offset, q.offset + q.len, self.chunk_size());
         if q.len == 0 {
             return Ok(out.finish());
@@ -112,14 +196,14 @@ fn rollback_source(tree: &VTree, md: &MetaState, o: &OriginRt) -> Result<Option<
 
 /// The two sides of a diff as the tree stands now, and the rollback
 /// source the origin's pending chunks read through.
-struct Sides {
-    from: Side,
-    to: Side,
-    rb_src: Option<NodeId>,
+pub(super) struct Sides {
+    pub from: Side,
+    pub to: Side,
+    pub rb_src: Option<NodeId>,
 }
 
 impl Sides {
-    fn new(tree: &VTree, md: &MetaState, o: &OriginRt, q: &DiffQuery) -> Result<Sides> {
+    pub(super) fn new(tree: &VTree, md: &MetaState, o: &OriginRt, q: &DiffQuery) -> Result<Sides> {
         Ok(Sides {
             from: side(tree, o, q.from)?,
             to: side(tree, o, q.to)?,
@@ -128,7 +212,7 @@ impl Sides {
     }
 
     /// Whether chunk `c` may differ, resolved exactly on both sides.
-    fn differ(&self, tree: &VTree, md: &MetaState, o: u32, c: u64) -> Result<bool> {
+    pub(super) fn differ(&self, tree: &VTree, md: &MetaState, o: u32, c: u64) -> Result<bool> {
         // Only the origin reads through the rollback's source, and only
         // where the copier has not been yet.
         let origin_side = self.from == Side::Origin || self.to == Side::Origin;
@@ -248,6 +332,13 @@ impl Extents {
         true
     }
 
+    /// The description ends at byte `at` (inside the range, after every
+    /// extent): what lies beyond was not decided.
+    fn stop_at(&mut self, at: u64) {
+        assert!(at < self.end && self.extents.last().is_none_or(|e| e.offset + e.len <= at));
+        self.cut = Some(self.cut.map_or(at, |c| c.min(at)));
+    }
+
     fn finish(self) -> Diff {
         Diff {
             extents: self.extents,
@@ -353,6 +444,11 @@ mod tests {
             for steps in [1, 2, 3, 17] {
                 let cut = store.inner.diff_in_batches(&a, &q, steps).unwrap();
                 assert_eq!(cut, whole, "{from:?} {to:?} in batches of {steps}");
+                let by_node = store.inner.diff_by_node(&a, &q, steps, &mut || ()).unwrap();
+                assert_eq!(
+                    by_node, whole,
+                    "{from:?} {to:?} by node, batches of {steps}"
+                );
             }
             // No chunk whose bytes differ is missed.
             let read = |tag| {
@@ -391,11 +487,17 @@ mod tests {
         cold.set_cache_budget(0);
         let a = cold.inner.origin_by_id("a").unwrap();
         for (q, whole) in wholes {
-            let before = cold.cache_stats();
-            assert_eq!(cold.inner.diff(&a, &q).unwrap(), whole, "cold");
-            let after = cold.cache_stats();
-            assert!(after.misses > before.misses + 10, "{after:?}");
-            assert_eq!(after.locked_misses, before.locked_misses, "{after:?}");
+            for way in [DiffStrategy::ByChunk, DiffStrategy::ByNode] {
+                cold.set_diff_strategy(way);
+                let before = cold.cache_stats();
+                assert_eq!(cold.inner.diff(&a, &q).unwrap(), whole, "cold, {way:?}");
+                let after = cold.cache_stats();
+                assert!(after.misses > before.misses + 10, "{way:?}: {after:?}");
+                assert_eq!(
+                    after.locked_misses, before.locked_misses,
+                    "{way:?}: {after:?}"
+                );
+            }
         }
     }
 }

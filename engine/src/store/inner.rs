@@ -123,6 +123,11 @@ pub struct MetaState {
     pub own_dirty: HashSet<NodeId>,
     /// Bumped by every change; group commit waits on it.
     pub gen: u64,
+    /// Exceptions removed (deleted, or moved by the cleaner) since open.
+    /// Only a removal can hide, from a reader that spans several lock
+    /// holds, an exception that was there when it began: such a reader
+    /// (a diff's gather over `ByNode`) compares it.
+    removals: u64,
     /// Stopped when a metadata update fails half-way.
     pub gc: Arc<GroupCommit>,
     pub app: AppState,
@@ -146,6 +151,9 @@ pub struct Inner {
     /// writes, a delete or rollback for the background steps); see
     /// `Store::set_waker`. The engine itself starts no threads.
     waker: Mutex<Option<Waker>>,
+    /// `DiffStrategy::code` of the strategy diffs take. A std atomic: a
+    /// setting read once per diff, not engine state the models explore.
+    diff_strategy: std::sync::atomic::AtomicU8,
     /// Called after every background step; see `Store::set_progress_waker`.
     /// A std mutex, not one of `sync`'s: it guards the caller's hook only,
     /// not engine state, so the models need not explore it.
@@ -178,6 +186,11 @@ impl MetaState {
             }
         }
         r
+    }
+
+    /// See the field.
+    pub fn removals(&self) -> u64 {
+        self.removals
     }
 
     pub fn bump(&mut self) -> u64 {
@@ -216,9 +229,18 @@ impl MetaState {
     /// Map (o, c, n) -> val; returns the value it replaced.
     pub fn put_exc(&mut self, o: u32, c: u64, n: NodeId, val: u64) -> Result<Option<u64>> {
         let prev = self.get_exc(o, c, n)?;
+        // A new key goes into `ByNode` first: if the device is full there,
+        // nothing changed; if it is full for the exception, the key is
+        // taken out again (a removal allocates nothing).
+        if prev.is_none() {
+            self.index_by_node(o, c, n, true)?;
+        }
         let r = self
             .meta
             .insert(Tree::Exceptions, exc_key(o, c, n), &val.to_le_bytes());
+        if r.is_err() && prev.is_none() {
+            self.index_by_node(o, c, n, false)?;
+        }
         self.guard(r)?;
         if prev.is_none() && n != vtree::RB_MARK {
             *self.own.entry(n).or_insert(0) += 1;
@@ -233,6 +255,8 @@ impl MetaState {
         if prev.is_some() {
             let r = self.meta.remove(Tree::Exceptions, exc_key(o, c, n));
             self.guard(r)?;
+            self.index_by_node(o, c, n, false)?;
+            self.removals += 1;
             if n != vtree::RB_MARK {
                 let e = self.own.entry(n).or_insert(0);
                 *e = e.saturating_sub(1);
@@ -241,6 +265,32 @@ impl MetaState {
             self.bump();
         }
         Ok(prev)
+    }
+
+    /// Keep `ByNode` the exact transposition of the exception index: add
+    /// or remove the key of exception (o, c, n), which was just added to
+    /// or removed from it. A format-1 device has no `ByNode`.
+    fn index_by_node(&mut self, o: u32, c: u64, n: NodeId, present: bool) -> Result<()> {
+        if !self.meta.has_tree(Tree::ByNode) {
+            return Ok(());
+        }
+        let key = by_node_key(o, n, c);
+        if present {
+            let r = self.meta.insert(Tree::ByNode, key, &[]);
+            return self.guard(r);
+        }
+        let r = match self.meta.remove(Tree::ByNode, key) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::CorruptTree {
+                tree: Tree::ByNode.name(),
+                block: 0,
+                key_lo: key,
+                key_hi: key,
+                reason: format!("no key for the exception of origin {o} chunk {c} node {n:#x}"),
+            }),
+            Err(e) => Err(e),
+        };
+        self.guard(r)
     }
 
     /// Map (o, c, n) to a reserved chunk: the allocation and the mapping
@@ -339,6 +389,21 @@ impl MetaState {
 
 fn now_ok(created: i64) -> i64 {
     created.max(0)
+}
+
+impl Inner {
+    pub fn diff_strategy(&self) -> DiffStrategy {
+        DiffStrategy::from_code(
+            self.diff_strategy
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    pub fn set_diff_strategy(&self, strategy: DiffStrategy) {
+        let code = strategy.code();
+        self.diff_strategy
+            .store(code, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Inner {
@@ -607,6 +672,7 @@ impl Inner {
                 own,
                 own_dirty: HashSet::new(),
                 gen: 0,
+                removals: 0,
                 app,
             }),
             origins: RwLock::new(origins),
@@ -617,6 +683,7 @@ impl Inner {
             staging: Staging::new(),
             waker: Mutex::new(None),
             progress_waker: std::sync::Mutex::new(None),
+            diff_strategy: std::sync::atomic::AtomicU8::new(DiffStrategy::Auto.code()),
         }
     }
 

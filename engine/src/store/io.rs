@@ -646,6 +646,48 @@ impl Volume {
     }
 
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let classify = |source: Source, _| match source {
+            Source::Exc(_, ZERO_CHUNK) => ExtentKind::Zero,
+            Source::Exc(..) => ExtentKind::Own,
+            Source::Origin => ExtentKind::Shared,
+        };
+        let runs = self.status_runs(offset, len, ExtentKind::Own, classify)?;
+        Ok(runs
+            .into_iter()
+            .map(|(offset, len, kind)| Extent { offset, len, kind })
+            .collect())
+    }
+
+    /// qemu's allocation depth of each byte range (`Source` layers, see
+    /// `VTree::resolve_layer`): 0 reads as zeros with no data behind it;
+    /// 1 is this version's own copy (for the origin: all of it); 2 and
+    /// more come from the snapshots this one was taken of, the origin
+    /// (in place, or as a copy of what it held) last. Bounded like
+    /// `block_status`: the caller asks again from the end.
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>> {
+        let classify = |source: Source, layer: u32| match source {
+            Source::Exc(_, ZERO_CHUNK) => 0,
+            _ => layer,
+        };
+        let runs = self.status_runs(offset, len, 1, classify)?;
+        Ok(runs
+            .into_iter()
+            .map(|(offset, len, depth)| DepthExtent { offset, len, depth })
+            .collect())
+    }
+
+    /// Runs of equal `classify(source, layer)` over `[offset, offset+len)`,
+    /// resolved chunk by chunk for a snapshot (`origin` for all of the
+    /// origin). Bounded: at most 65536 chunks per call (the caller asks
+    /// again), looked up in batches, each under the shared locks for a
+    /// moment.
+    fn status_runs<K: Copy + PartialEq>(
+        &self,
+        offset: u64,
+        len: u64,
+        origin: K,
+        classify: impl Fn(Source, u32) -> K,
+    ) -> Result<Vec<(u64, u64, K)>> {
         let _stop = self.inner.gc.panic_stop();
         self.check(offset, len)?;
         let end = offset + len;
@@ -653,17 +695,11 @@ impl Volume {
             return Ok(Vec::new());
         }
         let Some(tag) = self.tag else {
-            return Ok(vec![Extent {
-                offset,
-                len,
-                kind: ExtentKind::Own,
-            }]);
+            return Ok(vec![(offset, len, origin)]);
         };
         let cs = self.cs();
-        let mut out: Vec<Extent> = Vec::new();
+        let mut out: Vec<(u64, u64, K)> = Vec::new();
         let mut pos = offset;
-        // Bounded: at most 65536 chunks per call (the caller asks again),
-        // looked up in batches, each under the shared locks for a moment.
         let last = (end - 1) / cs;
         let stop = last.min(offset / cs + 65535);
         let mut first = offset / cs;
@@ -676,24 +712,16 @@ impl Volume {
                 let mut view = md.cached_view(self.o.num);
                 (first..=batch_end)
                     .map(|c| {
-                        Ok(match tree.resolve(leaf, c, &mut view)? {
-                            Source::Exc(_, ZERO_CHUNK) => ExtentKind::Zero,
-                            Source::Exc(..) => ExtentKind::Own,
-                            Source::Origin => ExtentKind::Shared,
-                        })
+                        let (source, layer) = tree.resolve_layer(leaf, c, &mut view)?;
+                        Ok(classify(source, layer))
                     })
                     .collect::<Result<Vec<_>>>()
             })?;
             for kind in kinds {
-                let next = (pos / cs + 1) * cs;
-                let next = next.min(end);
+                let next = ((pos / cs + 1) * cs).min(end);
                 match out.last_mut() {
-                    Some(e) if e.kind == kind => e.len += next - pos,
-                    _ => out.push(Extent {
-                        offset: pos,
-                        len: next - pos,
-                        kind,
-                    }),
+                    Some(run) if run.2 == kind => run.1 += next - pos,
+                    _ => out.push((pos, next - pos, kind)),
                 }
                 pos = next;
             }

@@ -6,6 +6,7 @@ mod background;
 mod check;
 mod commit;
 mod diff;
+mod diff_by_node;
 mod inner;
 mod io;
 pub(crate) mod locks;
@@ -151,11 +152,31 @@ impl Store {
         offset: u64,
         len: u64,
     ) -> Result<Vec<DiffExtent>> {
-        let diff = self
-            .volume(id, to)?
-            .diff_from(from, offset, len, usize::MAX)?;
-        assert_eq!(diff.end, offset + len, "an unbounded diff covers its range");
-        Ok(diff.extents)
+        let volume = self.volume(id, to)?;
+        let (end, mut at) = (offset + len, offset);
+        let mut extents: Vec<DiffExtent> = Vec::new();
+        // A diff with no extent limit still bounds its memory, and may
+        // describe less than asked: ask again from where it stopped.
+        loop {
+            let diff = volume.diff_from(from, at, end - at, usize::MAX)?;
+            assert!(diff.end > at || at == end, "a diff makes progress");
+            for e in diff.extents {
+                match extents.last_mut() {
+                    Some(last) if last.offset + last.len == e.offset => last.len += e.len,
+                    _ => extents.push(e),
+                }
+            }
+            at = diff.end;
+            if at == end {
+                return Ok(extents);
+            }
+        }
+    }
+
+    /// How diffs on this store find their candidate chunks (default
+    /// `Auto`); for tests and benchmarks that compare the two ways.
+    pub fn set_diff_strategy(&self, strategy: DiffStrategy) {
+        self.inner.set_diff_strategy(strategy);
     }
 
     /// The chunk size: the unit of copy-on-write, and of `diff`'s extents.

@@ -252,6 +252,19 @@ pub fn exc_key(origin: u32, chunk: u64, node: NodeId) -> u128 {
     (u128::from(origin) << 96) | (u128::from(chunk) << 48) | u128::from(node)
 }
 
+/// The `ByNode` key of exception (origin, chunk, node): the same three
+/// fields with node before chunk, so one node's chunks are one range.
+pub fn by_node_key(origin: u32, node: NodeId, chunk: u64) -> u128 {
+    assert!(chunk < 1 << 48 && node < 1 << 48);
+    (u128::from(origin) << 96) | (u128::from(node) << 48) | u128::from(chunk)
+}
+
+/// (origin, node, chunk) of a `ByNode` key.
+pub fn split_by_node_key(k: u128) -> (u32, NodeId, u64) {
+    let (o, n, c) = split_key(k);
+    (o, n, c)
+}
+
 pub fn split_key(k: u128) -> (u32, u64, NodeId) {
     (
         (k >> 96) as u32,

@@ -154,6 +154,10 @@ pub struct VTree {
     /// pass remove?") cost the flagged nodes, not the whole tree (100,000
     /// snapshots are ~200,000 nodes). Derived from the records at open.
     flag_index: BTreeSet<(u64, NodeId)>,
+    /// Counts the changes to the tree's shape (snapshot, delete, a
+    /// cleaner pass): a reader that spans several lock holds and must see
+    /// one shape (a diff's gather over `ByNode`) compares it.
+    shape: u64,
 }
 
 fn corrupt(reason: String) -> Error {
@@ -362,21 +366,38 @@ impl VTree {
 
     /// Where the read of `leaf` at `chunk` finds its data.
     pub fn resolve(&self, leaf: NodeId, chunk: u64, v: &mut dyn ExcView) -> Result<Source> {
+        Ok(self.resolve_layer(leaf, chunk, v)?.0)
+    }
+
+    /// `resolve`, and the layer the data comes from, as an image chain
+    /// counts them (qemu's allocation depth): 1 is the leaf's own
+    /// exception; each frozen ancestor above it (a ghost: the state a
+    /// snapshot-of-snapshot froze, which both its children now read
+    /// through, as an overlay reads its backing file) is one layer more;
+    /// the origin, in place or through a spine copy of what it held, is
+    /// the last layer.
+    pub fn resolve_layer(
+        &self,
+        leaf: NodeId,
+        chunk: u64,
+        v: &mut dyn ExcView,
+    ) -> Result<(Source, u32)> {
         let mut cur = leaf;
         // Non-spine ancestors: one point lookup each (snapshot-of-snapshot depth).
-        for _ in 0..=self.nodes.len() {
+        for layer in 1..=self.nodes.len() as u32 + 1 {
             if cur == ORIGIN {
-                return Ok(Source::Origin);
+                return Ok((Source::Origin, layer));
             }
             let n = &self.nodes[&cur];
             if n.is_spine() {
-                return Ok(match v.seek_spine(chunk, cur)? {
+                let source = match v.seek_spine(chunk, cur)? {
                     Some((node, val)) => Source::Exc(node, val),
                     None => Source::Origin,
-                });
+                };
+                return Ok((source, layer));
             }
             if let Some(val) = v.get(chunk, cur)? {
-                return Ok(Source::Exc(cur, val));
+                return Ok((Source::Exc(cur, val), layer));
             }
             cur = n.parent;
         }
@@ -431,6 +452,12 @@ impl VTree {
         }
     }
 
+    /// The shape counter: equal values mean no snapshot, delete or cleaner
+    /// pass came between (see the field).
+    pub fn shape(&self) -> u64 {
+        self.shape
+    }
+
     /// Snapshot of the origin: a new spine node on top, the new leaf under it.
     pub fn snapshot_origin(
         &mut self,
@@ -438,6 +465,7 @@ impl VTree {
         leaf_id: NodeId,
         tag: u64,
     ) -> Result<Changes> {
+        self.shape += 1;
         self.check_new_ids(spine_id, leaf_id, tag)?;
         let mut spine = Node::new(spine_id, ORIGIN, Kind::Spine);
         let mut ch = Changes::default();
@@ -473,6 +501,7 @@ impl VTree {
         leaf_id: NodeId,
         tag: u64,
     ) -> Result<Changes> {
+        self.shape += 1;
         self.check_new_ids(cont_id, leaf_id, tag)?;
         let old = self
             .leaf_of(of)
@@ -517,6 +546,7 @@ impl VTree {
     /// Delete a snapshot: instant. Flags the leaf and every ancestor whose
     /// state changes (to merging or dead) with generation `gen`.
     pub fn delete(&mut self, tag: u64, gen: u64) -> Result<Changes> {
+        self.shape += 1;
         let leaf = self
             .tags
             .remove(&tag)
@@ -625,6 +655,7 @@ impl VTree {
     /// parent is the one node that can become removable. The result is the
     /// fixpoint a walk over every node until none is removable reaches.
     pub fn finish_pass(&mut self, pass_gen: u64) -> Changes {
+        self.shape += 1;
         let mut ch = Changes::default();
         let mut work: Vec<NodeId> = self
             .flag_index

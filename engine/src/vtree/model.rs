@@ -15,7 +15,7 @@
 //! and shared chunks, which the algebra's accounting (`vtree::usage`) must
 //! match.
 
-use super::diff::{next_step, same_content, Side};
+use super::diff::{next_step, same_content, DiffKeys, Side, Step};
 use super::usage::{account_chunk, LeafUsage};
 use super::*;
 use crate::meta::ZERO_CHUNK;
@@ -552,6 +552,12 @@ impl Algebra {
             }
             at = next;
         }
+        let by_node = self.candidates_by_node(&keys, last);
+        if by_node != candidates {
+            return Err(Error::Invalid(format!(
+                "diff {from:?} {to:?}: the walk by chunk finds {candidates:?}, by node {by_node:?}"
+            )));
+        }
         let mut out = Vec::new();
         for c in candidates {
             let x = self.tree.diff_source(a, c, &mut self.exc, None)?;
@@ -561,6 +567,31 @@ impl Algebra {
             }
         }
         Ok(out)
+    }
+
+    /// The candidates found as the store's gather over `ByNode` finds them
+    /// (`store/diff_by_node.rs`): the index transposed to (node, chunk),
+    /// walked node range by node range with `DiffKeys::step`'s seeks;
+    /// ascending and distinct.
+    fn candidates_by_node(&self, keys: &DiffKeys, last: u64) -> Vec<u64> {
+        let by_node: BTreeSet<(NodeId, u64)> = self.exc.map.keys().map(|&(c, n)| (n, c)).collect();
+        let mut found = BTreeSet::new();
+        let mut at = keys.first().map(|n| (n, 0));
+        while let Some(key) = at {
+            let Some(&(n, c)) = by_node.range(key..).next() else {
+                break;
+            };
+            at = match keys.step(n) {
+                Step::NextChunk => None,
+                Step::SeekNode(lo) => Some((lo, 0)),
+                Step::Candidate if c > last => n.checked_add(1).map(|n| (n, 0)),
+                Step::Candidate => {
+                    found.insert(c);
+                    Some((n, c + 1))
+                }
+            };
+        }
+        found.into_iter().collect()
     }
 
     /// `diff` of every pair of versions against the naive model: it

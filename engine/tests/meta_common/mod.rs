@@ -144,10 +144,10 @@ impl BlockDev for CrashDev {
     }
 }
 
-/// Model of the metadata a test expects: the three trees and the app state.
+/// Model of the metadata a test expects: the trees and the app state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Model {
-    pub trees: [BTreeMap<u128, Vec<u8>>; 3],
+    pub trees: [BTreeMap<u128, Vec<u8>>; 4],
     pub app: Vec<u8>,
 }
 
@@ -156,6 +156,7 @@ pub fn tree_ix(t: Tree) -> usize {
         Tree::Exceptions => 0,
         Tree::Nodes => 1,
         Tree::Origins => 2,
+        Tree::ByNode => 3,
     }
 }
 

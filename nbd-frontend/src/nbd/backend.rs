@@ -36,6 +36,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// less when the engine cut its answer short). From current metadata
     /// at every call; never misses a differing byte before that end.
     fn diff_from(&self, other: Option<u64>, offset: u64, len: u64) -> BResult<DiffRanges>;
+    /// `qemu:allocation-depth` runs `(offset, len, depth)` from `offset`
+    /// (maybe fewer than asked: the client asks again). By default from
+    /// `block_status`, which tells only the first layer from the rest.
+    fn allocation_depth(&self, offset: u64, len: u64) -> BResult<Vec<(u64, u64, u32)>> {
+        let extents = self.block_status(offset, len)?;
+        Ok(extents
+            .iter()
+            .map(|e| (e.offset, e.len, shallow_depth(e.kind)))
+            .collect())
+    }
 }
 
 /// Changed ranges and how far they describe (`Backend::diff_from`).
@@ -75,6 +85,10 @@ impl Backend for Volume {
         let ranges = d.extents.iter().map(|e| (e.offset, e.len)).collect();
         Ok((ranges, d.end))
     }
+    fn allocation_depth(&self, offset: u64, len: u64) -> BResult<Vec<(u64, u64, u32)>> {
+        let runs = Volume::allocation_depth(self, offset, len)?;
+        Ok(runs.iter().map(|r| (r.offset, r.len, r.depth)).collect())
+    }
 }
 
 /// `base:allocation` flags for an engine extent kind. A snapshot's shared
@@ -88,14 +102,10 @@ pub fn allocation_flags(kind: ExtentKind) -> u32 {
     }
 }
 
-/// `qemu:allocation-depth` for an engine extent kind: 0 reads as zeros
-/// with nothing behind it, 1 is data on the COW device that this version
-/// reads (its own copy: copied when the origin moved on, or written to
-/// it; for the origin, all of it), 2 is data still read from the origin's
-/// device in place, the one layer every snapshot inherits from. The engine
-/// does not tell a copy made for this snapshot from one made for an
-/// ancestor it shares (both are `Own`), so the depth is at most 2.
-pub fn allocation_depth(kind: ExtentKind) -> u32 {
+/// `qemu:allocation-depth` from an extent kind alone (backends that know
+/// no layers): 0 reads as zeros, 1 is held by this version, 2 is read
+/// from below it.
+pub fn shallow_depth(kind: ExtentKind) -> u32 {
     match kind {
         ExtentKind::Zero => 0,
         ExtentKind::Own => 1,
@@ -115,6 +125,8 @@ pub struct ExportOf<B> {
 /// `Volume` instance of it).
 pub trait Catalog<B>: Send + Sync + 'static {
     fn list(&self) -> Vec<String>;
+    /// Opens only the names `list` gives (one name an export: the access
+    /// policy matches the name asked for).
     fn open(&self, name: &str) -> Option<ExportOf<B>>;
     fn default_name(&self) -> Option<String>;
 }
@@ -304,6 +316,8 @@ pub mod mem {
     #[derive(Default)]
     pub struct MemCatalog {
         pub exports: Mutex<BTreeMap<String, ExportOf<MemBackend>>>,
+        /// What an empty export name means (none by default).
+        pub default: Mutex<Option<String>>,
     }
 
     impl MemCatalog {
@@ -327,7 +341,7 @@ pub mod mem {
             self.exports.lock().unwrap().get(name).cloned()
         }
         fn default_name(&self) -> Option<String> {
-            None
+            self.default.lock().unwrap().clone()
         }
     }
 }

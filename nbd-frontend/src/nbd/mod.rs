@@ -46,10 +46,12 @@
 //!   of ID, written as in export names, or `origin`) sets bit 0 where the
 //!   export may differ from that version (`Volume::diff_from`: never
 //!   misses a changed chunk; a rewrite with the same bytes may show);
-//!   `qemu:allocation-depth` is 0 for zeros, 1 for data on the COW device
-//!   this version reads, 2 for data still read from the origin in place
-//!   (the engine does not tell a snapshot's copy from one it shares with an
-//!   ancestor snapshot, so the depth stops at 2). LIST: no query lists
+//!   `qemu:allocation-depth` counts layers as an image chain does
+//!   (`Volume::allocation_depth`): 0 for zeros, 1 for this version's own
+//!   copy, 2 and more for data inherited from the snapshots it was taken
+//!   of (a snapshot of a snapshot reads its parent's frozen state, as an
+//!   overlay reads its backing file), the origin last (in place, or the
+//!   copy of what it held when it moved on). LIST: no query lists
 //!   everything; `base:`, `qemu:`, `snapmv:` and `snapmv:changed-since:`
 //!   list their namespace (the last two: `origin` and the newest 256
 //!   tags; any other tag is still selectable by name). SET selects up to
@@ -68,6 +70,11 @@
 //!   `parse_extended_request_header`, `check_request`,
 //!   `parse_option_header`, `parse_option`, `extents_to_descriptors`, the
 //!   reply encoders).
+//! - Per-export access ([`AccessPolicy`], `access`): exports matching an
+//!   `--allow` pattern exist only for the clients it names (others get
+//!   ERR_UNKNOWN and do not see them in OPT_LIST); `--read-only-export`
+//!   patterns serve matching exports read-only. Applied where negotiation
+//!   resolves a name, so every option that names an export obeys it.
 //! - TLS (`tls`): STARTTLS upgrades a connection (X.509 with rustls, or
 //!   PSK with OpenSSL); `ServerConfig::tls` says off, on or required. The
 //!   connection's thread then reads and writes plain text over a socket
@@ -85,6 +92,7 @@ use std::sync::Arc;
 
 use snapmv_engine::store::Volume;
 
+mod access;
 mod backend;
 mod budget;
 mod io;
@@ -99,6 +107,7 @@ mod transmit;
 #[cfg(test)]
 mod tests;
 
+pub use access::{AccessError, AccessPolicy, AllowRule, ExportPattern};
 pub use server::MAX_CONNECTIONS;
 pub use tls::{parse_psk, TlsConfig, TlsCredentials, TlsError, TlsMode};
 
@@ -115,7 +124,9 @@ pub struct Export {
 pub trait Exports: Send + Sync + 'static {
     /// Names of every export now (origin ids and "id@tag").
     fn list(&self) -> Vec<String>;
-    /// Look up one export by name, at negotiation time.
+    /// Look up one export by name, at negotiation time. Only the name
+    /// `list` gives an export may open it: the [`AccessPolicy`] is matched
+    /// against the name asked for, so an alias would slip past it.
     fn open(&self, name: &str) -> Option<Export>;
     /// The default export for an empty name (OPT_EXPORT_NAME "" / OPT_GO ""), if any.
     fn default_name(&self) -> Option<String> {
@@ -147,6 +158,9 @@ pub struct ServerConfig {
     /// Threads of the pool shared by all connections, at most (default 64;
     /// started on demand).
     pub pool_threads: usize,
+    /// Which clients may open which exports, and which are read-only
+    /// (default: all open, none read-only beyond `read_only`).
+    pub access: AccessPolicy,
     /// TLS: off (the default), on (clients may upgrade) or required, with
     /// its credentials. Applies to both listeners.
     pub tls: TlsConfig,
@@ -163,6 +177,7 @@ impl Default for ServerConfig {
             server_buffer_bytes: 1 << 30,
             parallel_per_conn: 8,
             pool_threads: 64,
+            access: AccessPolicy::default(),
             tls: TlsConfig::default(),
         }
     }

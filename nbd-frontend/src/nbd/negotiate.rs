@@ -26,6 +26,7 @@ use std::io::{self, Write};
 
 use tracing::{debug, info};
 
+use super::access::AccessPolicy;
 use super::backend::{Backend, Catalog, ExportOf};
 use super::io::{MsgReader, ReadError};
 use super::proto::*;
@@ -102,6 +103,7 @@ pub fn transmission_flags(read_only: bool, chunked: bool) -> u16 {
 struct State<'a, B> {
     catalog: &'a dyn Catalog<B>,
     server_read_only: bool,
+    access: &'a AccessPolicy,
     no_zeroes: bool,
     replies: ReplyStyle,
     /// The export the last OPT_SET_META_CONTEXT named, and what it
@@ -112,7 +114,8 @@ struct State<'a, B> {
     tls_active: bool,
     /// Who the client is, as TLS authenticated it (certificate subject
     /// CN, or PSK username); `None` before TLS or without client
-    /// authentication. Per-export access decisions read this.
+    /// authentication. Every export name the client sees passes `access`
+    /// with it.
     client_identity: Option<String>,
 }
 
@@ -135,15 +138,34 @@ type Step<B> = Result<Option<Outcome<B>>, NegError>;
 
 impl<B: Backend> State<'_, B> {
     /// Resolve a client-given name ("" = the default export) to the
-    /// canonical name and a live export.
+    /// canonical name and a live export that this client may open, made
+    /// read-only if `--read-only-export` says so.
+    ///
+    /// An export the client may not open is unknown to it: INFO, GO and
+    /// the meta-context options answer ERR_UNKNOWN and EXPORT_NAME closes
+    /// the connection, exactly as for a name that exists nowhere. The
+    /// spec's ERR_POLICY ("known and valid, but policy forbids") would
+    /// fit too, but it tells the client that the name exists, so a
+    /// client could probe for snapshot names; ERR_UNKNOWN ("the requested
+    /// export is not available") is true for this client and leaks nothing.
     fn resolve(&self, name: &str) -> Option<(String, ExportOf<B>)> {
         let canonical = if name.is_empty() {
             self.catalog.default_name()?
         } else {
             name.to_string()
         };
-        let export = self.catalog.open(&canonical)?;
+        if !self.may_open(&canonical) {
+            info!(export = %canonical, client = ?self.client_identity, "refused by --allow");
+            return None;
+        }
+        let mut export = self.catalog.open(&canonical)?;
+        export.read_only |= self.access.read_only(&canonical);
         export.backend.is_live().then_some((canonical, export))
+    }
+
+    fn may_open(&self, export: &str) -> bool {
+        self.access
+            .may_open(export, self.client_identity.as_deref())
     }
 
     fn negotiated(&self, name: String, export: ExportOf<B>, client_name: &str) -> Negotiated<B> {
@@ -228,7 +250,9 @@ impl<B: Backend> State<'_, B> {
     }
 
     fn list<W: Write>(&self, w: &mut W, option: u32) -> io::Result<()> {
-        for name in self.catalog.list() {
+        // Each client sees only what it may open (the others are unknown
+        // to it; see `resolve`).
+        for name in self.catalog.list().into_iter().filter(|n| self.may_open(n)) {
             let mut d = (name.len() as u32).to_be_bytes().to_vec();
             d.extend_from_slice(name.as_bytes());
             // The text after the name is the export's description
@@ -403,13 +427,19 @@ impl<B: Backend> State<'_, B> {
 
     /// Whether `c` can be served on an export of `origin`: a changed-since
     /// tag must name a live snapshot of it (checked again, by the engine,
-    /// at every BLOCK_STATUS).
+    /// at every BLOCK_STATUS) that this client may open: a diff against
+    /// a snapshot hidden from it would reveal the snapshot's name and
+    /// where it differs.
     fn servable(&self, origin: &str, c: MetaContext) -> bool {
         match c {
-            MetaContext::ChangedSince(Some(t)) => self
-                .catalog
-                .open(&format!("{origin}@{t}"))
-                .is_some_and(|e| e.backend.is_live()),
+            MetaContext::ChangedSince(Some(t)) => {
+                let snapshot = format!("{origin}@{t}");
+                self.may_open(&snapshot)
+                    && self
+                        .catalog
+                        .open(&snapshot)
+                        .is_some_and(|e| e.backend.is_live())
+            }
             _ => true,
         }
     }
@@ -424,6 +454,7 @@ impl<B: Backend> State<'_, B> {
                 .catalog
                 .list()
                 .iter()
+                .filter(|n| self.may_open(n))
                 .filter_map(|n| n.strip_prefix(&prefix)?.parse().ok())
                 .collect();
             tags.sort_unstable_by(|a, b| b.cmp(a));
@@ -473,12 +504,15 @@ fn read_option<W: Write>(
     Ok(Some((option, data)))
 }
 
-/// Run negotiation on one connection.
+/// Run negotiation on one connection. `tls` upgrades it on STARTTLS,
+/// which gives the client's identity (`None` until then) that `access`
+/// decides with.
 pub fn negotiate<B: Backend, W: Write>(
     rd: &mut MsgReader,
     w: &mut W,
     catalog: &dyn Catalog<B>,
     server_read_only: bool,
+    access: &AccessPolicy,
     tls: &mut dyn Starttls<W>,
 ) -> Result<Outcome<B>, NegError> {
     w.write_all(&NBDMAGIC.to_be_bytes())?;
@@ -500,6 +534,7 @@ pub fn negotiate<B: Backend, W: Write>(
     let mut st = State {
         catalog,
         server_read_only,
+        access,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         replies: ReplyStyle::Simple,
         meta_for: None,

@@ -20,7 +20,7 @@ use super::negotiate::{negotiate, Outcome, Starttls};
 use super::pool::WorkerPool;
 use super::tls::{self, pump::Pump, HandshakeError, TlsConfig, TlsMode};
 use super::transmit::{self, Limits, OVERHEAD};
-use super::ServerConfig;
+use super::{AccessPolicy, ServerConfig};
 
 /// Negotiation must make progress at least this often.
 const NEGOTIATION_IDLE: Duration = Duration::from_secs(60);
@@ -66,6 +66,7 @@ struct Shared<B> {
     catalog: Arc<dyn Catalog<B>>,
     stop: Arc<AtomicBool>,
     read_only: bool,
+    access: AccessPolicy,
     max_request: u32,
     conn_buffer: usize,
     parallel: usize,
@@ -171,12 +172,14 @@ impl<B: Backend> Core<B> {
         let conn_buffer = cfg.conn_buffer_bytes.max(max_request as usize + OVERHEAD);
         let server_budget = cfg.server_buffer_bytes.max(conn_buffer);
         info!(tcp = ?local_addr, unix = ?cfg.unix, read_only = cfg.read_only, max_request,
-              conn_buffer, server_budget, tls = %cfg.tls.describe(), "NBD server listening");
+              conn_buffer, server_budget, access = %cfg.access, tls = %cfg.tls.describe(),
+              "NBD server listening");
         Ok(Core {
             shared: Arc::new(Shared {
                 catalog,
                 stop: Arc::new(AtomicBool::new(false)),
                 read_only: cfg.read_only,
+                access: cfg.access.clone(),
                 max_request,
                 conn_buffer,
                 parallel: cfg.parallel_per_conn.clamp(1, 256),
@@ -406,11 +409,13 @@ fn handle_conn<B: Backend>(s: Stream, shared: &Shared<B>) {
     let mut rd = MsgReader::new(s, stop);
     rd.idle_limit = Some(NEGOTIATION_IDLE);
     let mut w = BufWriter::new(ws);
+    // The client's identity comes from TLS, if it upgrades (`upgrade`).
     let outcome = negotiate(
         &mut rd,
         &mut w,
         shared.catalog.as_ref(),
         shared.read_only,
+        &shared.access,
         &mut upgrade,
     );
     let n = match outcome {

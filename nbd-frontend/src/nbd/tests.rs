@@ -627,6 +627,256 @@ fn request_errors_keep_the_connection() {
 /// Extended headers take precedence over structured replies: allowed
 /// after them, never downgraded, not negotiated twice, and they forbid
 /// OPT_EXPORT_NAME (which cannot carry an error, so the server hangs up).
+/// One connection negotiated directly, without the accept loop, for the
+/// client `identity` under `policy`: the client sends STARTTLS first, and
+/// a stand-in for TLS (no handshake) names it `identity`, as the real one
+/// does with a certificate's CN or a PSK username. The handle yields the
+/// export and flags negotiation ended on, `None` if the client left, or
+/// the error that closed the connection.
+type Negotiation = JoinHandle<Result<Option<(String, u16)>, String>>;
+
+/// STARTTLS without TLS: the client is taken to be `.0`.
+struct AssumeIdentity(Option<String>);
+
+impl<W> super::negotiate::Starttls<W> for AssumeIdentity {
+    fn mode(&self) -> TlsMode {
+        TlsMode::On
+    }
+    fn start(
+        &mut self,
+        _: &mut super::io::MsgReader,
+        _: &mut W,
+    ) -> Result<Option<String>, super::tls::HandshakeError> {
+        Ok(self.0.clone())
+    }
+}
+
+fn negotiate_as(
+    cat: Arc<MemCatalog>,
+    policy: super::AccessPolicy,
+    identity: Option<&str>,
+) -> (Raw, Negotiation) {
+    use super::io::{MsgReader, StopSignal, Stream};
+    use super::negotiate::{negotiate, Outcome};
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let identified = identity.is_some();
+    let mut tls = AssumeIdentity(identity.map(str::to_string));
+    let server = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut w = std::io::BufWriter::new(s.try_clone().unwrap());
+        // Never written to, so the stop never fires.
+        let (stop_rx, _stop_tx) = std::os::unix::net::UnixStream::pair().unwrap();
+        let stop = StopSignal {
+            flag: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            fd: stop_rx.as_raw_fd(),
+        };
+        let mut rd = MsgReader::new(Stream::Tcp(s), stop);
+        match negotiate(&mut rd, &mut w, cat.as_ref(), false, &policy, &mut tls) {
+            Ok(Outcome::Transmission(n)) => Ok(Some((n.name, n.flags))),
+            Ok(Outcome::Ended) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    let mut c = Raw::connect(addr);
+    if identified {
+        c.opt(OPT_STARTTLS, &[]);
+        assert_eq!(c.opt_reply(), (OPT_STARTTLS, REP_ACK, vec![]));
+    }
+    (c, server)
+}
+
+impl Raw {
+    /// OPT_LIST: the export names.
+    fn list(&mut self) -> Vec<String> {
+        self.opt(OPT_LIST, &[]);
+        let mut names = Vec::new();
+        loop {
+            let (o, ty, d) = self.opt_reply();
+            assert_eq!(o, OPT_LIST);
+            if ty == REP_ACK {
+                return names;
+            }
+            assert_eq!(ty, REP_SERVER);
+            let n = u32::from_be_bytes(d[..4].try_into().unwrap()) as usize;
+            names.push(String::from_utf8(d[4..4 + n].to_vec()).unwrap());
+        }
+    }
+    /// OPT_INFO: the final reply (ACK or an error) and its data.
+    fn info(&mut self, name: &str) -> (u32, Vec<u8>) {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        self.opt(OPT_INFO, &d);
+        loop {
+            let (o, ty, d) = self.opt_reply();
+            assert_eq!(o, OPT_INFO);
+            if ty != REP_INFO {
+                return (ty, d);
+            }
+        }
+    }
+}
+
+/// The flags a successful GO reported in its NBD_INFO_EXPORT.
+fn go_flags(replies: &[(u32, Vec<u8>)]) -> u16 {
+    assert_eq!(replies.last().unwrap().0, REP_ACK, "GO failed");
+    let (_, d) = replies.iter().find(|(_, d)| d[..2] == [0, 0]).unwrap();
+    u16::from_be_bytes(d[10..12].try_into().unwrap())
+}
+
+/// What the server answers for an export name it does not know.
+fn unknown(name: &str) -> (u32, Vec<u8>) {
+    let why = format!("no export named {name:?}");
+    (REP_ERR_UNKNOWN, why.into_bytes())
+}
+
+/// INFO, LIST_META_CONTEXT and SET_META_CONTEXT on each of `all` are
+/// answered for the `visible` ones, and for the others byte for byte as
+/// for a name that exists nowhere.
+fn assert_sees_only(c: &mut Raw, who: Option<&str>, all: &[&str], visible: &[&str]) {
+    for name in all {
+        let info = c.info(name);
+        let meta_list = c.list_meta(name, &[BASE_ALLOCATION]);
+        let meta_set = c.set_meta(name, &[BASE_ALLOCATION]);
+        if visible.contains(name) {
+            assert_eq!(info.0, REP_ACK, "{who:?} INFO {name}");
+            assert_eq!(meta_list, Ok(vec![BASE_ALLOCATION.to_string()]));
+            assert_eq!(meta_set.len(), 2, "{who:?} SET {name}: {meta_set:?}");
+        } else {
+            assert_eq!(info, unknown(name), "{who:?} INFO {name}");
+            assert_eq!(meta_list, Err(REP_ERR_UNKNOWN), "{who:?} LIST_META {name}");
+            assert_eq!(meta_set, [unknown(name)], "{who:?} SET {name}");
+        }
+    }
+    assert_eq!(c.info("nope"), unknown("nope"));
+}
+
+/// `--allow o@*=alice --allow o@2=bob --allow p=alice`, default export
+/// `p`: each client sees, lists, queries and opens exactly what the rules
+/// give it.
+#[test]
+fn allow_rules_hide_exports_from_other_clients() {
+    let cat = Arc::new(MemCatalog::default());
+    let origin = MemBackend::new(1 << 20);
+    cat.add("o", origin.clone(), false, "");
+    cat.add("o@1", origin.snapshot(1), false, "first");
+    cat.add("o@2", origin.snapshot(2), false, "second");
+    cat.add("p", MemBackend::new(1 << 20), false, "");
+    *cat.default.lock().unwrap() = Some("p".into());
+    let rules = ["o@*=alice", "o@2=bob", "p=alice"];
+    let policy = super::AccessPolicy::new(rules.map(|r| r.parse().unwrap()).to_vec(), vec![]);
+    let all = ["o", "o@1", "o@2", "p"];
+    let changed = |tags: &[&str]| -> Vec<String> {
+        let tags = tags.iter().map(|t| format!("snapmv:changed-since:{t}"));
+        tags.collect()
+    };
+    let cases: [(Option<&str>, &[&str], Vec<String>); 4] = [
+        (Some("alice"), &all, changed(&["origin", "2", "1"])),
+        (Some("bob"), &["o", "o@2"], changed(&["origin", "2"])),
+        (Some("mallory"), &["o"], changed(&["origin"])),
+        (None, &["o"], changed(&["origin"])),
+    ];
+    for (who, visible, contexts) in cases {
+        let (mut c, server) = negotiate_as(cat.clone(), policy.clone(), who);
+        assert_eq!(c.list(), visible, "{who:?}: OPT_LIST");
+        c.structured();
+        assert_sees_only(&mut c, who, &all, visible);
+        // The default export is p: hidden where p is.
+        let default = if visible.contains(&"p") {
+            REP_ACK
+        } else {
+            REP_ERR_UNKNOWN
+        };
+        assert_eq!(c.info("").0, default, "{who:?}: the default export");
+        // Changed-since names only the snapshots this client may open, and
+        // selects no other.
+        let listed = c.list_meta("o", &["snapmv:changed-since:"]).unwrap();
+        assert_eq!(listed, contexts, "{who:?}");
+        let set = c.set_meta("o", &["snapmv:changed-since:1"]);
+        assert_eq!(set.len(), if who == Some("alice") { 2 } else { 1 });
+        // A hidden export's GO fails and negotiation goes on; EXPORT_NAME
+        // cannot fail softly, so it ends the connection.
+        match all.iter().find(|n| !visible.contains(n)) {
+            Some(name) => {
+                assert_eq!(c.go(name, &[]), [unknown(name)], "{who:?} GO {name}");
+                c.opt(OPT_EXPORT_NAME, name.as_bytes());
+                assert!(c.closed(), "{who:?} EXPORT_NAME {name}");
+                let end = server.join().unwrap().unwrap_err();
+                assert!(end.contains("unknown or invalid export"), "{end}");
+            }
+            None => {
+                let flags = go_flags(&c.go("o@1", &[]));
+                assert_eq!(flags & TFLAG_READ_ONLY, 0);
+                let end = server.join().unwrap();
+                assert_eq!(end, Ok(Some(("o@1".to_string(), flags))));
+            }
+        }
+    }
+}
+
+/// EXPORT_NAME of a hidden default export closes the connection; of a
+/// visible one attaches.
+#[test]
+fn allow_rules_apply_to_the_default_export_by_its_real_name() {
+    let (cat, _) = catalog();
+    *cat.default.lock().unwrap() = Some("o@1".into());
+    let policy = super::AccessPolicy::new(vec!["o@?=alice".parse().unwrap()], vec![]);
+    for (who, attaches) in [(Some("alice"), true), (Some("bob"), false), (None, false)] {
+        let (mut c, server) = negotiate_as(cat.clone(), policy.clone(), who);
+        c.opt(OPT_EXPORT_NAME, b"");
+        let end = server.join().unwrap();
+        if attaches {
+            let mut size = [0u8; 8];
+            c.s.read_exact(&mut size).unwrap();
+            assert_eq!(u64::from_be_bytes(size), 1 << 20);
+            assert!(matches!(end, Ok(Some((ref n, _))) if n == "o@1"), "{end:?}");
+        } else {
+            assert!(c.closed(), "{who:?}");
+            assert!(end.unwrap_err().contains("unknown or invalid export"));
+        }
+    }
+}
+
+/// `--read-only-export o@*` (through the server's config, as `serve`
+/// passes it): snapshots advertise READ_ONLY and refuse writes with
+/// EPERM, as the server-wide mode does, while reads work and the origin
+/// stays writable. `--allow` through the same config hides o@1 from this
+/// client, which has no identity.
+#[test]
+fn read_only_export_patterns_refuse_writes() {
+    let cat = Arc::new(MemCatalog::default());
+    let origin = MemBackend::new(1 << 20);
+    cat.add("o", origin.clone(), false, "");
+    cat.add("o@1", origin.snapshot(1), false, "");
+    cat.add("o@2", origin.snapshot(2), false, "");
+    let cfg = ServerConfig {
+        access: super::AccessPolicy::new(
+            vec!["o@1=alice".parse().unwrap()],
+            vec!["o@*".parse().unwrap()],
+        ),
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start(cat, cfg);
+    let mut c = Raw::connect(srv.addr);
+    assert_eq!(c.list(), ["o", "o@2"]);
+    assert_eq!(c.go("o@1", &[])[0].0, REP_ERR_UNKNOWN);
+    for (name, read_only) in [("o@2", true), ("o", false)] {
+        let mut c = Raw::connect(srv.addr);
+        let flags = go_flags(&c.go(name, &[]));
+        assert_eq!(flags & TFLAG_READ_ONLY != 0, read_only, "{name}");
+        c.req(0, CMD_WRITE, 1, 0, 4096, &[0x5a; 4096]);
+        let want = if read_only { EPERM } else { 0 };
+        assert_eq!(c.simple(), (want, 1), "{name}: write");
+        c.req(0, CMD_READ, 2, 0, 4096, &[]);
+        let (handle, errno, data) = c.reply(Some(4096));
+        assert_eq!((handle, errno), (2, 0), "{name}: read");
+        let byte = if read_only { 0 } else { 0x5a };
+        assert!(data.iter().all(|&b| b == byte), "{name}: read back");
+    }
+}
+
 #[test]
 fn extended_headers_negotiation() {
     let (cat, _) = catalog();

@@ -39,7 +39,7 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
-use super::backend::{allocation_depth, allocation_flags, BResult, Backend, FlushHold};
+use super::backend::{allocation_flags, BResult, Backend, FlushHold};
 use super::budget::{Budget, Permit};
 use super::io::{MsgReader, ReadError, Stream};
 use super::negotiate::Negotiated;
@@ -276,32 +276,28 @@ impl<B: Backend> Exec<B> {
         };
         out.data.clear();
         out.head.clear();
-        // base:allocation and qemu:allocation-depth share one engine call.
-        let mut allocation = None;
         let n = self.contexts.len();
         for (i, &(id, ctx)) in self.contexts.iter().enumerate() {
             let descs = match ctx {
                 MetaContext::BaseAllocation | MetaContext::AllocationDepth => {
-                    if allocation.is_none() {
-                        match self.backend.block_status(offset, span) {
-                            Ok(e) => allocation = Some(e),
-                            Err(e) => return self.fail(out, to, e),
+                    let runs = match ctx {
+                        MetaContext::BaseAllocation => {
+                            self.backend.block_status(offset, span).map(|e| {
+                                let flags = e
+                                    .iter()
+                                    .map(|e| (e.offset, e.len, allocation_flags(e.kind)));
+                                flags.collect::<Vec<_>>()
+                            })
                         }
-                    }
-                    let extents = allocation.as_deref().unwrap_or_default();
-                    let to_flags = match ctx {
-                        MetaContext::BaseAllocation => allocation_flags,
-                        _ => allocation_depth,
+                        _ => self.backend.allocation_depth(offset, span),
                     };
-                    let ex: Vec<(u64, u64, u32)> = extents
-                        .iter()
-                        .map(|e| (e.offset, e.len, to_flags(e.kind)))
-                        .collect();
-                    if ex.is_empty() {
+                    let ex = match runs {
+                        Ok(ex) if !ex.is_empty() => ex,
                         // Nothing described: say nothing (a context's
                         // default is not always the safe answer).
-                        return self.fail(out, to, no_extents());
-                    }
+                        Ok(_) => return self.fail(out, to, no_extents()),
+                        Err(e) => return self.fail(out, to, e),
+                    };
                     let described = ex
                         .last()
                         .map_or(span, |&(o, l, _)| o.saturating_add(l).min(offset + span));
