@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine:
 # the real NBD clients the interop tests drive, fio, qemu-utils, FUSE and
-# e2fsprogs for the ext4 example, nbdkit for the power-cut test, and
-# cargo-fuzz for the fuzz slice.
+# e2fsprogs for the ext4 example, nbdkit for the power-cut test, certtool
+# and psktool (gnutls-bin) for the TLS tests' credentials, OpenSSL's
+# headers and pkg-config for the PSK side of TLS (the `openssl` crate),
+# and cargo-fuzz for the fuzz slice.
 # Idempotent: does nothing when all is present.
 set -euo pipefail
 
-pkgs=(libnbd-bin python3-libnbd fio qemu-utils fuse3 e2fsprogs util-linux nbdkit zstd)
+pkgs=(libnbd-bin python3-libnbd fio qemu-utils fuse3 e2fsprogs util-linux nbdkit zstd gnutls-bin libssl-dev pkg-config)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -15,7 +15,14 @@
 //! rest is read as 32-byte extended requests; bit 5 makes it select, besides
 //! base:allocation, `snapmv:changed-since:1`, `snapmv:changed-since:origin`
 //! and `qemu:allocation-depth` (one BLOCK_STATUS chunk each, diffs run by
-//! the engine on every request). The target writes
+//! the engine on every request). Bit 6 connects to a server with TLS:
+//! bit 7 makes it `require` (every option before STARTTLS refused), else
+//! `on`; bit 2 picks PSK credentials (OpenSSL), else X.509 (rustls, the
+//! test certificate in fuzz/tls/). With bit 6, bit 1 prepends client flags
+//! and NBD_OPT_STARTTLS instead of the handshake, so the rest of the input
+//! is the client's side of the TLS handshake (garbage, truncated, or a
+//! seed's real ClientHello); without bit 1 the input covers the options
+//! before STARTTLS, STARTTLS itself and whatever follows. The target writes
 //! the stream, half-closes, and reads replies until the server closes the
 //! connection: a server that does not close within 20 s is a hang.
 //! A panic on any server thread aborts the process (libFuzzer's hook).
@@ -26,7 +33,7 @@ use snapmv_engine::store::{Dev, Store};
 use snapmv_fuzz::*;
 use snapmv_nbd::exports::StoreExports;
 use snapmv_nbd::nbd::proto::*;
-use snapmv_nbd::nbd::{Export, Exports, Server, ServerConfig};
+use snapmv_nbd::nbd::{Export, Exports, Server, ServerConfig, TlsConfig, TlsCredentials, TlsMode};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
@@ -89,7 +96,9 @@ impl Exports for Current {
 }
 
 struct Fixture {
+    /// Plain; then TLS on and require with X.509; then with PSK.
     path: PathBuf,
+    tls_paths: [PathBuf; 4],
     current: Arc<Current>,
     cow: Vec<u8>,
     origin: Vec<u8>,
@@ -109,23 +118,42 @@ fn fixture() -> &'static Fixture {
         s.close().unwrap();
         let (cow_img, origin_img) = (image_of(&*cow), image_of(&*o));
 
-        let path = std::env::temp_dir().join(format!("snapmv-fuzz-nbd-{}.sock", std::process::id()));
+        let sock = |tag: &str| std::env::temp_dir().join(format!("snapmv-fuzz-nbd-{}{tag}.sock", std::process::id()));
         let current = Arc::new(Current::default());
-        let cfg = ServerConfig {
-            tcp: None,
-            unix: Some(path.clone()),
-            read_only: false,
-            max_request: 128 << 10,
-            conn_buffer_bytes: 512 << 10,
-            server_buffer_bytes: 2 << 20,
-            parallel_per_conn: 2,
-            pool_threads: 4,
-            access: Default::default(),
+        let start = |path: &PathBuf, tls: TlsConfig| {
+            let cfg = ServerConfig {
+                tcp: None,
+                unix: Some(path.clone()),
+                read_only: false,
+                max_request: 128 << 10,
+                conn_buffer_bytes: 512 << 10,
+                server_buffer_bytes: 2 << 20,
+                parallel_per_conn: 2,
+                pool_threads: 4,
+                access: Default::default(),
+                tls,
+            };
+            let server = Server::bind(cfg, current.clone() as Arc<dyn Exports>).expect("bind NBD server");
+            std::thread::spawn(move || server.run().expect("server run"));
         };
-        let server = Server::bind(cfg, current.clone() as Arc<dyn Exports>).expect("bind NBD server");
-        std::thread::spawn(move || server.run().expect("server run"));
+        let path = sock("");
+        start(&path, TlsConfig::default());
+        let x509 = TlsCredentials::x509_pem(
+            include_bytes!("../tls/server-cert.pem"),
+            include_bytes!("../tls/server-key.pem"),
+            None,
+        )
+        .expect("fuzz/tls credentials");
+        let psk = TlsCredentials::psk([("alice".to_string(), vec![7u8; 32])].into()).expect("PSK");
+        let tls_paths = [sock("-x509-on"), sock("-x509-req"), sock("-psk-on"), sock("-psk-req")];
+        for (i, p) in tls_paths.iter().enumerate() {
+            let creds = if i < 2 { x509.clone() } else { psk.clone() };
+            let mode = if i % 2 == 0 { TlsMode::On } else { TlsMode::Require };
+            start(p, TlsConfig::new(mode, Some(creds)).expect("TLS config"));
+        }
         Fixture {
             path,
+            tls_paths,
             current,
             cow: cow_img,
             origin: origin_img,
@@ -196,13 +224,26 @@ fn session(data: &[u8]) {
     let store = Store::open(cow.clone() as Dev, &mut resolver(&origins, false)).expect("open fixture");
     *f.current.0.lock().unwrap() = Some(StoreExports::new(vec![store.clone()], mode & 1 != 0));
 
+    let tls = mode & 0x40 != 0;
     let mut stream = Vec::with_capacity(rest.len() + 128);
     if mode & 2 != 0 {
-        stream.extend(handshake(EXPORTS[(mode as usize >> 2) % 4], mode & 0x10 != 0, mode & 0x20 != 0));
+        if tls {
+            stream.extend((FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+            stream.extend(opt(OPT_STARTTLS, &[]));
+        } else {
+            stream.extend(handshake(EXPORTS[(mode as usize >> 2) % 4], mode & 0x10 != 0, mode & 0x20 != 0));
+        }
     }
     stream.extend_from_slice(rest);
 
-    let sock = UnixStream::connect(&f.path).expect("connect to the NBD server");
+    let path = if tls {
+        let psk = mode & 4 != 0;
+        let require = mode & 0x80 != 0;
+        &f.tls_paths[2 * psk as usize + require as usize]
+    } else {
+        &f.path
+    };
+    let sock = UnixStream::connect(path).expect("connect to the NBD server");
     sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut wr = sock.try_clone().unwrap();
     let writer = std::thread::spawn(move || {

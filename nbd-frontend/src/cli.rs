@@ -196,7 +196,50 @@ pub enum Cmd {
         /// snapshots commit at once.
         #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "5ms")]
         commit_delay: std::time::Duration,
+        #[command(flatten)]
+        tls: Box<TlsArgs>,
     },
+}
+
+/// TLS on `snapmv serve` (NBD_OPT_STARTTLS), as qemu-nbd and nbdkit take it.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// TLS: `off`; `on` (clients may upgrade with STARTTLS, plain-text
+    /// clients are still served); or `require` (before STARTTLS every
+    /// option is refused, so no export is named, sized or described in
+    /// plain text). `on` and `require` need credentials: --tls-cert and
+    /// --tls-key (and --tls-ca), --tls-dir, or --tls-psk.
+    #[arg(long = "tls", value_enum, value_name = "MODE", default_value = "off")]
+    pub mode: TlsModeArg,
+    /// Server certificate (PEM; the chain, leaf first).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM). With it, every client must present a
+    /// certificate signed by this CA and valid now; its subject CN names
+    /// the client.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// A directory in qemu's and nbdkit's layout: server-cert.pem,
+    /// server-key.pem, and optionally ca-cert.pem (then client
+    /// certificates are required, as with --tls-ca).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Pre-shared keys instead of certificates: `username:hexkey` lines
+    /// (nbdkit's psktool format, `psktool -u NAME -p FILE`); the username
+    /// names the client. Not with certificates: a server takes one kind.
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsModeArg {
+    #[default]
+    Off,
+    On,
+    Require,
 }
 
 /// A version of an origin on the command line: a snapshot tag, or the
@@ -368,6 +411,30 @@ mod tests {
         assert!(parse_duration("61s").is_err());
         let bad = Cli::try_parse_from(["snapmv", "serve", "--commit-delay", "x", "c.img"]);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn tls_options() {
+        let cli = Cli::try_parse_from(["snapmv", "serve", "c.img"]).unwrap();
+        assert!(matches!(cli.cmd, Cmd::Serve { tls, .. } if tls.mode == TlsModeArg::Off));
+        let cli = Cli::try_parse_from([
+            "snapmv",
+            "serve",
+            "--tls",
+            "require",
+            "--tls-dir",
+            "/d",
+            "c.img",
+        ])
+        .unwrap();
+        match cli.cmd {
+            Cmd::Serve { tls, .. } => {
+                assert_eq!(tls.mode, TlsModeArg::Require);
+                assert_eq!(tls.tls_dir, Some(PathBuf::from("/d")));
+            }
+            _ => panic!("not serve"),
+        }
+        assert!(Cli::try_parse_from(["snapmv", "serve", "--tls", "maybe", "c.img"]).is_err());
     }
 
     #[test]

@@ -86,6 +86,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             cache_budget,
             staging_budget,
             commit_delay,
+            tls,
         } => serve::serve(serve::ServeArgs {
             cows: cow.into_iter().chain(cows).collect(),
             origins,
@@ -96,6 +97,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             cache_budget,
             staging_budget,
             commit_delay,
+            tls: *tls,
         }),
     }
 }

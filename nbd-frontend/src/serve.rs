@@ -10,7 +10,9 @@ use snapmv_engine::dev::OpenOptions;
 use snapmv_engine::store::{Dev, FormatOptions, Store};
 use snapmv_engine::FileDev;
 use snapmv_nbd::exports::StoreExports;
-use snapmv_nbd::nbd::{AccessPolicy, Server, ServerConfig, ShutdownHandle};
+use snapmv_nbd::nbd::{
+    AccessPolicy, Server, ServerConfig, ShutdownHandle, TlsConfig, TlsCredentials, TlsMode,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,6 +41,7 @@ pub struct ServeArgs {
     pub staging_budget: u64,
     /// How long staged first writes wait for others to share their commit.
     pub commit_delay: Duration,
+    pub tls: crate::cli::TlsArgs,
 }
 
 /// One served COW device.
@@ -50,6 +53,8 @@ struct Served {
 }
 
 pub fn serve(args: ServeArgs) -> Result<ExitCode> {
+    // Bad TLS options fail before any device is touched.
+    let tls = tls_config(&args.tls)?;
     // Block the termination signals before any thread exists so every
     // thread inherits the mask and only the signal thread receives them.
     let sigs = block_term_signals()?;
@@ -69,7 +74,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
         commit_delay_us = args.commit_delay.as_micros() as u64,
         "first-write staging"
     );
-    let result = run(&served, &args, sigs);
+    let result = run(&served, &args, tls, sigs);
     // Close every store whatever happened: flush, checkpoint, release locks.
     let mut ok = result.is_ok();
     for s in served {
@@ -111,17 +116,21 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(served: &[Served], args: &ServeArgs, sigs: libc::sigset_t) -> Result<()> {
+fn run(served: &[Served], args: &ServeArgs, tls: TlsConfig, sigs: libc::sigset_t) -> Result<()> {
     let tcp = match (args.listen, &args.unix) {
         (Some(a), _) => Some(a),
         (None, Some(_)) => None,
         (None, None) => Some(SocketAddr::from(DEFAULT_LISTEN)),
     };
+    if let Some(a) = tcp.filter(|a| !a.ip().is_loopback()) {
+        warn_if_exposed(a, tls.mode());
+    }
     let cfg = ServerConfig {
         tcp,
         unix: args.unix.clone(),
         read_only: args.read_only,
         access: args.access.clone(),
+        tls,
         ..ServerConfig::default()
     };
     let exports = Arc::new(StoreExports::new(
@@ -188,6 +197,70 @@ fn run(served: &[Served], args: &ServeArgs, sigs: libc::sigset_t) -> Result<()> 
     }
     drop(server);
     run_result
+}
+
+/// The TLS settings `--tls*` ask for, credentials loaded.
+pub fn tls_config(a: &crate::cli::TlsArgs) -> Result<TlsConfig> {
+    use crate::cli::TlsModeArg;
+    let mode = match a.mode {
+        TlsModeArg::Off => TlsMode::Off,
+        TlsModeArg::On => TlsMode::On,
+        TlsModeArg::Require => TlsMode::Require,
+    };
+    let x509_files = a.tls_cert.is_some() || a.tls_key.is_some() || a.tls_ca.is_some();
+    let any = x509_files || a.tls_dir.is_some() || a.tls_psk.is_some();
+    if a.tls_psk.is_some() && (x509_files || a.tls_dir.is_some()) {
+        bail!(
+            "--tls-psk cannot be combined with certificates (--tls-cert, --tls-key, --tls-ca, \
+             --tls-dir): a server takes one kind of TLS credentials"
+        );
+    }
+    if a.tls_dir.is_some() && x509_files {
+        bail!("--tls-dir cannot be combined with --tls-cert, --tls-key or --tls-ca");
+    }
+    if x509_files && (a.tls_cert.is_none() || a.tls_key.is_none()) {
+        bail!("--tls-cert and --tls-key go together (and --tls-ca needs both)");
+    }
+    if mode == TlsMode::Off {
+        if any {
+            bail!("TLS credentials were given but --tls is off: add --tls require (or --tls on)");
+        }
+        return Ok(TlsConfig::default());
+    }
+    let creds = if let Some(p) = &a.tls_psk {
+        TlsCredentials::psk_file(p)
+    } else if let Some(d) = &a.tls_dir {
+        TlsCredentials::x509_dir(d)
+    } else if let (Some(c), Some(k)) = (&a.tls_cert, &a.tls_key) {
+        TlsCredentials::x509_files(c, k, a.tls_ca.as_deref())
+    } else {
+        bail!(
+            "--tls {mode} needs credentials: --tls-cert FILE --tls-key FILE [--tls-ca FILE], \
+             --tls-dir DIR, or --tls-psk FILE (scripts/tls-certs.sh makes a test set)"
+        );
+    }
+    .context("cannot load the TLS credentials")?;
+    let cfg = TlsConfig::new(mode, Some(creds))?;
+    tracing::info!(tls = %cfg.describe(), "TLS");
+    Ok(cfg)
+}
+
+/// Serving beyond loopback without TLS required: say so loudly.
+fn warn_if_exposed(addr: SocketAddr, mode: TlsMode) {
+    match mode {
+        TlsMode::Require => {}
+        TlsMode::Off => tracing::warn!(
+            %addr,
+            "listening beyond loopback WITHOUT TLS: anyone who reaches this port can read and \
+             write every origin and snapshot; use --tls require (README: serving to another \
+             host safely)"
+        ),
+        TlsMode::On => tracing::warn!(
+            %addr,
+            "listening beyond loopback with --tls on: clients that skip TLS are still served \
+             in plain text; use --tls require"
+        ),
+    }
 }
 
 /// Bind the control socket of `s` at the first candidate path that works

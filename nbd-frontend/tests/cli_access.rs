@@ -1,7 +1,7 @@
 //! `snapmv serve --allow` and `--read-only-export` with real clients
 //! (libnbd's nbdinfo, qemu-io) on the server's Unix socket. Plain NBD, so
 //! every client here is anonymous: an export any `--allow` matches does
-//! not exist for it. (Named clients need TLS; their tests come with it.)
+//! not exist for it. Named clients (TLS identities) are in cli_tls.rs.
 
 mod cli_support;
 use cli_support::*;

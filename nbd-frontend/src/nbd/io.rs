@@ -172,6 +172,19 @@ impl MsgReader {
         self.bell = Some(fd);
     }
 
+    /// Hand over the bytes read from the socket and not yet given out
+    /// (after STARTTLS: maybe the start of the client's TLS handshake).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        let v = self.buf[self.start..self.end].to_vec();
+        (self.start, self.end) = (0, 0);
+        v
+    }
+
+    /// Read from `stream` from now on; returns the previous stream.
+    pub fn replace_stream(&mut self, stream: Stream) -> Stream {
+        std::mem::replace(&mut self.stream, stream)
+    }
+
     pub fn stopping(&self) -> bool {
         self.stop.flag.load(Ordering::Relaxed)
     }

@@ -75,7 +75,14 @@
 //!   ERR_UNKNOWN and do not see them in OPT_LIST); `--read-only-export`
 //!   patterns serve matching exports read-only. Applied where negotiation
 //!   resolves a name, so every option that names an export obeys it.
-//! - Not supported: TLS (answered ERR_UNSUP), NBD_CMD_CACHE (EINVAL),
+//! - TLS (`tls`): STARTTLS upgrades a connection (X.509 with rustls, or
+//!   PSK with OpenSSL); `ServerConfig::tls` says off, on or required. The
+//!   connection's thread then reads and writes plain text over a socket
+//!   pair whose other end a per-connection pump thread encrypts onto the
+//!   client's socket, so the transmission path is the same with or
+//!   without TLS. The client's identity (certificate CN, PSK username) is
+//!   kept in negotiation.
+//! - Not supported: NBD_CMD_CACHE (EINVAL),
 //!   payloads on commands other than WRITE (EINVAL, the payload drained;
 //!   `NBD_FLAG_BLOCK_STAT_PAYLOAD` is not advertised).
 
@@ -94,6 +101,7 @@ mod outbox;
 mod pool;
 pub mod proto;
 mod server;
+mod tls;
 mod transmit;
 
 #[cfg(test)]
@@ -101,6 +109,7 @@ mod tests;
 
 pub use access::{AccessError, AccessPolicy, AllowRule, ExportPattern};
 pub use server::MAX_CONNECTIONS;
+pub use tls::{parse_psk, TlsConfig, TlsCredentials, TlsError, TlsMode};
 
 /// One export as the server sees it at negotiation time.
 pub struct Export {
@@ -152,6 +161,9 @@ pub struct ServerConfig {
     /// Which clients may open which exports, and which are read-only
     /// (default: all open, none read-only beyond `read_only`).
     pub access: AccessPolicy,
+    /// TLS: off (the default), on (clients may upgrade) or required, with
+    /// its credentials. Applies to both listeners.
+    pub tls: TlsConfig,
 }
 
 impl Default for ServerConfig {
@@ -166,6 +178,7 @@ impl Default for ServerConfig {
             parallel_per_conn: 8,
             pool_threads: 64,
             access: AccessPolicy::default(),
+            tls: TlsConfig::default(),
         }
     }
 }

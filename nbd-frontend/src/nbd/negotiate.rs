@@ -8,6 +8,19 @@
 //! OPT_STRUCTURED_REPLY cannot downgrade it (ERR_EXT_HEADER_REQD), a second
 //! one is ERR_INVALID, and OPT_EXPORT_NAME, which the spec forbids after
 //! it and which cannot carry an error, ends the connection.
+//!
+//! TLS (`NBD_OPT_STARTTLS`, the spec's "TLS support" section): with TLS
+//! off, STARTTLS gets ERR_POLICY. With TLS on or required, the first
+//! STARTTLS is acknowledged in plain text and the connection upgraded (a
+//! [`Starttls`] hook runs the handshake and swaps the reader and writer
+//! onto the plain side of the TLS pump); a second is ERR_INVALID, as is
+//! one with data. After the upgrade, everything negotiated before it is
+//! forgotten (reply style, selected meta contexts), as the spec asks
+//! (nbdkit's CVE-2021-3716 was keeping structured replies across it).
+//! With TLS required, every option before the upgrade but ABORT and
+//! STARTTLS gets ERR_TLS_REQD, so no export name, size or description is
+//! sent in plain text, and OPT_EXPORT_NAME (which cannot carry an error)
+//! ends the connection.
 
 use std::io::{self, Write};
 
@@ -17,6 +30,7 @@ use super::access::AccessPolicy;
 use super::backend::{Backend, Catalog, ExportOf};
 use super::io::{MsgReader, ReadError};
 use super::proto::*;
+use super::tls::{HandshakeError, TlsMode};
 
 /// What transmission needs from negotiation.
 pub struct Negotiated<B> {
@@ -29,6 +43,18 @@ pub struct Negotiated<B> {
     /// The metadata contexts selected for this export, with their ids (in
     /// the order BLOCK_STATUS replies send their chunks); empty: none.
     pub contexts: Vec<(u32, MetaContext)>,
+    /// The client TLS authenticated (certificate CN or PSK username).
+    pub client: Option<String>,
+}
+
+/// The TLS side of negotiation: the server's mode, and how to upgrade.
+pub trait Starttls<W> {
+    fn mode(&self) -> TlsMode;
+    /// Called once STARTTLS is acknowledged (the ACK flushed): run the TLS
+    /// handshake on the socket under `rd`, then make `rd` and `w` read and
+    /// write plain text through TLS. Returns the authenticated client
+    /// identity, if any. An error ends the connection.
+    fn start(&mut self, rd: &mut MsgReader, w: &mut W) -> Result<Option<String>, HandshakeError>;
 }
 
 pub enum Outcome<B> {
@@ -53,6 +79,10 @@ pub enum NegError {
     UnknownExport(String),
     #[error("OPT_EXPORT_NAME after extended headers were negotiated")]
     ExportNameAfterExtendedHeaders,
+    #[error("OPT_EXPORT_NAME before TLS, which this server requires")]
+    ExportNameBeforeTls,
+    #[error("{0}")]
+    Tls(#[from] HandshakeError),
 }
 
 pub fn transmission_flags(read_only: bool, chunked: bool) -> u16 {
@@ -74,14 +104,19 @@ struct State<'a, B> {
     catalog: &'a dyn Catalog<B>,
     server_read_only: bool,
     access: &'a AccessPolicy,
-    /// Who the client is (TLS certificate CN or PSK user); `None` without
-    /// TLS. Every export name the client sees passes `access` with it.
-    client_identity: Option<String>,
     no_zeroes: bool,
     replies: ReplyStyle,
     /// The export the last OPT_SET_META_CONTEXT named, and what it
     /// selected there (maybe nothing).
     meta_for: Option<(String, Vec<(u32, MetaContext)>)>,
+    tls_mode: TlsMode,
+    /// STARTTLS succeeded: this connection is encrypted from here on.
+    tls_active: bool,
+    /// Who the client is, as TLS authenticated it (certificate subject
+    /// CN, or PSK username); `None` before TLS or without client
+    /// authentication. Every export name the client sees passes `access`
+    /// with it.
+    client_identity: Option<String>,
 }
 
 fn send<W: Write>(w: &mut W, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
@@ -144,9 +179,47 @@ impl<B: Backend> State<'_, B> {
                 Some((n, c)) if chunked && n == client_name => c.clone(),
                 _ => Vec::new(),
             },
+            client: self.client_identity.clone(),
             name,
             export,
         }
+    }
+
+    /// Before TLS, with TLS required, options other than ABORT and
+    /// STARTTLS are refused.
+    fn tls_required(&self) -> bool {
+        self.tls_mode == TlsMode::Require && !self.tls_active
+    }
+
+    fn starttls<W: Write>(
+        &mut self,
+        rd: &mut MsgReader,
+        w: &mut W,
+        option: u32,
+        tls: &mut dyn Starttls<W>,
+    ) -> Result<(), NegError> {
+        if self.tls_mode == TlsMode::Off {
+            send_err(
+                w,
+                option,
+                REP_ERR_POLICY,
+                "TLS is not enabled on this server",
+            )?;
+            return Ok(());
+        }
+        if self.tls_active {
+            send_err(w, option, REP_ERR_INVALID, "TLS is already active")?;
+            return Ok(());
+        }
+        send_ack(w, option)?;
+        let identity = tls.start(rd, w)?;
+        // The spec: state negotiated before TLS does not carry over.
+        self.replies = ReplyStyle::Simple;
+        self.meta_for = None;
+        self.tls_active = true;
+        info!(client = ?identity, "TLS established");
+        self.client_identity = identity;
+        Ok(())
     }
 
     /// Answer one parsed option; `Some` ends negotiation.
@@ -158,9 +231,8 @@ impl<B: Backend> State<'_, B> {
                 return Ok(Some(Outcome::Ended));
             }
             ClientOption::List => self.list(w, option)?,
-            ClientOption::StartTls => {
-                send_err(w, option, REP_ERR_UNSUP, "TLS is not supported")?;
-            }
+            // Handled by `negotiate`, which holds the reader.
+            ClientOption::StartTls => {}
             ClientOption::StructuredReply => self.structured_reply(w, option)?,
             ClientOption::ExtendedHeaders => self.extended_headers(w, option)?,
             ClientOption::ExportName(name) => return self.export_name(w, &name).map(Some),
@@ -228,7 +300,8 @@ impl<B: Backend> State<'_, B> {
             w.write_all(&[0u8; 124])?;
         }
         w.flush()?;
-        info!(export = %n.name, "client attached (OPT_EXPORT_NAME)");
+        info!(export = %n.name, tls = self.tls_active, client = ?n.client,
+              "client attached (OPT_EXPORT_NAME)");
         Ok(Outcome::Transmission(Box::new(n)))
     }
 
@@ -265,8 +338,8 @@ impl<B: Backend> State<'_, B> {
         if !go {
             return Ok(None);
         }
-        info!(export = %n.name, replies = ?n.replies,
-              contexts = n.contexts.len(), "client attached (OPT_GO)");
+        info!(export = %n.name, replies = ?n.replies, contexts = n.contexts.len(),
+              tls = self.tls_active, client = ?n.client, "client attached (OPT_GO)");
         Ok(Some(Outcome::Transmission(Box::new(n))))
     }
 
@@ -431,15 +504,16 @@ fn read_option<W: Write>(
     Ok(Some((option, data)))
 }
 
-/// Run negotiation on one connection, for the client `client_identity`
-/// (its TLS identity; `None` without TLS).
+/// Run negotiation on one connection. `tls` upgrades it on STARTTLS,
+/// which gives the client's identity (`None` until then) that `access`
+/// decides with.
 pub fn negotiate<B: Backend, W: Write>(
     rd: &mut MsgReader,
     w: &mut W,
     catalog: &dyn Catalog<B>,
     server_read_only: bool,
     access: &AccessPolicy,
-    client_identity: Option<String>,
+    tls: &mut dyn Starttls<W>,
 ) -> Result<Outcome<B>, NegError> {
     w.write_all(&NBDMAGIC.to_be_bytes())?;
     w.write_all(&IHAVEOPT.to_be_bytes())?;
@@ -461,10 +535,12 @@ pub fn negotiate<B: Backend, W: Write>(
         catalog,
         server_read_only,
         access,
-        client_identity,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         replies: ReplyStyle::Simple,
         meta_for: None,
+        tls_mode: tls.mode(),
+        tls_active: false,
+        client_identity: None,
     };
 
     loop {
@@ -474,6 +550,18 @@ pub fn negotiate<B: Backend, W: Write>(
         if rd.stopping() && option != OPT_ABORT {
             send_err(w, option, REP_ERR_SHUTDOWN, "server is shutting down")?;
             continue;
+        }
+        if st.tls_required() {
+            match option {
+                OPT_ABORT | OPT_STARTTLS => {}
+                // It cannot carry an error: the spec says hang up.
+                OPT_EXPORT_NAME => return Err(NegError::ExportNameBeforeTls),
+                _ => {
+                    let why = "TLS is required: send NBD_OPT_STARTTLS first";
+                    send_err(w, option, REP_ERR_TLS_REQD, why)?;
+                    continue;
+                }
+            }
         }
         let parsed = match parse_option(option, &data) {
             Ok(p) => p,
@@ -493,6 +581,10 @@ pub fn negotiate<B: Backend, W: Write>(
             }
         };
         debug!(?parsed, "option");
+        if parsed == ClientOption::StartTls {
+            st.starttls(rd, w, option, tls)?;
+            continue;
+        }
         if let Some(outcome) = st.answer(w, option, parsed)? {
             return Ok(outcome);
         }

@@ -35,6 +35,7 @@ pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
 pub const REP_ERR_POLICY: u32 = 0x8000_0002;
 pub const REP_ERR_INVALID: u32 = 0x8000_0003;
+pub const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 pub const REP_ERR_SHUTDOWN: u32 = 0x8000_0007;
 pub const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
@@ -252,7 +253,8 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, OptInvalid
         OPT_ABORT => Ok(ClientOption::Abort),
         OPT_LIST if data.is_empty() => Ok(ClientOption::List),
         OPT_LIST => Err(OptInvalid("OPT_LIST carries no data")),
-        OPT_STARTTLS => Ok(ClientOption::StartTls),
+        OPT_STARTTLS if data.is_empty() => Ok(ClientOption::StartTls),
+        OPT_STARTTLS => Err(OptInvalid("OPT_STARTTLS carries no data")),
         OPT_STRUCTURED_REPLY if data.is_empty() => Ok(ClientOption::StructuredReply),
         OPT_STRUCTURED_REPLY => Err(OptInvalid("OPT_STRUCTURED_REPLY carries no data")),
         OPT_EXTENDED_HEADERS if data.is_empty() => Ok(ClientOption::ExtendedHeaders),

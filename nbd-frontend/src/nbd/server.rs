@@ -16,8 +16,9 @@ use tracing::{debug, info, warn};
 use super::backend::{Backend, Catalog};
 use super::budget::Budget;
 use super::io::{MsgReader, StopSignal, Stream};
-use super::negotiate::{negotiate, Outcome};
+use super::negotiate::{negotiate, Outcome, Starttls};
 use super::pool::WorkerPool;
+use super::tls::{self, pump::Pump, HandshakeError, TlsConfig, TlsMode};
 use super::transmit::{self, Limits, OVERHEAD};
 use super::{AccessPolicy, ServerConfig};
 
@@ -71,6 +72,7 @@ struct Shared<B> {
     parallel: usize,
     server_budget: Arc<Budget>,
     pool: Arc<WorkerPool>,
+    tls: TlsConfig,
     live_conns: AtomicUsize,
     /// The descriptor that becomes readable when the server stops.
     stop_fd: std::os::fd::RawFd,
@@ -170,7 +172,8 @@ impl<B: Backend> Core<B> {
         let conn_buffer = cfg.conn_buffer_bytes.max(max_request as usize + OVERHEAD);
         let server_budget = cfg.server_buffer_bytes.max(conn_buffer);
         info!(tcp = ?local_addr, unix = ?cfg.unix, read_only = cfg.read_only, max_request,
-              conn_buffer, server_budget, access = %cfg.access, "NBD server listening");
+              conn_buffer, server_budget, access = %cfg.access, tls = %cfg.tls.describe(),
+              "NBD server listening");
         Ok(Core {
             shared: Arc::new(Shared {
                 catalog,
@@ -182,6 +185,7 @@ impl<B: Backend> Core<B> {
                 parallel: cfg.parallel_per_conn.clamp(1, 256),
                 server_budget: Budget::new(server_budget),
                 pool: WorkerPool::new(cfg.pool_threads.clamp(1, 4096), POOL_QUEUE),
+                tls: cfg.tls.clone(),
                 live_conns: AtomicUsize::new(0),
                 stop_fd: wake_rx.as_raw_fd(),
                 running: Mutex::new(0),
@@ -396,12 +400,24 @@ fn handle_conn<B: Backend>(s: Stream, shared: &Shared<B>) {
         flag: shared.stop.clone(),
         fd: shared.stop_fd,
     };
+    let mut upgrade = Upgrade {
+        tls: &shared.tls,
+        stop: stop.clone(),
+        peer: peer.clone(),
+        pump: None,
+    };
     let mut rd = MsgReader::new(s, stop);
     rd.idle_limit = Some(NEGOTIATION_IDLE);
     let mut w = BufWriter::new(ws);
-    // No TLS yet, so no client has an identity.
-    let (catalog, access) = (shared.catalog.as_ref(), &shared.access);
-    let outcome = negotiate(&mut rd, &mut w, catalog, shared.read_only, access, None);
+    // The client's identity comes from TLS, if it upgrades (`upgrade`).
+    let outcome = negotiate(
+        &mut rd,
+        &mut w,
+        shared.catalog.as_ref(),
+        shared.read_only,
+        &shared.access,
+        &mut upgrade,
+    );
     let n = match outcome {
         Ok(Outcome::Transmission(n)) => n,
         Ok(Outcome::Ended) => {
@@ -438,6 +454,52 @@ fn handle_conn<B: Backend>(s: Stream, shared: &Shared<B>) {
     }
     if let Ok(c) = closer {
         let _ = c.shutdown(Shutdown::Both);
+    }
+    // Dropping `upgrade` lets a TLS pump send what it holds and waits for it.
+    if let Some(p) = upgrade.pump.take() {
+        p.finish();
+    }
+}
+
+/// STARTTLS for one connection: the handshake on its socket, then the
+/// pump; the connection's reader and writer move to the plain side.
+struct Upgrade<'a> {
+    tls: &'a TlsConfig,
+    stop: StopSignal,
+    peer: String,
+    /// Joined (after the connection's end is shut) when the connection's
+    /// thread ends, by `finish` or on drop.
+    pump: Option<Pump>,
+}
+
+impl Starttls<BufWriter<Stream>> for Upgrade<'_> {
+    fn mode(&self) -> TlsMode {
+        self.tls.mode()
+    }
+
+    fn start(
+        &mut self,
+        rd: &mut MsgReader,
+        w: &mut BufWriter<Stream>,
+    ) -> Result<Option<String>, HandshakeError> {
+        let (conn_end, pump_end) = std::os::unix::net::UnixStream::pair()?;
+        conn_end.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let early = rd.take_buffered();
+        let sock = rd.replace_stream(Stream::Unix(conn_end.try_clone()?));
+        // The old writer's clone of the socket goes; nothing is buffered in
+        // it (the ACK was flushed).
+        *w = BufWriter::new(Stream::Unix(conn_end.try_clone()?));
+        let (session, net) = tls::handshake(self.tls, sock, early, &self.stop, NEGOTIATION_IDLE)?;
+        let identity = session.identity();
+        self.pump = Some(Pump::spawn(
+            session,
+            net,
+            pump_end,
+            &conn_end,
+            WRITE_TIMEOUT,
+            self.peer.clone(),
+        )?);
+        Ok(identity)
     }
 }
 

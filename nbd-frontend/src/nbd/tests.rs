@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,6 +14,7 @@ use super::backend::mem::{MemBackend, MemCatalog};
 use super::backend::Backend;
 use super::proto::*;
 use super::server::{Core, Stopper};
+use super::tls::{TlsConfig, TlsCredentials, TlsMode};
 use super::ServerConfig;
 
 struct TestServer {
@@ -59,10 +61,12 @@ fn catalog() -> (Arc<MemCatalog>, MemBackend) {
     (cat, b)
 }
 
-/// A raw NBD client.
-struct Raw {
-    s: TcpStream,
+/// A raw NBD client, over TCP or (after STARTTLS) TLS.
+struct Raw<S = TcpStream> {
+    s: S,
 }
+
+type TlsStream = openssl::ssl::SslStream<TcpStream>;
 
 impl Raw {
     fn connect(addr: SocketAddr) -> Raw {
@@ -77,6 +81,49 @@ impl Raw {
         r.s.write_all(&3u32.to_be_bytes()).unwrap();
         r
     }
+
+    /// Send STARTTLS; on ACK, run a PSK handshake as `user` with `key`
+    /// (OpenSSL's client; the server's PSK side is OpenSSL too, so this
+    /// checks the protocol, and nbd_tls checks GnuTLS clients). `None`
+    /// with the reply type if it was not acknowledged; `Err` if the
+    /// handshake failed.
+    fn starttls(mut self, user: &str, key: &[u8]) -> Result<Raw<TlsStream>, u32> {
+        self.opt(OPT_STARTTLS, &[]);
+        let (o, ty, _) = self.opt_reply();
+        assert_eq!(o, OPT_STARTTLS);
+        if ty != REP_ACK {
+            return Err(ty);
+        }
+        tls_client(self.s, user, key)
+            .map(|s| Raw { s })
+            .map_err(|_| 0)
+    }
+}
+
+/// A TLS client on `s` with a pre-shared key.
+fn tls_client(s: TcpStream, user: &str, key: &[u8]) -> Result<TlsStream, String> {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    let (user, key) = (user.to_string(), key.to_vec());
+    b.set_psk_client_callback(move |_, _hint, id, psk| {
+        id[..user.len()].copy_from_slice(user.as_bytes());
+        id[user.len()] = 0;
+        psk[..key.len()].copy_from_slice(&key);
+        Ok(key.len())
+    });
+    let ssl = b
+        .build()
+        .configure()
+        .unwrap()
+        .verify_hostname(false)
+        .use_server_name_indication(false)
+        .into_ssl("localhost")
+        .unwrap();
+    ssl.connect(s).map_err(|e| e.to_string())
+}
+
+impl<S: Read + Write> Raw<S> {
     fn opt(&mut self, opt: u32, data: &[u8]) {
         let mut v = IHAVEOPT.to_be_bytes().to_vec();
         v.extend_from_slice(&opt.to_be_bytes());
@@ -385,8 +432,9 @@ fn negotiation_sequences() {
         c.opt_reply(),
         (77, REP_ERR_UNSUP, b"option not supported".to_vec())
     );
+    // TLS is not configured: a policy refusal (the spec's NOTLS mode).
     c.opt(OPT_STARTTLS, &[]);
-    assert_eq!(c.opt_reply().1, REP_ERR_UNSUP);
+    assert_eq!(c.opt_reply().1, REP_ERR_POLICY);
     // META before STRUCTURED_REPLY is invalid.
     assert_eq!(c.set_meta("o", &[BASE_ALLOCATION])[0].0, REP_ERR_INVALID);
     c.structured();
@@ -580,11 +628,28 @@ fn request_errors_keep_the_connection() {
 /// after them, never downgraded, not negotiated twice, and they forbid
 /// OPT_EXPORT_NAME (which cannot carry an error, so the server hangs up).
 /// One connection negotiated directly, without the accept loop, for the
-/// client `identity` under `policy`: how the TLS layer calls `negotiate`
-/// once it knows who the client is. The handle yields the export and
-/// flags negotiation ended on, `None` if the client left, or the error
-/// that closed the connection.
+/// client `identity` under `policy`: the client sends STARTTLS first, and
+/// a stand-in for TLS (no handshake) names it `identity`, as the real one
+/// does with a certificate's CN or a PSK username. The handle yields the
+/// export and flags negotiation ended on, `None` if the client left, or
+/// the error that closed the connection.
 type Negotiation = JoinHandle<Result<Option<(String, u16)>, String>>;
+
+/// STARTTLS without TLS: the client is taken to be `.0`.
+struct AssumeIdentity(Option<String>);
+
+impl<W> super::negotiate::Starttls<W> for AssumeIdentity {
+    fn mode(&self) -> TlsMode {
+        TlsMode::On
+    }
+    fn start(
+        &mut self,
+        _: &mut super::io::MsgReader,
+        _: &mut W,
+    ) -> Result<Option<String>, super::tls::HandshakeError> {
+        Ok(self.0.clone())
+    }
+}
 
 fn negotiate_as(
     cat: Arc<MemCatalog>,
@@ -596,7 +661,8 @@ fn negotiate_as(
     use std::os::fd::AsRawFd;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let identity = identity.map(str::to_string);
+    let identified = identity.is_some();
+    let mut tls = AssumeIdentity(identity.map(str::to_string));
     let server = std::thread::spawn(move || {
         let (s, _) = listener.accept().unwrap();
         let mut w = std::io::BufWriter::new(s.try_clone().unwrap());
@@ -607,13 +673,18 @@ fn negotiate_as(
             fd: stop_rx.as_raw_fd(),
         };
         let mut rd = MsgReader::new(Stream::Tcp(s), stop);
-        match negotiate(&mut rd, &mut w, cat.as_ref(), false, &policy, identity) {
+        match negotiate(&mut rd, &mut w, cat.as_ref(), false, &policy, &mut tls) {
             Ok(Outcome::Transmission(n)) => Ok(Some((n.name, n.flags))),
             Ok(Outcome::Ended) => Ok(None),
             Err(e) => Err(e.to_string()),
         }
     });
-    (Raw::connect(addr), server)
+    let mut c = Raw::connect(addr);
+    if identified {
+        c.opt(OPT_STARTTLS, &[]);
+        assert_eq!(c.opt_reply(), (OPT_STARTTLS, REP_ACK, vec![]));
+    }
+    (c, server)
 }
 
 impl Raw {
@@ -1442,6 +1513,295 @@ print("ok")
         out.status.success() && so.contains("ok"),
         "stdout:\n{so}\nstderr:\n{se}"
     );
+}
+
+// ---- TLS (STARTTLS) ----
+//
+// PSK credentials made in memory, and OpenSSL's client: no files, no
+// external tools. nbd_tls.rs drives real clients (GnuTLS) with X.509 and
+// PSK.
+
+const PSK_KEY: [u8; 32] = [7; 32];
+
+fn tls_server(mode: TlsMode, cfg: ServerConfig) -> TestServer {
+    let (cat, _) = catalog();
+    let users = [("alice".to_string(), PSK_KEY.to_vec())].into();
+    let creds = TlsCredentials::psk(users).unwrap();
+    let tls = TlsConfig::new(mode, Some(creds)).unwrap();
+    TestServer::start(cat, ServerConfig { tls, ..cfg })
+}
+
+/// The payload of OPT_INFO/OPT_GO for `name` asking for name and
+/// description, and of OPT_{LIST,SET}_META_CONTEXT with one query.
+fn info_payload(name: &str) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&2u16.to_be_bytes());
+    d.extend_from_slice(&INFO_NAME.to_be_bytes());
+    d.extend_from_slice(&INFO_DESCRIPTION.to_be_bytes());
+    d
+}
+
+fn meta_payload(name: &str, query: &str) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&1u32.to_be_bytes());
+    d.extend_from_slice(&(query.len() as u32).to_be_bytes());
+    d.extend_from_slice(query.as_bytes());
+    d
+}
+
+/// `--tls require` (FORCEDTLS): before STARTTLS every option but ABORT
+/// gets ERR_TLS_REQD, and nothing about any export is sent.
+#[test]
+fn tls_required_refuses_every_option_before_starttls() {
+    let srv = tls_server(TlsMode::Require, ServerConfig::default());
+    let mut c = Raw::connect(srv.addr);
+    let opts: Vec<(u32, Vec<u8>)> = vec![
+        (OPT_LIST, vec![]),
+        (OPT_INFO, info_payload("o@1")),
+        (OPT_GO, info_payload("o")),
+        (OPT_INFO, info_payload("nope")),
+        (OPT_STRUCTURED_REPLY, vec![]),
+        (OPT_EXTENDED_HEADERS, vec![]),
+        (OPT_LIST_META_CONTEXT, meta_payload("o", "")),
+        (OPT_SET_META_CONTEXT, meta_payload("o", BASE_ALLOCATION)),
+        (77, b"unknown".to_vec()),
+        // Malformed ones too: TLS comes first.
+        (OPT_LIST, b"junk".to_vec()),
+        (OPT_GO, b"\xff".to_vec()),
+    ];
+    for (opt, data) in opts {
+        c.opt(opt, &data);
+        let (o, ty, d) = c.opt_reply();
+        assert_eq!((o, ty), (opt, REP_ERR_TLS_REQD), "option {opt}");
+        let text = String::from_utf8(d).unwrap();
+        assert!(text.contains("STARTTLS"), "{text}");
+        assert!(
+            !text.contains("o@1") && !text.contains("snapshot"),
+            "{text}"
+        );
+    }
+    // STARTTLS with data is invalid, and changes nothing.
+    c.opt(OPT_STARTTLS, b"x");
+    assert_eq!(c.opt_reply().1, REP_ERR_INVALID);
+    c.opt(OPT_LIST, &[]);
+    assert_eq!(c.opt_reply().1, REP_ERR_TLS_REQD);
+    // ABORT is acknowledged, then the server closes.
+    c.opt(OPT_ABORT, &[]);
+    assert_eq!(c.opt_reply(), (OPT_ABORT, REP_ACK, vec![]));
+    assert!(c.closed());
+    // EXPORT_NAME cannot carry an error: the server hangs up, sending
+    // nothing (no size, no flags).
+    let mut c = Raw::connect(srv.addr);
+    c.opt(OPT_EXPORT_NAME, b"o");
+    assert!(c.closed());
+    // A wrong key or an unknown user: the handshake fails.
+    assert!(Raw::connect(srv.addr).starttls("alice", &[1; 32]).is_err());
+    assert!(Raw::connect(srv.addr)
+        .starttls("mallory", &PSK_KEY)
+        .is_err());
+    // The right one gets in, and sees the exports.
+    let mut t = Raw::connect(srv.addr).starttls("alice", &PSK_KEY).unwrap();
+    t.opt(OPT_LIST, &[]);
+    assert_eq!(t.opt_reply().1, REP_SERVER);
+}
+
+/// After STARTTLS: a second one is invalid, and what was negotiated
+/// before it is forgotten (the spec; nbdkit's CVE-2021-3716): reply
+/// framing and meta contexts must be negotiated again. Then a whole
+/// session runs through the pump.
+#[test]
+fn starttls_upgrades_and_forgets_what_came_before() {
+    for mode in [TlsMode::On, TlsMode::Require] {
+        let srv = tls_server(mode, ServerConfig::default());
+        let mut c = Raw::connect(srv.addr);
+        if mode == TlsMode::On {
+            // Plain text is served in this mode.
+            c.structured();
+            assert_eq!(c.set_meta("o", &[BASE_ALLOCATION])[0].0, REP_META_CONTEXT);
+            c.extended();
+        }
+        let mut t = c.starttls("alice", &PSK_KEY).unwrap();
+        t.opt(OPT_STARTTLS, &[]);
+        assert_eq!(t.opt_reply().1, REP_ERR_INVALID, "{mode}: STARTTLS twice");
+        // Structured replies (and extended headers) are gone: META needs
+        // them first.
+        assert_eq!(t.set_meta("o", &[BASE_ALLOCATION])[0].0, REP_ERR_INVALID);
+        t.opt(OPT_LIST, &[]);
+        let mut names = Vec::new();
+        loop {
+            let (_, ty, d) = t.opt_reply();
+            if ty == REP_ACK {
+                break;
+            }
+            names.push(String::from_utf8_lossy(&d[4..]).into_owned());
+        }
+        assert_eq!(names.len(), 2, "{names:?}");
+        // GO with nothing renegotiated: compact requests, simple replies.
+        assert_eq!(t.go("o", &[]).last().unwrap().0, REP_ACK);
+        t.req(0, CMD_WRITE, 1, 0, 4, b"abcd");
+        assert_eq!(t.simple(), (0, 1));
+        let data: Vec<u8> = (0..(512u32 << 10)).map(|i| ((i * 7) >> 3) as u8).collect();
+        t.req(0, CMD_WRITE, 2, 4096, data.len() as u32, &data);
+        assert_eq!(t.simple(), (0, 2));
+        t.req(0, CMD_READ, 3, 4096, data.len() as u32, &[]);
+        let (h, e, back) = t.reply(Some(data.len()));
+        assert_eq!((h, e), (3, 0));
+        assert!(back == data, "{mode}: 512 KiB read back differs");
+        t.req(0, CMD_DISC, 4, 0, 0, &[]);
+        assert!(t.closed());
+    }
+}
+
+/// A client that sends STARTTLS and its ClientHello in one write, without
+/// waiting for the ACK: the connection's reader has read the start of
+/// the handshake ahead, and must hand it to TLS.
+#[test]
+fn starttls_with_the_client_hello_in_the_same_segment() {
+    /// Sends `prefix` glued to the first write; reads and checks the
+    /// STARTTLS ACK before anything else.
+    #[derive(Debug)]
+    struct Pipelined {
+        s: TcpStream,
+        prefix: Option<Vec<u8>>,
+        ack_checked: bool,
+    }
+    impl Write for Pipelined {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            match self.prefix.take() {
+                Some(mut p) => {
+                    p.extend_from_slice(buf);
+                    self.s.write_all(&p)?;
+                    Ok(buf.len())
+                }
+                None => self.s.write(buf),
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.s.flush()
+        }
+    }
+    impl Read for Pipelined {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if !self.ack_checked {
+                let mut ack = [0u8; 20];
+                self.s.read_exact(&mut ack)?;
+                let mut want = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+                want.extend_from_slice(&OPT_STARTTLS.to_be_bytes());
+                want.extend_from_slice(&REP_ACK.to_be_bytes());
+                want.extend_from_slice(&0u32.to_be_bytes());
+                assert_eq!(ack[..], want[..], "STARTTLS ACK");
+                self.ack_checked = true;
+            }
+            self.s.read(buf)
+        }
+    }
+    let srv = tls_server(TlsMode::Require, ServerConfig::default());
+    let c = Raw::connect(srv.addr);
+    let mut prefix = IHAVEOPT.to_be_bytes().to_vec();
+    prefix.extend_from_slice(&OPT_STARTTLS.to_be_bytes());
+    prefix.extend_from_slice(&0u32.to_be_bytes());
+    let p = Pipelined {
+        s: c.s,
+        prefix: Some(prefix),
+        ack_checked: false,
+    };
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    b.set_psk_client_callback(|_, _, id, psk| {
+        id[..6].copy_from_slice(b"alice\0");
+        psk[..32].copy_from_slice(&PSK_KEY);
+        Ok(32)
+    });
+    let ssl = b
+        .build()
+        .configure()
+        .unwrap()
+        .into_ssl("localhost")
+        .unwrap();
+    let mut t = Raw {
+        s: ssl
+            .connect(p)
+            .map_err(|e| e.to_string())
+            .expect("handshake after a pipelined STARTTLS"),
+    };
+    assert_eq!(t.go("o", &[]).last().unwrap().0, REP_ACK);
+    t.req(0, CMD_READ, 1, 0, 512, &[]);
+    assert_eq!(t.reply(Some(512)).1, 0);
+}
+
+/// Wait until the receive queue of `fd` is full: not empty, and the same
+/// size over 20 checks 10 ms apart (the peer is blocked on a closed
+/// window); for at most 60 s.
+fn wait_queue_full(fd: std::os::fd::RawFd) {
+    let (mut last, mut same) = (0, 0);
+    for _ in 0..6000 {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer; `fd` is an
+        // open socket owned by the test for the call.
+        let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) };
+        assert_eq!(rc, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+        same = if queued > 0 && queued == last {
+            same + 1
+        } else {
+            0
+        };
+        if same == 20 {
+            return;
+        }
+        last = queued;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the server never filled the socket");
+}
+
+/// Shutdown with TLS connections open: an idle one ends at once; one
+/// whose client never reads its replies (its pump cannot send, the
+/// connection's thread is stuck writing to the pump) is cut after the
+/// grace period, which ends its pump, then its thread.
+#[test]
+fn shutdown_cuts_a_tls_client_that_never_reads_replies() {
+    let cfg = ServerConfig {
+        max_request: 256 << 10,
+        conn_buffer_bytes: 1 << 20,
+        ..ServerConfig::default()
+    };
+    let mut srv = tls_server(TlsMode::Require, cfg);
+    let mut idle = Raw::connect(srv.addr).starttls("alice", &PSK_KEY).unwrap();
+    idle.go("o", &[]);
+    let mut hog = Raw::connect(srv.addr).starttls("alice", &PSK_KEY).unwrap();
+    hog.go("o", &[]);
+    let hog_fd = hog.s.get_ref().as_raw_fd();
+    let sender = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        for h in 0..4000u64 {
+            v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            v.extend_from_slice(&0u16.to_be_bytes());
+            v.extend_from_slice(&CMD_READ.to_be_bytes());
+            v.extend_from_slice(&h.to_be_bytes());
+            v.extend_from_slice(&0u64.to_be_bytes());
+            v.extend_from_slice(&(256u32 << 10).to_be_bytes());
+        }
+        let _ = hog.s.write_all(&v);
+        hog
+    });
+    // 1 GB of replies that are never read: once the hog's receive queue
+    // is full, the server's pump and then its connection thread are stuck.
+    wait_queue_full(hog_fd);
+    let t = Instant::now();
+    srv.stop();
+    println!("stopped in {:?} (the grace period is 1 s)", t.elapsed());
+    assert!(idle.closed());
+    // The hog's connection was cut: what was on its way ends, soon.
+    let mut hog = sender.join().unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    while let Ok(n @ 1..) = hog.s.read(&mut buf) {
+        got += n;
+        assert!(got < 256 << 20, "replies keep coming after shutdown");
+    }
 }
 
 /// Find an external client in /usr/bin or on PATH. Missing: a failure

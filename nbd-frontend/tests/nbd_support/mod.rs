@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use snapmv_engine::store::{Dev, FormatOptions, Store};
 use snapmv_engine::MemDev;
-use snapmv_nbd::nbd::{Export, Exports, Server, ServerConfig, ShutdownHandle};
+use snapmv_nbd::nbd::{Export, Exports, Server, ServerConfig, ShutdownHandle, TlsConfig};
 
 pub fn now() -> i64 {
     SystemTime::now()
@@ -153,6 +153,7 @@ pub struct Opts {
     pub read_only: bool,
     pub unix: bool,
     pub parallel_per_conn: usize,
+    pub tls: TlsConfig,
 }
 
 impl Default for Opts {
@@ -165,6 +166,7 @@ impl Default for Opts {
             read_only: false,
             unix: false,
             parallel_per_conn: 8,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -211,6 +213,7 @@ impl Harness {
             unix: unix.clone(),
             read_only: opts.read_only,
             parallel_per_conn: opts.parallel_per_conn,
+            tls: opts.tls,
             ..ServerConfig::default()
         };
         let server = Server::bind(
@@ -294,4 +297,76 @@ pub fn connect(addr: SocketAddr) -> std::net::TcpStream {
     let s = std::net::TcpStream::connect(addr).expect("connect");
     s.set_nodelay(true).expect("nodelay");
     s
+}
+
+/// A test set of TLS credentials made once per test process by
+/// `scripts/tls-certs.sh` (certtool, psktool): `server/`, `alice/`,
+/// `bob/`, `expired/`, `otherca/`, `selfsigned/`, `nocert/`,
+/// `psk/keys.psk`. `None` (skip) when certtool is missing outside CI.
+pub fn tls_certs() -> Option<&'static Path> {
+    static DIR: std::sync::OnceLock<Option<tempfile::TempDir>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        tool("certtool")?;
+        tool("psktool")?;
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tls-certs.sh");
+        let out = run(
+            &script,
+            &[dir.path().to_str().unwrap()],
+            Duration::from_secs(60),
+        );
+        assert!(out.ok, "tls-certs.sh failed\n{out}");
+        Some(dir)
+    })
+    .as_ref()
+    .map(|d| d.path())
+}
+
+/// The big-request integrity check, through libnbd's Python binding:
+/// `count` requests of `req` bytes each, all in flight at once, written
+/// then read back (reads of one half in flight with writes of new data
+/// to the other), every byte compared. `uri` says how to connect
+/// (`nbd://`, `nbds://...?tls-certificates=...`); the export must hold
+/// `count * req` bytes.
+pub fn big_requests_integrity(nbdsh: &Path, uri: &str, req: usize, count: usize) -> Out {
+    let script = format!(
+        r#"
+import nbd, os
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)
+h.connect_uri("{uri}")
+REQ, N = {req}, {count}
+assert h.get_size() >= REQ * N, h.get_size()
+def run(cmds):
+    # Issue every command at once, then wait for them all.
+    cookies = [issue() for issue in cmds]
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for c in cookies:
+        assert h.aio_command_completed(c), c
+data = [bytearray(os.urandom(REQ)) for _ in range(N)]
+wbufs = [nbd.Buffer.from_bytearray(d) for d in data]
+run([lambda i=i: h.aio_pwrite(wbufs[i], i * REQ) for i in range(N)])
+rbufs = [nbd.Buffer(REQ) for _ in range(N)]
+half = N // 2
+new = [bytearray(os.urandom(REQ)) for _ in range(half, N)]
+nbufs = [nbd.Buffer.from_bytearray(d) for d in new]
+run([lambda i=i: h.aio_pread(rbufs[i], i * REQ) for i in range(half)] +
+    [lambda i=i: h.aio_pwrite(nbufs[i - half], i * REQ) for i in range(half, N)])
+for i in range(half):
+    assert rbufs[i].to_bytearray() == data[i], ("read back differs", i)
+data[half:] = new
+rbufs = [nbd.Buffer(REQ) for _ in range(N)]
+run([lambda i=i: h.aio_pread(rbufs[i], i * REQ) for i in range(N)])
+for i in range(N):
+    assert rbufs[i].to_bytearray() == data[i], ("read back differs", i)
+tls = h.get_tls_negotiated()
+h.flush()
+h.shutdown()
+print("ok tls=%s" % tls)
+"#
+    );
+    let out = run(nbdsh, &["-c", &script], Duration::from_secs(240));
+    assert!(out.ok && out.stdout.contains("ok"), "{out}");
+    out
 }
