@@ -15,7 +15,7 @@
 #                    -> qemu --object tls-creds-x509,id=tls0,dir=DIR/alice,endpoint=client
 # DIR/psk/keys.psk   alice:HEX and bob:HEX (nbdkit's psktool format)
 #                    -> snapmv serve --tls require --tls-psk DIR/psk/keys.psk
-#                    -> nbds://HOST/EXPORT?tls-psk-file=DIR/psk/keys.psk&tls-username=alice
+#                    -> nbds://alice@HOST/EXPORT?tls-psk-file=DIR/psk/keys.psk
 #                    -> qemu --object tls-creds-psk,id=tls0,dir=DIR/psk,username=alice,endpoint=client
 # For tests of refusals, clients a server with DIR/server must turn away:
 # DIR/expired/       a certificate from the CA that expired in 2020

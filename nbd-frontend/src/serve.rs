@@ -125,6 +125,13 @@ fn run(served: &[Served], args: &ServeArgs, tls: TlsConfig, sigs: libc::sigset_t
     if let Some(a) = tcp.filter(|a| !a.ip().is_loopback()) {
         warn_if_exposed(a, tls.mode());
     }
+    if args.access.restricts() && tls.mode() == TlsMode::Off {
+        // Names come from TLS alone: no plain-text client has one.
+        tracing::warn!(
+            "--allow without TLS: the exports it matches are open to no client (a client's \
+             name is its certificate CN or PSK username); use --tls require"
+        );
+    }
     let cfg = ServerConfig {
         tcp,
         unix: args.unix.clone(),

@@ -182,6 +182,18 @@ fn serving_beyond_loopback_without_tls_warns() {
     assert!(!std::fs::read_to_string(&log)
         .unwrap()
         .contains("WITHOUT TLS"));
+    // --allow names clients by their TLS identity: without TLS, a warning.
+    let log = f.path("serve3.log");
+    let args = [
+        s(&f.cow),
+        "--listen",
+        "127.0.0.1:0",
+        "--allow",
+        "vol@*=alice",
+    ];
+    let mut srv = Server::spawn(f.dir.path(), &[], &args, &log);
+    srv.wait_log("--allow without TLS");
+    assert_eq!(srv.stop(), 0);
 }
 
 /// The binary end to end: `--tls require --tls-psk` on a Unix socket,

@@ -188,6 +188,11 @@ impl AccessPolicy {
         AccessPolicy { allow, read_only }
     }
 
+    /// Whether any `--allow` rule restricts some exports.
+    pub fn restricts(&self) -> bool {
+        !self.allow.is_empty()
+    }
+
     /// Whether `client` (its TLS identity; `None` without TLS) may open,
     /// list or query `export` (a canonical export name).
     pub fn may_open(&self, export: &str, client: Option<&str>) -> bool {

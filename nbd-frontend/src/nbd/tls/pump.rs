@@ -319,8 +319,8 @@ impl Flow {
         if !self.to_conn.is_empty() && !self.conn_gone {
             plain_ev |= libc::POLLOUT;
         }
-        if net_ev & libc::POLLIN != 0 && self.net.has_early() {
-            // Bytes read before the handshake are still to be taken.
+        if net_ev & libc::POLLIN != 0 && self.net.has_buffered() {
+            // Bytes already read from the socket are still to be taken.
             return Ok(());
         }
         if net_ev == 0 && plain_ev == 0 {

@@ -53,17 +53,28 @@ pub(crate) trait Session: Send {
 /// The client's socket as the TLS session sees it: first the bytes the
 /// connection's reader had already read, then the socket, read and
 /// written without blocking (and without SIGPIPE) whatever its mode.
+///
+/// Reads go through a buffer of `NET_READ` bytes: rustls asks for about
+/// 4 KiB at a time (its deframer grows by that much), which read from the
+/// socket directly would cost a system call, and a turn of the pump, per
+/// 4 KiB of a large write. One `recv` now fills the buffer with whatever
+/// the socket holds, and the session takes it from memory.
 pub(crate) struct NetSocket {
     stream: Stream,
-    early: Vec<u8>,
+    /// Bytes read from the socket (or handed over before the handshake)
+    /// that no session has taken yet: `inbuf[pos..]`.
+    inbuf: Vec<u8>,
     pos: usize,
 }
+
+/// Encrypted bytes one `recv` may take from the client's socket.
+const NET_READ: usize = 256 * 1024;
 
 impl NetSocket {
     pub fn new(stream: Stream, early: Vec<u8>) -> NetSocket {
         NetSocket {
             stream,
-            early,
+            inbuf: early,
             pos: 0,
         }
     }
@@ -72,9 +83,10 @@ impl NetSocket {
         &self.stream
     }
 
-    /// Bytes read before the handshake that no session has taken yet.
-    pub fn has_early(&self) -> bool {
-        self.pos < self.early.len()
+    /// Bytes already read from the socket that no session has taken yet:
+    /// readiness of the socket says nothing of them.
+    pub fn has_buffered(&self) -> bool {
+        self.pos < self.inbuf.len()
     }
 }
 
@@ -121,17 +133,21 @@ pub(crate) fn send_nb(fd: std::os::fd::RawFd, buf: &[u8]) -> io::Result<usize> {
 
 impl Read for NetSocket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.has_early() {
-            let n = (self.early.len() - self.pos).min(buf.len());
-            buf[..n].copy_from_slice(&self.early[self.pos..self.pos + n]);
-            self.pos += n;
-            if !self.has_early() {
-                self.early = Vec::new();
-                self.pos = 0;
+        if !self.has_buffered() {
+            self.inbuf.resize(NET_READ, 0);
+            let got = recv_nb(self.stream.as_raw_fd(), &mut self.inbuf);
+            let n = *got.as_ref().unwrap_or(&0);
+            self.inbuf.truncate(n);
+            self.pos = 0;
+            if n == 0 {
+                return got; // end of stream, WouldBlock or an error
             }
-            return Ok(n);
         }
-        recv_nb(self.stream.as_raw_fd(), buf)
+        let n = (self.inbuf.len() - self.pos).min(buf.len());
+        buf[..n].copy_from_slice(&self.inbuf[self.pos..self.pos + n]);
+        self.pos += n;
+        assert!(self.pos <= self.inbuf.len());
+        Ok(n)
     }
 }
 
