@@ -94,47 +94,15 @@ SERVE_ARGS=()
 [ -z "${SNAPMV_SERVE_ARGS:-}" ] || read -r -a SERVE_ARGS <<<"$SNAPMV_SERVE_ARGS"
 
 # ---- work dir on tmpfs -----------------------------------------------------------
-BASE=${FRONTEND_DIR:-/dev/shm}
-mkdir -p "$BASE"
-BASE=$(cd "$BASE" && pwd -P)
-FSTYPE=$(df -T "$BASE" | awk 'NR==2 { print $2 }')
-case "$FSTYPE" in
-  tmpfs|ramfs) ;;
-  *) echo "$ME: warning: $BASE is on $FSTYPE, not tmpfs: the disk may show in the numbers" >&2 ;;
-esac
+# shellcheck source=benches/server_bench_lib.sh
+. "$ROOT/benches/server_bench_lib.sh"
 # On disk (tmpfs: RAM): the pristine image, one run's copy and the COW file's
 # metadata; in RAM besides: nbdkit's memory disk.
-AVAIL_MIB=$(df -Pm "$BASE" | awk 'NR==2 { print $4 }')
-MEMAVAIL_MIB=$(awk '/^MemAvailable:/ { print int($2 / 1024) }' /proc/meminfo)
-if [ "$AVAIL_MIB" -lt $((SIZE_MIB * 2 + 256)) ] || [ "$MEMAVAIL_MIB" -lt $((SIZE_MIB * 3 + 512)) ]; then
-  echo "$ME: not enough room: $BASE has ${AVAIL_MIB} MiB free (need ~$((SIZE_MIB * 2 + 256))), \
-${MEMAVAIL_MIB} MiB RAM available (need ~$((SIZE_MIB * 3 + 512)))" >&2
-  exit 1
-fi
-WORK=$(mktemp -d "$BASE/snapmv-frontend.XXXXXX")
+WORK=$(tmpfs_work_dir "${FRONTEND_DIR:-/dev/shm}" snapmv-frontend "$SIZE_MIB") || exit 1
+BASE=$(dirname "$WORK")
+FSTYPE=$(df -T "$BASE" | awk 'NR==2 { print $2 }')
 
-SERVER_PID=""
 SAMPLER_PID=""
-SERVER_RC=0
-# Stop the server: SIGTERM, then wait for it. The guard only keeps a hung
-# server from hanging the script.
-stop_server() {
-  SERVER_RC=0
-  [ -n "$SERVER_PID" ] || return 0
-  kill -TERM "$SERVER_PID" 2>/dev/null || true
-  # The guard's sleep must not outlive it (nor hold the script's stdout open).
-  local pid=$SERVER_PID
-  ( trap 'kill "$s" 2>/dev/null; exit 0' TERM
-    exec >/dev/null 2>&1
-    sleep 60 & s=$!
-    wait "$s"
-    kill -KILL "$pid" ) &
-  local guard=$!
-  wait "$SERVER_PID" || SERVER_RC=$?
-  kill "$guard" 2>/dev/null || true
-  wait "$guard" 2>/dev/null || true
-  SERVER_PID=""
-}
 stop_sampler() {
   if [ -n "$SAMPLER_PID" ]; then
     kill -TERM "$SAMPLER_PID" 2>/dev/null || true
@@ -173,58 +141,6 @@ RESULTS="$WORK/results.tsv" # one line per fio job
 PROCS="$WORK/procs.tsv"     # one line per server process
 : >"$CMDS"; : >"$RESULTS"; : >"$PROCS"
 LOG_CMDS=1
-# Record a command (with $WORK shown as $W) and run it.
-run() {
-  if [ "$LOG_CMDS" = 1 ]; then
-    local q; q=$(printf '%q ' "$@"); q=${q% }; echo "${q//$WORK/\$W}" >>"$CMDS"
-  fi
-  "$@"
-}
-note() { [ "$LOG_CMDS" != 1 ] || echo "# $*" >>"$CMDS"; }
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-# Start a server in the background (recorded), its output to LOG.
-start_server() {
-  local log=$1; shift
-  if [ "$LOG_CMDS" = 1 ]; then
-    local q; q=$(printf '%q ' "$@"); q=${q% }; echo "${q//$WORK/\$W} &" >>"$CMDS"
-  fi
-  "$@" >>"$log" 2>&1 &
-  SERVER_PID=$!
-}
-# Wait until the server accepts a TCP connection on PORT: a connect probe
-# retried with a short back-off (5 ms doubling to 100 ms); fails if the
-# server exits or after 60 s.
-wait_ready() {
-  python3 - "$1" "$SERVER_PID" <<'PY' || { echo "$ME: server not ready on port $1" >&2; return 1; }
-import socket, sys, time
-port, pid = int(sys.argv[1]), sys.argv[2]
-delay, deadline = 0.005, time.monotonic() + 60
-def alive():
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-while time.monotonic() < deadline:
-    try:
-        socket.create_connection(("127.0.0.1", port), 1).close()
-        sys.exit(0)
-    except OSError:
-        pass
-    if not alive():
-        print("server exited", file=sys.stderr)
-        sys.exit(1)
-    time.sleep(delay)
-    delay = min(delay * 2, 0.1)
-sys.exit(1)
-PY
-}
-TCK=$(getconf CLK_TCK)
-# utime+stime of the whole server process (live and exited threads).
-cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-vm_hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 # The background sampler: every 100 ms (every 10 ms from 0.2 s before the
 # end of fio's runtime, when the connections' threads may exit), the

@@ -121,43 +121,12 @@ SERVE_ARGS=()
 [ -z "${SNAPMV_SERVE_ARGS:-}" ] || read -r -a SERVE_ARGS <<<"$SNAPMV_SERVE_ARGS"
 
 # ---- work dir on tmpfs -----------------------------------------------------------
-BASE=${TLSBENCH_DIR:-/dev/shm}
-mkdir -p "$BASE"
-BASE=$(cd "$BASE" && pwd -P)
+# shellcheck source=benches/server_bench_lib.sh
+. "$ROOT/benches/server_bench_lib.sh"
+WORK=$(tmpfs_work_dir "${TLSBENCH_DIR:-/dev/shm}" snapmv-tls "$SIZE_MIB") || exit 1
+BASE=$(dirname "$WORK")
 FSTYPE=$(df -T "$BASE" | awk 'NR==2 { print $2 }')
-case "$FSTYPE" in
-  tmpfs|ramfs) ;;
-  *) echo "$ME: warning: $BASE is on $FSTYPE, not tmpfs: the disk may show in the numbers" >&2 ;;
-esac
-AVAIL_MIB=$(df -Pm "$BASE" | awk 'NR==2 { print $4 }')
-MEMAVAIL_MIB=$(awk '/^MemAvailable:/ { print int($2 / 1024) }' /proc/meminfo)
-if [ "$AVAIL_MIB" -lt $((SIZE_MIB * 2 + 256)) ] || [ "$MEMAVAIL_MIB" -lt $((SIZE_MIB * 3 + 512)) ]; then
-  echo "$ME: not enough room: $BASE has ${AVAIL_MIB} MiB free (need ~$((SIZE_MIB * 2 + 256))), \
-${MEMAVAIL_MIB} MiB RAM available (need ~$((SIZE_MIB * 3 + 512)))" >&2
-  exit 1
-fi
-WORK=$(mktemp -d "$BASE/snapmv-tls.XXXXXX")
 
-SERVER_PID=""
-SERVER_RC=0
-# Stop the server: SIGTERM, then wait for it. The guard only keeps a hung
-# server from hanging the script.
-stop_server() {
-  SERVER_RC=0
-  [ -n "$SERVER_PID" ] || return 0
-  kill -TERM "$SERVER_PID" 2>/dev/null || true
-  local pid=$SERVER_PID
-  ( trap 'kill "$s" 2>/dev/null; exit 0' TERM
-    exec >/dev/null 2>&1
-    sleep 60 & s=$!
-    wait "$s"
-    kill -KILL "$pid" ) &
-  local guard=$!
-  wait "$SERVER_PID" || SERVER_RC=$?
-  kill "$guard" 2>/dev/null || true
-  wait "$guard" 2>/dev/null || true
-  SERVER_PID=""
-}
 cleanup() {
   stop_server
   if [ "${TLSBENCH_KEEP:-0}" = 1 ]; then echo "$ME: kept $WORK" >&2; else rm -rf "$WORK"; fi
@@ -187,57 +156,6 @@ RESULTS="$WORK/results.tsv" # one line per fio job
 PROCS="$WORK/procs.tsv"     # one line per server process
 : >"$CMDS"; : >"$RESULTS"; : >"$PROCS"
 LOG_CMDS=1
-# Record a command (with $WORK shown as $W) and run it.
-run() {
-  if [ "$LOG_CMDS" = 1 ]; then
-    local q; q=$(printf '%q ' "$@"); q=${q% }; echo "${q//$WORK/\$W}" >>"$CMDS"
-  fi
-  "$@"
-}
-note() { [ "$LOG_CMDS" != 1 ] || echo "# $*" >>"$CMDS"; }
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-start_server() {
-  local log=$1; shift
-  if [ "$LOG_CMDS" = 1 ]; then
-    local q; q=$(printf '%q ' "$@"); q=${q% }; echo "${q//$WORK/\$W} &" >>"$CMDS"
-  fi
-  "$@" >>"$log" 2>&1 &
-  SERVER_PID=$!
-}
-# Wait until the server accepts a TCP connection on PORT (frontend.sh's
-# probe): a connect retried with a short back-off (5 ms doubling to 100 ms);
-# fails if the server exits or after 60 s. (A TLS server logs the probe as a
-# failed handshake.)
-wait_ready() {
-  python3 - "$1" "$SERVER_PID" <<'PY' || { echo "$ME: server not ready on port $1" >&2; return 1; }
-import socket, sys, time
-port, pid = int(sys.argv[1]), sys.argv[2]
-delay, deadline = 0.005, time.monotonic() + 60
-def alive():
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-while time.monotonic() < deadline:
-    try:
-        socket.create_connection(("127.0.0.1", port), 1).close()
-        sys.exit(0)
-    except OSError:
-        pass
-    if not alive():
-        print("server exited", file=sys.stderr)
-        sys.exit(1)
-    time.sleep(delay)
-    delay = min(delay * 2, 0.1)
-sys.exit(1)
-PY
-}
-TCK=$(getconf CLK_TCK)
-cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-vm_hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 # The script's reaped children's user+system CPU, in seconds (bash `times`,
 # second line), into CHILD_CPU: its difference around fio is fio's own CPU,
 # all threads. `times` must run in this shell (in $(...) it would report the
