@@ -532,6 +532,22 @@ impl Algebra {
     /// walk over the exception index that skips by `next_step`, then each
     /// candidate resolved on both sides.
     pub fn diff(&mut self, from: Option<u64>, to: Option<u64>) -> Result<Vec<u64>> {
+        let by_node = self.by_node();
+        self.diff_with(from, to, &by_node)
+    }
+
+    /// The exception index transposed to (node, chunk), as `ByNode` keeps it.
+    fn by_node(&self) -> BTreeSet<(NodeId, u64)> {
+        self.exc.map.keys().map(|&(c, n)| (n, c)).collect()
+    }
+
+    /// `diff`, with the transposed index made once for many diffs.
+    fn diff_with(
+        &mut self,
+        from: Option<u64>,
+        to: Option<u64>,
+        by_node: &BTreeSet<(NodeId, u64)>,
+    ) -> Result<Vec<u64>> {
         let (a, b) = (self.side(from)?, self.side(to)?);
         let keys = self.tree.diff_keys(a, b, None)?;
         let (Some(first), Some(last)) = (keys.first(), self.chunks.checked_sub(1)) else {
@@ -552,10 +568,10 @@ impl Algebra {
             }
             at = next;
         }
-        let by_node = self.candidates_by_node(&keys, last);
-        if by_node != candidates {
+        let gathered = candidates_by_node(by_node, &keys, last);
+        if gathered != candidates {
             return Err(Error::Invalid(format!(
-                "diff {from:?} {to:?}: the walk by chunk finds {candidates:?}, by node {by_node:?}"
+                "diff {from:?} {to:?}: the walk by chunk finds {candidates:?}, by node {gathered:?}"
             )));
         }
         let mut out = Vec::new();
@@ -567,31 +583,6 @@ impl Algebra {
             }
         }
         Ok(out)
-    }
-
-    /// The candidates found as the store's gather over `ByNode` finds them
-    /// (`store/diff_by_node.rs`): the index transposed to (node, chunk),
-    /// walked node range by node range with `DiffKeys::step`'s seeks;
-    /// ascending and distinct.
-    fn candidates_by_node(&self, keys: &DiffKeys, last: u64) -> Vec<u64> {
-        let by_node: BTreeSet<(NodeId, u64)> = self.exc.map.keys().map(|&(c, n)| (n, c)).collect();
-        let mut found = BTreeSet::new();
-        let mut at = keys.first().map(|n| (n, 0));
-        while let Some(key) = at {
-            let Some(&(n, c)) = by_node.range(key..).next() else {
-                break;
-            };
-            at = match keys.step(n) {
-                Step::NextChunk => None,
-                Step::SeekNode(lo) => Some((lo, 0)),
-                Step::Candidate if c > last => n.checked_add(1).map(|n| (n, 0)),
-                Step::Candidate => {
-                    found.insert(c);
-                    Some((n, c + 1))
-                }
-            };
-        }
-        found.into_iter().collect()
     }
 
     /// `diff` of every pair of versions against the naive model: it
@@ -609,9 +600,12 @@ impl Algebra {
         let mut versions: Vec<Option<u64>> = vec![None];
         versions.extend(naive.versions.keys().map(|t| Some(*t)));
         let mut tally = DiffTally::default();
+        let by_node = self.by_node();
         for (i, &from) in versions.iter().enumerate() {
             for &to in &versions[i..] {
-                let got = self.diff(from, to).map_err(|e| e.to_string())?;
+                let got = self
+                    .diff_with(from, to, &by_node)
+                    .map_err(|e| e.to_string())?;
                 tally.pairs += 1;
                 for c in 0..self.chunks as usize {
                     let (x, y) = (naive.chunk(from, c), naive.chunk(to, c));
@@ -804,4 +798,27 @@ fn same_finish(
         return Err("finish_pass left another tree than a walk over every node".into());
     }
     Ok(())
+}
+
+/// The candidates found as the store's gather over `ByNode` finds them
+/// (`store/diff_by_node.rs`): the transposed index walked node range by
+/// node range with `DiffKeys::step`'s seeks; ascending and distinct.
+fn candidates_by_node(by_node: &BTreeSet<(NodeId, u64)>, keys: &DiffKeys, last: u64) -> Vec<u64> {
+    let mut found = BTreeSet::new();
+    let mut at = keys.first().map(|n| (n, 0));
+    while let Some(key) = at {
+        let Some(&(n, c)) = by_node.range(key..).next() else {
+            break;
+        };
+        at = match keys.step(n) {
+            Step::NextChunk => None,
+            Step::SeekNode(lo) => Some((lo, 0)),
+            Step::Candidate if c > last => n.checked_add(1).map(|n| (n, 0)),
+            Step::Candidate => {
+                found.insert(c);
+                Some((n, c + 1))
+            }
+        };
+    }
+    found.into_iter().collect()
 }
