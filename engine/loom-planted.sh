@@ -1,26 +1,20 @@
 #!/usr/bin/env bash
-# Each planted bug removes one protection from the engine (see the
-# `snapmv_planted_bug` cfgs in engine/src/store); the loom model guarding that
-# protection must FAIL. For each bug this rebuilds the engine with
-# `--cfg loom --cfg snapmv_planted_bug="<bug>"`, runs the whole loom suite, and
-# checks that the expected model(s) failed. Exit status is non-zero if any
-# planted bug goes unnoticed.
-#
-# Build cost: RUSTFLAGS stays `--cfg loom` for every bug, and the bug's cfg is
-# added only to workspace crates through a per-bug RUSTC_WORKSPACE_WRAPPER.
-# Cargo hashes the workspace wrapper into the workspace crates' artifact
-# names, so the dependencies (loom, proptest, ...) are built once and shared,
-# and each bug's engine build is cached separately in target/loom-planted.
+# Each planted bug removes one protection from the engine (see
+# engine/src/planted.rs); the loom model guarding that protection must FAIL.
+# The engine is built once, as engine/loom.sh builds it (`--cfg loom`,
+# release, in its target directory, so the dependencies are shared) plus
+# `--cfg snapmv_planted` on the workspace crates through
+# RUSTC_WORKSPACE_WRAPPER (cargo hashes the wrapper into their artifact
+# names, so the unplanted build stays too). Then, for each bug, the loom
+# suite runs with SNAPMV_PLANTED_BUG=<bug>, and the expected model(s) must
+# be among the failures. Exit status is non-zero if any planted bug goes
+# unnoticed.
 #
 #   engine/loom-planted.sh              # every bug
 #   engine/loom-planted.sh no_gate      # only the named ones
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
-# Planted builds only need to run the models, not run them fast: the test
-# profile (opt-level 1) without debug info compiles much quicker.
-export CARGO_PROFILE_TEST_DEBUG=0
-export CARGO_PROFILE_DEV_DEBUG=0
 
 # bug -> models that must fail under it
 declare -A expect=(
@@ -36,10 +30,20 @@ declare -A expect=(
 order=(no_chunk_lock no_write_lock no_gate no_clean_lock no_flush_barrier no_rb_lock skip_cow_flush destage_early)
 if [ $# -gt 0 ]; then order=("$@"); fi
 
-target="$PWD/target/loom-planted"
-mkdir -p "$target/wrappers"
-export CARGO_TARGET_DIR="$target"
+export CARGO_TARGET_DIR="${SNAPMV_LOOM_TARGET:-$PWD/target/loom}"
 export RUSTFLAGS="--cfg loom"
+mkdir -p "$CARGO_TARGET_DIR/wrappers"
+wrap="$CARGO_TARGET_DIR/wrappers/rustc-snapmv-planted"
+tmp=$(mktemp "$wrap.XXXXXX")
+cat >"$tmp" <<'WRAP'
+#!/bin/sh
+# cargo's RUSTC_WORKSPACE_WRAPPER for loom-planted.sh: $1 is rustc.
+exec "$@" --cfg snapmv_planted
+WRAP
+chmod +x "$tmp"
+# Rewrite only on change: the wrapper's mtime is part of cargo's cache key.
+if cmp -s "$tmp" "$wrap"; then rm -f "$tmp"; else mv "$tmp" "$wrap"; fi
+export RUSTC_WORKSPACE_WRAPPER="$wrap"
 
 start=$SECONDS
 missed=()
@@ -50,21 +54,8 @@ for bug in "${order[@]}"; do
   echo "=== planted bug $bug: expect ${expect[$bug]} to fail"
   out=$(mktemp)
   set +e
-  wrap="$target/wrappers/rustc-planted-$bug"
-  tmp=$(mktemp "$wrap.XXXXXX")
-  cat >"$tmp" <<WRAP
-#!/bin/sh
-# cargo's RUSTC_WORKSPACE_WRAPPER for loom-planted.sh: \$1 is rustc.
-case " \$* " in
-  *" --crate-name "*) exec "\$@" --cfg 'snapmv_planted_bug="$bug"' ;;
-esac
-exec "\$@"
-WRAP
-  chmod +x "$tmp"
-  # Rewrite only on change: the wrapper's mtime is part of cargo's cache key.
-  if cmp -s "$tmp" "$wrap"; then rm -f "$tmp"; else mv "$tmp" "$wrap"; fi
-  RUSTC_WORKSPACE_WRAPPER="$wrap" \
-    cargo test -p snapmv-engine --test loom_models -- --test-threads=2 >"$out" 2>&1
+  SNAPMV_PLANTED_BUG="$bug" \
+    cargo test -p snapmv-engine --release --test loom_models -- --test-threads=2 >"$out" 2>&1
   rc=$?
   set -e
   if ! grep -q '^test result:' "$out"; then

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Show that the simulator catches each bug planted in the engine
-# (engine hooks: #[cfg(snapmv_planted_bug = "...")]).
+# (engine/src/planted.rs: `planted::on(Bug::...)` hooks, live only in a
+# build with --cfg snapmv_planted and for the bug SNAPMV_PLANTED_BUG names).
 #
 #   sim/planted.sh                 # all of them
 #   sim/planted.sh skip_checksum   # one
@@ -32,16 +33,29 @@
 # client that does not read its replies) is caught by the NBD server's
 # test `a_client_that_never_reads_holds_no_pool_thread`.
 #
-# One target directory (target/planted) serves every bug: the planted cfg is
-# added only to workspace crates through a per-bug RUSTC_WORKSPACE_WRAPPER,
-# so dependencies build once and only the engine and the sim rebuild per bug.
+# One build serves every bug: --cfg snapmv_planted is added to the workspace
+# crates alone through RUSTC_WORKSPACE_WRAPPER, in the suite's own target
+# directory, so the dependencies the suite built are reused, and cargo keeps
+# these artifacts apart from the unplanted ones (the wrapper is part of their
+# hash). Each bug is then a run with SNAPMV_PLANTED_BUG set, not a rebuild.
 # Exit status is non-zero if any planted bug goes uncaught.
 set -eu
 cd "$(dirname "$0")/.."
 bugs="${*:-skip_cow_flush skip_checksum early_reuse alloc_early flush_no_cover clean_free_early evict_dirty fetch_ignores_epoch unindexed_flag gather_ignores_moves destage_early pool_blocks_on_client}"
 concurrent_seeds="${SNAPMV_CONCURRENT_SEEDS:-2000}"
-target="${CARGO_TARGET_DIR:-target}/planted"
-mkdir -p "$target/wrappers"
+wrappers="${CARGO_TARGET_DIR:-target}/planted-wrappers"
+mkdir -p "$wrappers"
+wrap="$wrappers/rustc-snapmv-planted"
+tmp=$(mktemp "$wrap.XXXXXX")
+cat >"$tmp" <<'WRAP'
+#!/bin/sh
+# RUSTC_WORKSPACE_WRAPPER for sim/planted.sh: $1 is rustc.
+exec "$@" --cfg snapmv_planted
+WRAP
+chmod +x "$tmp"
+# Rewrite only on change: the wrapper's mtime is part of cargo's cache key.
+if cmp -s "$tmp" "$wrap"; then rm -f "$tmp"; else mv "$tmp" "$wrap"; fi
+export RUSTC_WORKSPACE_WRAPPER="$wrap"
 status=0
 # Run package $1's tests (cargo test arguments after the first three)
 # against the bug's build: they must fail, with a test whose name contains
@@ -51,8 +65,7 @@ tests_catch() {
     what=$2
     pattern=$3
     shift 3
-    if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
-        cargo test -p "$package" --profile test "$@" >"$log" 2>&1; then
+    if SNAPMV_PLANTED_BUG="$b" cargo test -p "$package" --profile test "$@" >"$log" 2>&1; then
         tail -5 "$log"
         echo "=== $b: NOT CAUGHT: $what passed (log: $log)"
         status=1
@@ -69,16 +82,6 @@ tests_catch() {
 
 for b in $bugs; do
     echo "=== planted bug: $b"
-    wrap="$target/wrappers/rustc-sim-planted-$b"
-    tmp=$(mktemp "$wrap.XXXXXX")
-    cat >"$tmp" <<WRAP
-#!/bin/sh
-# RUSTC_WORKSPACE_WRAPPER for sim/planted.sh: \$1 is rustc.
-exec "\$@" --cfg 'snapmv_planted_bug="$b"'
-WRAP
-    chmod +x "$tmp"
-    # Rewrite only on change: the wrapper's mtime is part of cargo's cache key.
-    if cmp -s "$tmp" "$wrap"; then rm -f "$tmp"; else mv "$tmp" "$wrap"; fi
     log="/tmp/snapmv-planted-$b.log"
     case "$b" in
     evict_dirty)
@@ -103,7 +106,7 @@ WRAP
         ;;
     alloc_early | flush_no_cover | clean_free_early | destage_early)
         # The concurrent simulator: the first failing seed is the catch.
-        if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
+        if SNAPMV_PLANTED_BUG="$b" \
             cargo run -q -p snapmv-sim --features shuttle --profile test --bin snapmv-sim-concurrent -- \
             swarm --seeds "$concurrent_seeds" --jobs 2 --expect-failure >"$log" 2>&1; then
             echo "CAUGHT $b by the concurrent crash simulator:"
@@ -116,14 +119,14 @@ WRAP
         fi
         if [ "${SNAPMV_PLANTED_CROSS:-0}" = 1 ]; then
             echo "--- $b through the sequential swarm (expected to miss it):"
-            RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
+            SNAPMV_PLANTED_BUG="$b" \
                 cargo run -q -p snapmv-sim --profile test --bin snapmv-sim -- \
                 swarm --seeds 500 --ops 800 --jobs 2 2>&1 | tail -2 || true
         fi
         ;;
     *)
-        if RUSTC_WORKSPACE_WRAPPER="$wrap" CARGO_TARGET_DIR="$target" \
-            cargo test -p snapmv-sim --test planted -- --nocapture 2>&1 | tee "$log" |
+        if SNAPMV_PLANTED_BUG="$b" \
+            cargo test -p snapmv-sim --profile test --test planted -- --nocapture 2>&1 | tee "$log" |
             grep -E "CAUGHT|NOT caught|planted bug|test result|panicked|exhaustive mode did not"; then :; fi
         if grep -q "^CAUGHT" "$log" && grep -q "test result: ok" "$log"; then
             echo "=== $b: caught"

@@ -14,6 +14,7 @@ pub mod dev;
 pub mod error;
 pub mod format;
 pub mod meta;
+pub mod planted;
 pub mod store;
 pub mod sync;
 pub mod vtree;

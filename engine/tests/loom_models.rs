@@ -7,9 +7,10 @@
 //! state apart so that a "crash" (taking the durable image) can be modelled.
 //!
 //! Run with `engine/loom.sh` (`RUSTFLAGS="--cfg loom"`, release,
-//! `LOOM_MAX_PREEMPTIONS=2`). `engine/loom-planted.sh` rebuilds with each
-//! `snapmv_planted_bug` and checks that the model guarding that protection
-//! fails.
+//! `LOOM_MAX_PREEMPTIONS=2`). `engine/loom-planted.sh` builds once with
+//! `--cfg snapmv_planted`, runs the suite with each planted bug
+//! (`SNAPMV_PLANTED_BUG`, see `snapmv_engine::planted`) and checks that the
+//! model guarding that protection fails.
 //!
 //! Each model prints the number of interleavings loom explored.
 #![cfg(loom)]

@@ -1,15 +1,16 @@
 //! Planted-bug self-test: a bench that cannot fail is worth nothing.
 //!
-//! `sim/planted.sh` builds this test once per planted engine bug, with
-//! `RUSTFLAGS='--cfg snapmv_planted_bug="X"'` and its own target directory,
-//! and requires it to pass: the simulator must catch bug X within a bounded
-//! effort (the exhaustive workloads, then at most `MAX_SEEDS` swarm seeds of
-//! the CI slice). In a normal build there is no planted bug and the test
-//! only says so.
+//! `sim/planted.sh` builds this test once with `--cfg snapmv_planted` and
+//! runs it once per planted engine bug X (`SNAPMV_PLANTED_BUG=X`, see
+//! `snapmv_engine::planted`), and requires it to pass: the simulator must
+//! catch bug X within a bounded effort (the exhaustive workloads, then at
+//! most `MAX_SEEDS` swarm seeds of the CI slice). With no bug planted the
+//! test only says so.
 //!
 //! The CI slice passes on the unplanted engine, so any failure here is the
 //! planted bug's doing; the test also checks it breaks the expected clause.
 
+use snapmv_engine::planted::{self, Bug};
 use snapmv_sim::campaign::swarm;
 use snapmv_sim::exhaustive::{self, Limits};
 use snapmv_sim::{Clause, RunOpts};
@@ -17,17 +18,19 @@ use snapmv_sim::{Clause, RunOpts};
 const MAX_SEEDS: u64 = 200;
 const OPS: u64 = 300;
 
-/// The planted bug of this build, and the clauses it may break.
+/// The planted bug of this process, and the clauses it may break.
 fn planted() -> Option<(&'static str, &'static [Clause])> {
-    if cfg!(snapmv_planted_bug = "skip_cow_flush") {
-        Some(("skip_cow_flush", &[Clause::CrashStates, Clause::Durability]))
-    } else if cfg!(snapmv_planted_bug = "skip_checksum") {
-        Some(("skip_checksum", &[Clause::Detection]))
-    } else if cfg!(snapmv_planted_bug = "early_reuse") {
-        Some(("early_reuse", &[Clause::CrashStates, Clause::Isolation]))
-    } else {
-        None
-    }
+    let bug = planted::active()?;
+    let clauses: &'static [Clause] = match bug {
+        Bug::SkipCowFlush => &[Clause::CrashStates, Clause::Durability],
+        Bug::SkipChecksum => &[Clause::Detection],
+        Bug::EarlyReuse => &[Clause::CrashStates, Clause::Isolation],
+        other => panic!(
+            "planted bug {} is not one the sequential simulator is meant to catch",
+            other.name()
+        ),
+    };
+    Some((bug.name(), clauses))
 }
 
 #[test]

@@ -34,6 +34,7 @@ pub use state::{decode_state, encode_state, StateRec, TreeRoot, APP_STATE_CAP, M
 pub use superblock::{decode_superblock, encode_superblock, has_magic, Superblock};
 
 use crate::error::{Error, Result};
+use crate::planted::{self, Bug};
 
 /// Metadata block size. Every metadata structure is exactly one block.
 pub const PAGE_SIZE: usize = 4096;
@@ -236,8 +237,12 @@ pub fn check_header(buf: &[u8], expected_block: u64, expected: &[BlockKind]) -> 
     })
 }
 
-#[cfg(not(snapmv_planted_bug = "skip_checksum"))]
 fn verify_crc(buf: &[u8], expected_block: u64, kind: BlockKind) -> Result<()> {
+    // Planted bug (simulator self-test): checksums are not compared, so
+    // flipped bits in metadata are read as valid.
+    if planted::on(Bug::SkipChecksum) {
+        return Ok(());
+    }
     let stored = rd_u32(buf, 4);
     let actual = block_crc(kind, buf);
     if stored != actual {
@@ -247,13 +252,6 @@ fn verify_crc(buf: &[u8], expected_block: u64, kind: BlockKind) -> Result<()> {
             format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"),
         ));
     }
-    Ok(())
-}
-
-/// PLANTED BUG (simulator self-test): checksums are not compared, so flipped
-/// bits in metadata are read as valid.
-#[cfg(snapmv_planted_bug = "skip_checksum")]
-fn verify_crc(_buf: &[u8], _expected_block: u64, _kind: BlockKind) -> Result<()> {
     Ok(())
 }
 

@@ -45,6 +45,7 @@ use super::types::Tree;
 use crate::dev::BlockDev;
 use crate::error::{Error, Result};
 use crate::format::{self, Page, BLOCK, PAGE_SIZE};
+use crate::planted::{self, Bug};
 use std::collections::{BTreeSet, HashMap};
 // Hints only (a reference bit, counters): any interleaving of them is
 // correct, so they are std atomics even under loom and shuttle.
@@ -240,7 +241,7 @@ impl<D: BlockDev> PageCache<D> {
     fn evictable(&self, block: u64, p: &CachedPage) -> bool {
         // The planted bug: every page is on the clock, dirty and unhomed
         // ones too, and evicting one loses its change.
-        cfg!(snapmv_planted_bug = "evict_dirty") || (p.homed && !self.dirty.contains(&block))
+        planted::on(Bug::EvictDirty) || (p.homed && !self.dirty.contains(&block))
     }
 
     /// Put `block` on the clock or take it off, as its state now says.
@@ -423,8 +424,7 @@ impl<D: BlockDev> PageCache<D> {
     /// or its damage is the lookup's error.
     pub(super) fn insert_fetched(&mut self, fetched: FetchedPage) -> Result<()> {
         let FetchedPage { miss, content } = fetched;
-        #[cfg(not(snapmv_planted_bug = "fetch_ignores_epoch"))]
-        if miss.epoch != self.epoch {
+        if miss.epoch != self.epoch && !planted::on(Bug::FetchIgnoresEpoch) {
             self.stats.stale_fetches += 1;
             return Ok(());
         }

@@ -23,6 +23,7 @@ use super::page_cache::{PageCache, Role};
 use crate::dev::BlockDev;
 use crate::error::{Error, Result};
 use crate::format::{bitmap, Layout, StateRec, BITS_PER_PAGE};
+use crate::planted::{self, Bug};
 use std::collections::{HashMap, HashSet};
 
 /// Space freed by a transaction: a data chunk or a tree page's block.
@@ -151,7 +152,7 @@ pub(super) struct SpaceMap {
     /// Data chunks reserved and not yet claimed or released.
     reserved: HashSet<u64>,
     /// Planted bug `alloc_early`: reservations already allocated.
-    #[cfg(snapmv_planted_bug = "alloc_early")]
+    #[cfg(snapmv_planted)]
     claimed_early: HashSet<u64>,
 }
 
@@ -189,7 +190,7 @@ impl SpaceMap {
             open_revoked: Vec::new(),
             no_free_chunk: false,
             reserved: HashSet::new(),
-            #[cfg(snapmv_planted_bug = "alloc_early")]
+            #[cfg(snapmv_planted)]
             claimed_early: HashSet::new(),
         }
     }
@@ -256,7 +257,7 @@ impl SpaceMap {
 
 impl SpaceMap {
     fn quarantine(&mut self, f: Freed) {
-        if cfg!(snapmv_planted_bug = "early_reuse") {
+        if planted::on(Bug::EarlyReuse) {
             // PLANTED BUG (simulator self-test): freed space is reusable at
             // once, before the freeing transaction is durable.
             self.no_free_chunk = false;
@@ -480,8 +481,8 @@ impl SpaceMap {
         );
         assert!(self.reserved.insert(c), "chunk {c} reserved twice");
         self.data_cursor = c + 1;
-        #[cfg(snapmv_planted_bug = "alloc_early")]
-        {
+        #[cfg(snapmv_planted)]
+        if planted::on(Bug::AllocEarly) {
             self.mark_chunk_allocated(cache, c)?;
             self.claimed_early.insert(c);
         }
@@ -502,7 +503,7 @@ impl SpaceMap {
         );
         // Planted bug (simulator self-test): the allocation joins the open
         // transaction at reservation time, as before reservations existed.
-        #[cfg(snapmv_planted_bug = "alloc_early")]
+        #[cfg(snapmv_planted)]
         if self.claimed_early.remove(&c) {
             return Ok(c);
         }
@@ -522,7 +523,7 @@ impl SpaceMap {
             r.0
         );
         self.no_free_chunk = false;
-        #[cfg(snapmv_planted_bug = "alloc_early")]
+        #[cfg(snapmv_planted)]
         if self.claimed_early.remove(&r.0) {
             return self.free_chunk(cache, r.0);
         }

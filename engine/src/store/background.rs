@@ -8,6 +8,7 @@ use super::io::Volume;
 use super::records::{exc_key, split_key};
 use crate::error::{Error, Result};
 use crate::meta::Tree;
+use crate::planted::{self, Bug};
 use crate::store::api::StepReport;
 use crate::sync::{self, Arc, Ordering};
 use crate::vtree::{CleanAction, NodeId, MAX_NODE, RB_MARK};
@@ -75,8 +76,8 @@ impl Inner {
             // one group commit instead of one commit per chunk.
             let first = rb.cursor;
             let last = (first + RB_BATCH.min((budget - done) as u64)).min(rb.total) - 1;
-            #[cfg(not(snapmv_planted_bug = "no_rb_lock"))]
-            let _locks = self.locks.exclusive_range(o.num, first, last);
+            let _locks = (!planted::on(Bug::NoRbLock))
+                .then(|| self.locks.exclusive_range(o.num, first, last));
             let pending = self.lookup(&o, |_, md| {
                 let mut v = Vec::new();
                 for c in first..=last {
@@ -184,8 +185,9 @@ impl Inner {
         let mut locks: Vec<super::locks::ExclusiveGuard<'_>> = Vec::new();
         let (mut c, mut n) = (first, 0usize);
         loop {
-            #[cfg(not(snapmv_planted_bug = "no_clean_lock"))]
-            locks.push(self.locks.exclusive(o.num, c));
+            if !planted::on(Bug::NoCleanLock) {
+                locks.push(self.locks.exclusive(o.num, c));
+            }
             self.clean_chunk(o, c, pass_gen)?;
             n += 1;
             {
@@ -229,17 +231,14 @@ impl Inner {
                 // The unmapping and the free join one transaction: the md
                 // lock is held across both, and commits capture under it.
                 CleanAction::Free { node, val } => {
-                    #[cfg(snapmv_planted_bug = "clean_free_early")]
-                    {
+                    if planted::on(Bug::CleanFreeEarly) {
                         // Planted bug: the free may be committed before the
                         // unmapping (another thread's commit runs between).
                         md.free_val(val)?;
                         drop(md);
                         md = sync::write(&self.md);
                         md.del_exc(o.num, c, node)?;
-                    }
-                    #[cfg(not(snapmv_planted_bug = "clean_free_early"))]
-                    {
+                    } else {
                         md.del_exc(o.num, c, node)?;
                         md.free_val(val)?;
                     }

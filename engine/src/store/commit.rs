@@ -17,6 +17,7 @@
 //! open and waits for a commit itself.
 
 use crate::error::{Error, Result};
+use crate::planted::{self, Bug};
 use crate::sync::{self, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
 #[derive(Default)]
@@ -57,7 +58,7 @@ impl GroupCommit {
             if st.running {
                 // Planted bug: return while another commit runs, without
                 // waiting for one that covers `want`.
-                if cfg!(snapmv_planted_bug = "no_flush_barrier") {
+                if planted::on(Bug::NoFlushBarrier) {
                     return Ok(());
                 }
                 st = sync::wait(&self.cv, st);
@@ -124,7 +125,7 @@ impl GroupCommit {
 
     /// Whether a write completing now must make itself durable first.
     pub fn flush_open(&self) -> bool {
-        if cfg!(snapmv_planted_bug = "flush_no_cover") {
+        if planted::on(Bug::FlushNoCover) {
             // Planted bug: a write replied while a FLUSH runs stays volatile.
             return false;
         }

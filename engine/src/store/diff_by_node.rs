@@ -28,6 +28,7 @@ use super::inner::{Inner, MetaState, OriginRt};
 use super::records::{by_node_key, split_by_node_key};
 use crate::error::{Error, Result};
 use crate::meta::{Tree, Walk};
+use crate::planted::{self, Bug};
 use crate::vtree::diff::Step;
 use crate::vtree::{VTree, MAX_NODE};
 
@@ -183,8 +184,9 @@ fn gather_batch(
 ) -> Result<Gathered> {
     let now = Stamp::now(tree, md);
     match g.stamp {
-        #[cfg(not(snapmv_planted_bug = "gather_ignores_moves"))]
-        Some(first) if first != now => return Ok(Gathered::Restart),
+        Some(first) if first != now && !planted::on(Bug::GatherIgnoresMoves) => {
+            return Ok(Gathered::Restart)
+        }
         _ => g.stamp = Some(now),
     }
     let sides = Sides::new(tree, md, o, q)?;

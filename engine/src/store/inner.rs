@@ -10,6 +10,7 @@ use super::records::*;
 use super::staging::Staging;
 use crate::error::{Error, Result};
 use crate::meta::{FormatOptions, Geometry, Meta, Reserved, Tree, ZERO_CHUNK};
+use crate::planted::{self, Bug};
 use crate::store::api::*;
 use crate::sync::{self, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
 use crate::vtree::{self, Node, NodeId, VTree, SPINE_BIT};
@@ -496,7 +497,7 @@ impl Inner {
     /// be kept.
     pub fn destage(&self, durable: u64) -> Result<()> {
         // Planted bug: the in-place write need not wait for the commit.
-        let durable = match cfg!(snapmv_planted_bug = "destage_early") {
+        let durable = match planted::on(Bug::DestageEarly) {
             true => u64::MAX,
             false => durable.min(self.gc.durable()),
         };

@@ -12,6 +12,7 @@ use super::records::RollbackState;
 use crate::dev::check_range;
 use crate::error::{Error, Result};
 use crate::meta::{Reserved, ZERO_CHUNK};
+use crate::planted::{self, Bug};
 use crate::store::api::*;
 use crate::sync::{self, Arc, Ordering};
 use crate::vtree::{Base, LeafPlan, NodeId, Source, VTree, RB_MARK};
@@ -177,8 +178,8 @@ impl Volume {
     fn read_leaf_piece(&self, leaf: NodeId, p: Piece, out: &mut [u8]) -> Result<()> {
         // Shared lock: an origin overwrite or a cleaner move of this chunk
         // cannot happen while we read what the resolution pointed at.
-        #[cfg(not(snapmv_planted_bug = "no_chunk_lock"))]
-        let _l = self.inner.locks.shared(self.o.num, p.chunk);
+        let _l =
+            (!planted::on(Bug::NoChunkLock)).then(|| self.inner.locks.shared(self.o.num, p.chunk));
         let src = self.inner.lookup(&self.o, |tree, md| {
             tree.resolve(leaf, p.chunk, &mut md.cached_view(self.o.num))
         })?;
@@ -221,8 +222,7 @@ impl Volume {
         {
             // The gate is held across every sub-operation, so a snapshot sees
             // the whole write or none of it (contract 2).
-            #[cfg(not(snapmv_planted_bug = "no_gate"))]
-            let _g = sync::read(&self.o.gate);
+            let _g = (!planted::on(Bug::NoGate)).then(|| sync::read(&self.o.gate));
             self.write_gated(offset, data)?;
         }
         match fua {
@@ -275,16 +275,14 @@ impl Volume {
     fn write_pieces_once(&self, ps: &[Piece], data: &[u8]) -> Result<()> {
         assert!(ps.windows(2).all(|w| w[0].chunk < w[1].chunk));
         let (first, last) = (ps[0].chunk, ps[ps.len() - 1].chunk);
-        #[cfg(not(snapmv_planted_bug = "no_write_lock"))]
         let _locks: Vec<_> = match last - first + 1 == ps.len() as u64 {
+            _ if planted::on(Bug::NoWriteLock) => Vec::new(),
             true => self.inner.locks.exclusive_range(self.o.num, first, last),
             false => ps
                 .iter()
                 .map(|p| self.inner.locks.exclusive(self.o.num, p.chunk))
                 .collect(),
         };
-        #[cfg(snapmv_planted_bug = "no_write_lock")]
-        let _ = (first, last);
         match self.tag {
             None => self.write_origin(ps, data),
             Some(_) => self.write_leaf(ps, data),
@@ -352,7 +350,7 @@ impl Volume {
         // pending: its marks must follow their data in place.
         let stage = rb.is_none()
             && !self.o.rb_active.load(Ordering::Acquire)
-            && !cfg!(snapmv_planted_bug = "skip_cow_flush");
+            && !planted::on(Bug::SkipCowFlush);
         // 1. Preserve the old origin data for the snapshots that share it,
         // in reserved chunks (nothing a commit writes has changed yet).
         let r = self.copy_out(ps, &plans, &reserved);
@@ -376,8 +374,7 @@ impl Volume {
             // the origin is overwritten. Staged, the in-place write waits
             // for that commit (`Inner::destage`); otherwise it waits here.
             // Group commit shares the flush either way.
-            #[cfg(not(snapmv_planted_bug = "skip_cow_flush"))]
-            if !stage {
+            if !stage && !planted::on(Bug::SkipCowFlush) {
                 self.inner.sync_gen(gen)?;
             }
         }

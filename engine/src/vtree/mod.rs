@@ -13,6 +13,7 @@ pub mod model;
 pub mod usage;
 
 use crate::error::{Error, Result};
+use crate::planted::{self, Bug};
 use std::collections::{BTreeSet, HashMap};
 
 pub type NodeId = u64;
@@ -330,7 +331,7 @@ impl VTree {
         n.flag_gen = gen;
         // Planted bug: nodes flagged because a descendant was deleted (the
         // interior ones) never enter the index, so no pass removes them.
-        if cfg!(snapmv_planted_bug = "unindexed_flag") && n.kind != Kind::Leaf {
+        if planted::on(Bug::UnindexedFlag) && n.kind != Kind::Leaf {
             return Ok(());
         }
         self.flag_index.insert((gen, id));

@@ -17,6 +17,8 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 
+use snapmv_engine::planted::{self, Bug};
+
 use super::backend::FlushHold;
 use super::io::Stream;
 
@@ -195,8 +197,7 @@ impl Outbox {
             // The connection's thread is mid-write; it looks again after.
             return self.ring();
         }
-        #[cfg(snapmv_planted_bug = "pool_blocks_on_client")]
-        {
+        if planted::on(Bug::PoolBlocksOnClient) {
             // Planted: wait on the client's socket from a pool thread.
             let from = q.sent;
             let ok = write_all_vectored(&self.stream, &mut [IoSlice::new(&q.buf[from..])]);
@@ -207,7 +208,6 @@ impl Outbox {
             }
             return;
         }
-        #[allow(unreachable_code)]
         while q.pending() > 0 {
             match self.send_now(&q.buf[q.sent..]) {
                 Ok(Some(n)) => q.advance(n),
