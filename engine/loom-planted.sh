@@ -32,18 +32,8 @@ if [ $# -gt 0 ]; then order=("$@"); fi
 
 export CARGO_TARGET_DIR="${SNAPMV_LOOM_TARGET:-$PWD/target/loom}"
 export RUSTFLAGS="--cfg loom"
-mkdir -p "$CARGO_TARGET_DIR/wrappers"
-wrap="$CARGO_TARGET_DIR/wrappers/rustc-snapmv-planted"
-tmp=$(mktemp "$wrap.XXXXXX")
-cat >"$tmp" <<'WRAP'
-#!/bin/sh
-# cargo's RUSTC_WORKSPACE_WRAPPER for loom-planted.sh: $1 is rustc.
-exec "$@" --cfg snapmv_planted
-WRAP
-chmod +x "$tmp"
-# Rewrite only on change: the wrapper's mtime is part of cargo's cache key.
-if cmp -s "$tmp" "$wrap"; then rm -f "$tmp"; else mv "$tmp" "$wrap"; fi
-export RUSTC_WORKSPACE_WRAPPER="$wrap"
+RUSTC_WORKSPACE_WRAPPER=$(scripts/planted-wrapper.sh "$CARGO_TARGET_DIR/wrappers")
+export RUSTC_WORKSPACE_WRAPPER
 
 start=$SECONDS
 missed=()

@@ -43,19 +43,8 @@ set -eu
 cd "$(dirname "$0")/.."
 bugs="${*:-skip_cow_flush skip_checksum early_reuse alloc_early flush_no_cover clean_free_early evict_dirty fetch_ignores_epoch unindexed_flag gather_ignores_moves destage_early pool_blocks_on_client}"
 concurrent_seeds="${SNAPMV_CONCURRENT_SEEDS:-2000}"
-wrappers="${CARGO_TARGET_DIR:-target}/planted-wrappers"
-mkdir -p "$wrappers"
-wrap="$wrappers/rustc-snapmv-planted"
-tmp=$(mktemp "$wrap.XXXXXX")
-cat >"$tmp" <<'WRAP'
-#!/bin/sh
-# RUSTC_WORKSPACE_WRAPPER for sim/planted.sh: $1 is rustc.
-exec "$@" --cfg snapmv_planted
-WRAP
-chmod +x "$tmp"
-# Rewrite only on change: the wrapper's mtime is part of cargo's cache key.
-if cmp -s "$tmp" "$wrap"; then rm -f "$tmp"; else mv "$tmp" "$wrap"; fi
-export RUSTC_WORKSPACE_WRAPPER="$wrap"
+RUSTC_WORKSPACE_WRAPPER=$(scripts/planted-wrapper.sh "${CARGO_TARGET_DIR:-target}/wrappers")
+export RUSTC_WORKSPACE_WRAPPER
 status=0
 # Run package $1's tests (cargo test arguments after the first three)
 # against the bug's build: they must fail, with a test whose name contains
