@@ -39,6 +39,45 @@ fn alphabet(live: usize) -> Vec<Op> {
     ops
 }
 
+/// Apply `op` to copies of the state and check the result against the
+/// naive model, diff included; at the last op of a sequence (`depth` 1),
+/// also check that draining the cleaner changes nothing visible.
+fn apply_checked(
+    alg: &Algebra,
+    naive: &Naive,
+    op: Op,
+    depth: usize,
+    trail: &[Op],
+    tally: &mut DiffTally,
+) -> (Algebra, Naive) {
+    let (mut a, mut n) = (alg.clone(), naive.clone());
+    assert!(n.apply(op), "alphabet offered an inapplicable op");
+    match a.apply(op) {
+        Ok(true) => {}
+        other => panic!("algebra refused {op:?} after {trail:?}: {other:?}"),
+    }
+    if let Err(e) = a.check(&n) {
+        panic!("mismatch after {trail:?}: {e}");
+    }
+    match a.check_diff(&n) {
+        Ok(t) => tally.add(t),
+        Err(e) => panic!("diff after {trail:?}: {e}"),
+    }
+    if depth == 1 {
+        let mut drained = a.clone();
+        drained
+            .clean_all()
+            .unwrap_or_else(|e| panic!("clean_all after {trail:?}: {e}"));
+        if let Err(e) = drained.check(&n) {
+            panic!("mismatch after draining the cleaner, {trail:?}: {e}");
+        }
+        if let Err(e) = drained.check_diff(&n) {
+            panic!("diff after draining the cleaner, {trail:?}: {e}");
+        }
+    }
+    (a, n)
+}
+
 /// Depth-first over every sequence; clones state at each branch so every
 /// prefix is checked once. Returns the number of sequences checked.
 fn dfs(
@@ -53,37 +92,65 @@ fn dfs(
     }
     let mut count = 0;
     for op in alphabet(naive.versions.len()) {
-        let (mut a, mut n) = (alg.clone(), naive.clone());
-        assert!(n.apply(op), "alphabet offered an inapplicable op");
         trail.push(op);
-        match a.apply(op) {
-            Ok(true) => {}
-            other => panic!("algebra refused {op:?} after {trail:?}: {other:?}"),
-        }
-        if let Err(e) = a.check(&n) {
-            panic!("mismatch after {trail:?}: {e}");
-        }
-        match a.check_diff(&n) {
-            Ok(t) => tally.add(t),
-            Err(e) => panic!("diff after {trail:?}: {e}"),
-        }
-        // After the sequence, draining the cleaner must change nothing visible.
-        if depth == 1 {
-            let mut drained = a.clone();
-            drained
-                .clean_all()
-                .unwrap_or_else(|e| panic!("clean_all after {trail:?}: {e}"));
-            if let Err(e) = drained.check(&n) {
-                panic!("mismatch after draining the cleaner, {trail:?}: {e}");
-            }
-            if let Err(e) = drained.check_diff(&n) {
-                panic!("diff after draining the cleaner, {trail:?}: {e}");
-            }
-        }
+        let (a, n) = apply_checked(alg, naive, op, depth, trail, tally);
         count += dfs(&a, &n, depth - 1, trail, tally);
         trail.pop();
     }
     count
+}
+
+/// `dfs` from the empty state, its subtrees shared among `workers` threads:
+/// the states after one op are checked here once, and each branch from
+/// them (a second op and all that follows) is one task, dealt round robin.
+fn dfs_parallel(depth: usize, workers: usize) -> (u64, DiffTally) {
+    assert!(depth >= 2 && workers >= 1);
+    let (alg, naive) = (Algebra::new(CHUNKS), Naive::new(CHUNKS));
+    let mut tally = DiffTally::default();
+    let roots: Vec<(Op, Algebra, Naive)> = alphabet(0)
+        .into_iter()
+        .map(|op| {
+            let (a, n) = apply_checked(&alg, &naive, op, depth, &[op], &mut tally);
+            (op, a, n)
+        })
+        .collect();
+    let tasks: Vec<(usize, Op)> = roots
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (_, _, n))| {
+            alphabet(n.versions.len())
+                .into_iter()
+                .map(move |op| (i, op))
+        })
+        .collect();
+    let results: Vec<(u64, DiffTally)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let (roots, tasks) = (&roots, &tasks);
+                scope.spawn(move || {
+                    let mut tally = DiffTally::default();
+                    let mut count = 0;
+                    for &(i, op) in tasks.iter().skip(w).step_by(workers) {
+                        let (first, a, n) = &roots[i];
+                        let mut trail = vec![*first, op];
+                        let (a, n) = apply_checked(a, n, op, depth - 1, &trail, &mut tally);
+                        count += dfs(&a, &n, depth - 2, &mut trail, &mut tally);
+                    }
+                    (count, tally)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a worker panicked"))
+            .collect()
+    });
+    let mut count = 0;
+    for (c, t) in results {
+        count += c;
+        tally.add(t);
+    }
+    (count, tally)
 }
 
 #[test]
@@ -93,14 +160,14 @@ fn every_sequence_up_to_bound_matches_the_naive_model() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(6);
     let t = std::time::Instant::now();
-    let mut tally = DiffTally::default();
-    let n = dfs(
-        &Algebra::new(CHUNKS),
-        &Naive::new(CHUNKS),
-        depth,
-        &mut Vec::new(),
-        &mut tally,
-    );
+    let (n, tally) = match depth {
+        0 | 1 => {
+            let mut tally = DiffTally::default();
+            let (alg, naive) = (Algebra::new(CHUNKS), Naive::new(CHUNKS));
+            (dfs(&alg, &naive, depth, &mut Vec::new(), &mut tally), tally)
+        }
+        _ => dfs_parallel(depth, 2),
+    };
     println!(
         "vtree exhaustive: {n} sequences of {depth} ops over {CHUNKS} chunks checked in {:?}",
         t.elapsed()
