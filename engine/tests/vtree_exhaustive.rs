@@ -1,6 +1,7 @@
 //! The versioned-pointer algebra against the naive full-copy model:
-//! every operation sequence up to a bound, exhaustively, plus a proptest
-//! over long random sequences. Every state reached is compared on content
+//! every operation sequence up to a bound, exhaustively (two threads share
+//! the branches after the first op), plus a proptest over long random
+//! sequences. Every state reached is compared on content
 //! and on space accounting: each snapshot's own and shared chunks as
 //! `vtree::usage` counts them (what the store's `status` shows) against
 //! the naive model's physical copies (`Algebra::check`), and on `diff`
